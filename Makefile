@@ -1,0 +1,71 @@
+# fsl: MAML few-shot classification. `make help` lists the targets.
+#
+# Cells are derived from the config files: experiments/<dataset>-<arch>-<K>shot.yaml gives `make <dataset>-<arch>-<K>shot`.
+#   ARGS="key=value ..."  config overrides passed to train and test (e.g. ARGS="device=cpu data.root=/data/cub")
+#   QUICK=1               short sanity run (quick=true): few hundred tasks, 100 test episodes, rows marked quick
+#   GPUS=P                train with torchrun on P processes (one per GPU)
+
+SHELL := /bin/bash
+PYTHON_BIN ?= python3.11
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.fsl-setup-stamp
+
+CONFIGS := $(filter-out experiments/_%,$(wildcard experiments/*.yaml))
+CELLS := $(patsubst experiments/%.yaml,%,$(CONFIGS))
+PAPER_CELLS := $(filter-out glyphs-%,$(CELLS))
+
+QUICK ?=
+GPUS ?= 1
+ARGS ?=
+RUN_ARGS := $(ARGS) $(if $(QUICK),quick=true,)
+TRAIN := $(if $(filter-out 1,$(GPUS)),$(VENV)/bin/torchrun --standalone --nproc_per_node $(GPUS) -m fsl,$(PY) -m fsl)
+
+.PHONY: help setup test demo all-tables tables bench data-cub data-mini-imagenet data-tiered-imagenet clean-venv $(CELLS)
+
+help:
+	@echo "make setup                 create .venv (Python 3.11) with the pinned stack"
+	@echo "make demo                  train + test + tables on the built-in glyphs data (minutes on a CPU)"
+	@echo "make test                  run the test suite"
+	@echo "make <cell>                train then test one cell; cells: $(CELLS)"
+	@echo "make all-tables            run every paper cell not yet done, then build the tables"
+	@echo "make tables                build results/tables and results/plots from results/*.csv"
+	@echo "make bench [QUICK=1]       meta-training speed and memory benchmark"
+	@echo "make data-cub|data-mini-imagenet|data-tiered-imagenet   download and lay out a dataset under data/"
+
+setup: $(STAMP)
+
+$(STAMP): requirements.txt requirements-dev.txt scripts/install_learn2learn.sh
+	test -x $(PY) || $(PYTHON_BIN) -m venv $(VENV)
+	$(PY) -m pip install -q -r requirements.txt -r requirements-dev.txt
+	bash scripts/install_learn2learn.sh $(PY)
+	touch $@
+
+test: $(STAMP)
+	$(PY) -m pytest -q tests
+
+demo: $(STAMP)
+	$(PY) -m fsl demo $(ARGS)
+
+$(CELLS): %: $(STAMP)
+	$(TRAIN) train experiments/$@.yaml $(RUN_ARGS)
+	$(PY) -m fsl test experiments/$@.yaml $(RUN_ARGS)
+
+all-tables: $(STAMP)
+	@for cell in $(PAPER_CELLS); do \
+	  if $(PY) -m fsl done experiments/$$cell.yaml $(RUN_ARGS); then echo "skip $$cell: result exists for this config and commit"; \
+	  else $(MAKE) --no-print-directory $$cell || exit 1; fi; \
+	done
+	$(PY) -m fsl tables
+
+tables: $(STAMP)
+	$(PY) -m fsl tables
+
+bench: $(STAMP)
+	$(PY) benchmarks/meta_train_speed.py $(if $(QUICK),--quick,)
+
+data-cub data-mini-imagenet data-tiered-imagenet: data-%: $(STAMP)
+	$(PY) -m fsl data prepare $* --root data/$*
+
+clean-venv:
+	rm -rf $(VENV)

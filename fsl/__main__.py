@@ -1,0 +1,110 @@
+"""Command line: `python -m fsl {train,test,data,tables,demo,done} ...`. Only parses arguments and calls run()s."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from fsl.config import ConfigError, config_files, config_sha, load_config
+from fsl.data.base import DatasetError
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m fsl", description="MAML few-shot classification suite")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    train = commands.add_parser("train", help="meta-train a cell (resumes from latest.pth)")
+    train.add_argument("config", help="experiments/<cell>.yaml")
+    train.add_argument("overrides", nargs="*", help="key=value, e.g. train.tasks=1000 device=cpu")
+
+    test = commands.add_parser("test", help="meta-test a checkpoint on the fixed test episodes")
+    test.add_argument("config")
+    test.add_argument("checkpoint", nargs="?", help="default: <work_dir>/<cell>/best_accuracy_mean.pth")
+    test.add_argument("overrides", nargs="*")
+
+    data = commands.add_parser("data", help="prepare (download) or check a dataset")
+    data.add_argument("action", choices=["prepare", "check"])
+    data.add_argument("dataset", choices=["cub", "mini-imagenet", "tiered-imagenet", "glyphs"])
+    data.add_argument("--root", help="dataset folder (default: data/<dataset>)")
+    data.add_argument("--json", action="store_true", help="check: print one JSON object of counts per split")
+    data.add_argument("--no-decode", action="store_true", help="check: skip decoding every image")
+
+    tables = commands.add_parser("tables", help="results tables and plots from results/*.csv")
+    tables.add_argument("--results", default="results")
+
+    demo = commands.add_parser("demo", help="train, test and tabulate the glyphs 5-way 1-shot cell")
+    demo.add_argument("overrides", nargs="*")
+
+    done = commands.add_parser("done", help="exit 0 if summary.csv holds this cell's result for this config")
+    done.add_argument("config")
+    done.add_argument("overrides", nargs="*")
+
+    args = parser.parse_args(argv)
+    try:
+        return run_command(args)
+    except (ConfigError, DatasetError, FileNotFoundError, ValueError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    except RuntimeError as error:  # TrainingError and device errors carry their own fix
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt as error:
+        print(f"\n{error or 'interrupted'}", file=sys.stderr)
+        return 130
+
+
+def split_checkpoint(args: argparse.Namespace) -> None:
+    """`test CONFIG key=value` (no checkpoint) parses the first override as the checkpoint: move it back."""
+    if args.checkpoint and "=" in args.checkpoint:
+        args.overrides.insert(0, args.checkpoint)
+        args.checkpoint = None
+
+
+def run_command(args: argparse.Namespace) -> int:
+    if args.command == "train":
+        from fsl import train
+        train.run(load_config(args.config, args.overrides))
+    elif args.command == "test":
+        from fsl import evaluate
+        split_checkpoint(args)
+        cfg = load_config(args.config, args.overrides)
+        evaluate.run(cfg, args.checkpoint or cfg.run_dir / "best_accuracy_mean.pth", args.config)
+    elif args.command == "data":
+        return data_command(args)
+    elif args.command == "tables":
+        from fsl import report
+        report.run(args.results)
+    elif args.command == "demo":
+        from fsl import demo
+        demo.run(args.overrides)
+    elif args.command == "done":
+        from fsl.results import is_done
+        from fsl.utils import git_commit
+        cfg = load_config(args.config, args.overrides)
+        return 0 if is_done(cfg.results_dir, cfg.cell, cfg.quick, config_sha(cfg),
+                            git_commit(*config_files(args.config))) else 1
+    return 0
+
+
+def data_command(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    root = Path(args.root or Path("data") / args.dataset)
+    if args.action == "prepare":
+        from fsl.data.prepare import prepare
+        prepare(args.dataset, root)
+    from fsl.data.check import check_dataset
+    counts, problems = check_dataset(args.dataset, root, decode=not args.no_decode, progress=not args.json)
+    for problem in problems:
+        print(f"error: {problem}", file=sys.stderr)
+    if args.json:
+        print(json.dumps(counts))
+    else:
+        for split, count in counts.items():
+            print(f"{args.dataset} {split:5s}: {count['classes']:4d} classes {count['images']:7d} images")
+        print(f"{root}: {'OK' if not problems else f'{len(problems)} problem(s)'}")
+    return 1 if problems else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

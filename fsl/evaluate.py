@@ -1,0 +1,104 @@
+"""Meta-test (step 2 of the protocol): adapt the meta-learned model on fixed episodes and report mean ± ci95.
+
+`evaluate` is shared by validation during training and by the final test.
+"""
+from __future__ import annotations
+
+import math
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from fsl.config import Config, config_files, config_sha, from_dict
+from fsl.data import load_split
+from fsl.data.transforms import test_transform
+from fsl.episodes import EpisodeDataset, episode_loader
+from fsl.maml import evaluate_episode
+from fsl.models import build_model
+from fsl.reference import REFERENCE
+from fsl.results import upsert_summary, write_test_episodes
+from fsl.utils import git_commit, resolve_device
+
+
+def ci95(accuracies: np.ndarray) -> float:
+    """95% confidence half-width of the mean: 1.96 * std(ddof=0) / sqrt(n) (MMFewShot's "std" column)."""
+    accuracies = np.asarray(accuracies, dtype=np.float64)
+    return float(1.96 * accuracies.std(ddof=0) / math.sqrt(len(accuracies)))
+
+
+def fixed_episodes(cfg: Config, split: str, count: int) -> EpisodeDataset:
+    """The `count` fixed `split` episodes of the cell: test.ways/shots/queries, seeded by test.seed."""
+    dataset = load_split(cfg.data.dataset, cfg.data_root, split, test_transform(cfg.data.image_size),
+                         **({"bbox_crop": True} if cfg.data.bbox_crop else {}))
+    return EpisodeDataset(dataset, cfg.test.ways, cfg.test.shots, cfg.test.queries, seed=cfg.test.seed, count=count)
+
+
+def evaluate(model: nn.Module, episodes: EpisodeDataset, steps: int, inner_lr: float, device: torch.device,
+             workers: int = 0, progress: str | None = None) -> np.ndarray:
+    """Per-episode query accuracy (%) of `model` adapted with `steps` SGD steps on each episode, in episode order."""
+    accuracies = []
+    loader = episode_loader(episodes, meta_batch=1, workers=workers, pin_memory=device.type == "cuda")
+    for batch in tqdm(loader, total=len(episodes), desc=progress, disable=progress is None, unit="ep",
+                      leave=False):
+        (episode,) = batch.unbind()
+        accuracies.append(evaluate_episode(model, episode.to(device), steps, inner_lr))
+    return np.asarray(accuracies, dtype=np.float64)
+
+
+def load_checkpoint_model(path: str | Path, cfg: Config, device: torch.device) -> tuple[nn.Module, dict]:
+    """Build the cell's model and load the weights of a checkpoint written by `fsl train`."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"checkpoint not found: {path}\n  fix: train first with "
+                                f"`python -m fsl train <config>`, or pass the path of best_accuracy_mean.pth")
+    checkpoint = torch.load(path, map_location=device, weights_only=False)
+    trained = from_dict(checkpoint["config"])
+    if (trained.model.arch, trained.test.ways, trained.data.image_size) != \
+            (cfg.model.arch, cfg.test.ways, cfg.data.image_size):
+        raise ValueError(f"{path} holds a {trained.model.arch} for {trained.test.ways} ways at "
+                         f"{trained.data.image_size}px, but the config asks for {cfg.model.arch}, {cfg.test.ways} "
+                         f"ways, {cfg.data.image_size}px")
+    model = build_model(cfg.model.arch, cfg.test.ways, cfg.data.image_size).to(device)
+    model.load_state_dict(checkpoint["model"])
+    return model, checkpoint
+
+
+def run(cfg: Config, checkpoint_path: str | Path, config_path: str | Path | None = None) -> dict:
+    """Test `checkpoint_path` on `cfg.test.episodes` fixed test episodes; write the per-episode CSV and the
+    summary row. Returns the summary row."""
+    device = resolve_device(cfg.device)
+    model, checkpoint = load_checkpoint_model(checkpoint_path, cfg, device)
+    episodes = fixed_episodes(cfg, "test", cfg.test.episodes)
+    start = time.time()
+    accuracies = evaluate(model, episodes, cfg.maml.test_inner_steps, cfg.maml.inner_lr, device,
+                          workers=cfg.data.workers, progress=f"test {cfg.cell}")
+    mean, half_width = float(accuracies.mean()), ci95(accuracies)
+    episodes_csv = write_test_episodes(cfg, accuracies)
+    reference = REFERENCE.get((cfg.data.dataset, cfg.model.arch, cfg.test.shots), (None, None))
+    row = {
+        "cell": cfg.cell, "dataset": cfg.data.dataset, "arch": cfg.model.arch, "ways": cfg.test.ways,
+        "shots": cfg.test.shots, "mean_acc": round(mean, 4), "ci95": round(half_width, 4),
+        "episodes": len(accuracies), "train_tasks": checkpoint.get("tasks_done"), "quick": cfg.quick,
+        "checkpoint": str(checkpoint_path), "seed": cfg.seed, "commit": git_commit(),
+        "config_commit": git_commit(*config_files(config_path)) if config_path else "unknown",
+        "config_sha": config_sha(cfg), "device": describe_device(device),
+        "seconds": round(time.time() - start, 1),
+        "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "reference_mean": reference[0], "reference_ci95": reference[1],
+    }
+    upsert_summary(cfg.results_dir, row)
+    print(f"{cfg.cell}: {mean:.2f} ± {half_width:.2f} % over {len(accuracies)} test episodes"
+          f"{' (quick)' if cfg.quick else ''}\n  per-episode: {episodes_csv}\n  summary: "
+          f"{Path(cfg.results_dir) / 'summary.csv'}")
+    return row
+
+
+def describe_device(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu x{torch.get_num_threads()}"

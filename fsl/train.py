@@ -1,0 +1,196 @@
+"""Meta-training (step 1 of the protocol): MAML outer loop with validation-based model selection.
+
+Writes into `cfg.run_dir` (= <work_dir>/<cell>):
+    config.yaml               the resolved config
+    log.csv                   one row per training window and per validation
+    latest.pth                everything needed to continue (periodically, at validation, and on SIGINT/SIGTERM)
+    best_accuracy_mean.pth    the weights with the best mean validation accuracy so far
+Rerunning continues from latest.pth. Training episode i is a pure function of (seed, i) (see fsl.episodes), so a
+resumed run sees exactly the tasks an uninterrupted run would, and ends with the same weights.
+"""
+from __future__ import annotations
+
+import csv
+import signal
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from fsl.config import Config, dump_yaml, to_dict
+from fsl.data import load_split
+from fsl.data.transforms import test_transform, train_transform
+from fsl.episodes import EpisodeDataset, episode_loader
+from fsl.evaluate import ci95, evaluate, fixed_episodes
+from fsl.maml import NonFiniteLossError, meta_train_step
+from fsl.models import build_model
+from fsl.utils import resolve_device, rng_states, seed_everything, set_rng_states, write_atomic, write_text_atomic
+
+LOG_COLUMNS = ["cell", "seed", "tasks", "split", "loss", "accuracy", "ci95", "tasks_per_s", "seconds"]
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (NaN loss, out of memory); the message says where and what to do."""
+
+
+def save_checkpoint(path: Path, model, optimizer, cfg: Config, state: dict) -> None:
+    checkpoint = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "config": to_dict(cfg),
+                  "rng": rng_states(), **state}
+    write_atomic(path, lambda tmp: torch.save(checkpoint, tmp))
+
+
+def append_log(path: Path, row: dict) -> None:
+    new = not path.exists()
+    with open(path, "a", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=LOG_COLUMNS)
+        if new:
+            writer.writeheader()
+        writer.writerow(row)
+
+
+def truncate_log(path: Path, tasks_done: int) -> None:
+    """Drop log rows written after the checkpoint we resume from (they will be written again)."""
+    if not path.exists():
+        return
+    with open(path, newline="") as f:
+        rows = [row for row in csv.DictReader(f) if int(row["tasks"]) <= tasks_done]
+
+    def write(tmp: str) -> None:
+        with open(tmp, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=LOG_COLUMNS)
+            writer.writeheader()
+            writer.writerows(rows)
+    write_atomic(path, write)
+
+
+class StopRequest:
+    """Turns SIGINT/SIGTERM into a flag checked between outer steps, so latest.pth is written before exiting."""
+
+    def __init__(self):
+        self.signal: int | None = None
+
+    def __enter__(self):
+        self.previous = {s: signal.signal(s, self.handle) for s in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def handle(self, signum, frame) -> None:
+        if self.signal is not None:  # second Ctrl-C: stop at once
+            raise KeyboardInterrupt
+        self.signal = signum
+
+    def __exit__(self, *exc) -> None:
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+
+
+def crossed(tasks_done: int, step_tasks: int, every: int) -> bool:
+    """True if the last `step_tasks` tasks crossed a multiple of `every`."""
+    return tasks_done // every > (tasks_done - step_tasks) // every
+
+
+def run(cfg: Config) -> Path:
+    """Train `cfg`'s cell to cfg.train.tasks tasks (resuming if possible). Returns the best checkpoint's path."""
+    device = resolve_device(cfg.device)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = cfg.tf32
+        torch.backends.cudnn.benchmark = cfg.cudnn_benchmark
+    run_dir = cfg.run_dir
+    run_dir.mkdir(parents=True, exist_ok=True)
+    latest, best, log_path = run_dir / "latest.pth", run_dir / "best_accuracy_mean.pth", run_dir / "log.csv"
+    print(f"cell {cfg.cell} on {device}; resolved config:\n{dump_yaml(cfg)}", flush=True)
+    write_text_atomic(run_dir / "config.yaml", dump_yaml(cfg))
+
+    seed_everything(cfg.seed)
+    model = build_model(cfg.model.arch, cfg.train.ways, cfg.data.image_size).to(device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.train.meta_lr)
+    state = {"tasks_done": 0, "best_val_mean": -1.0, "best_val_tasks": 0, "window": [0.0, 0.0, 0]}
+    if latest.exists():
+        checkpoint = torch.load(latest, map_location=device, weights_only=False)
+        model.load_state_dict(checkpoint["model"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        set_rng_states(checkpoint["rng"])
+        state = {key: checkpoint[key] for key in state}
+        truncate_log(log_path, state["tasks_done"])
+        print(f"resuming from {latest} at task {state['tasks_done']} (best validation "
+              f"{state['best_val_mean']:.2f}% at task {state['best_val_tasks']})", flush=True)
+    if state["tasks_done"] >= cfg.train.tasks:
+        print(f"training already finished ({state['tasks_done']} tasks); best checkpoint: {best}")
+        return best
+
+    train_set = load_split(cfg.data.dataset, cfg.data_root, "train",
+                           (train_transform if cfg.data.train_augment else test_transform)(cfg.data.image_size),
+                           **({"bbox_crop": True} if cfg.data.bbox_crop else {}))
+    val_episodes = fixed_episodes(cfg, "val", cfg.train.val_episodes)
+    train_episodes = EpisodeDataset(train_set, cfg.train.ways, cfg.train.shots, cfg.train.queries, seed=cfg.seed,
+                                    start=state["tasks_done"], count=cfg.train.tasks - state["tasks_done"])
+    loader = episode_loader(train_episodes, cfg.train.meta_batch, cfg.data.workers, pin_memory=device.type == "cuda")
+
+    def checkpoint_now(path: Path = latest) -> None:
+        save_checkpoint(path, model, optimizer, cfg, state)
+
+    progress = tqdm(total=cfg.train.tasks, initial=state["tasks_done"], unit="task", desc=cfg.cell,
+                    dynamic_ncols=True, smoothing=0.05)
+    window_start = time.time()
+    with StopRequest() as stop:
+        for batch in loader:
+            episodes = batch.to(device).unbind()
+            try:
+                loss, accuracy = meta_train_step(model, optimizer, episodes, cfg.maml.inner_steps,
+                                                 cfg.maml.inner_lr, cfg.maml.first_order)
+            except NonFiniteLossError as error:
+                raise TrainingError(
+                    f"{error} at tasks {state['tasks_done'] + 1}-{state['tasks_done'] + len(episodes)}; stopped "
+                    f"without an optimizer step. {latest} is the last good checkpoint (not overwritten). Fix: "
+                    f"lower train.meta_lr or maml.inner_lr, then rerun to resume.") from error
+            except torch.cuda.OutOfMemoryError as error:
+                raise TrainingError(
+                    f"CUDA out of memory at task {state['tasks_done']} ({cfg.model.arch}, second order="
+                    f"{not cfg.maml.first_order}). The meta-batch is already accumulated one task at a time, so "
+                    f"the peak is one task's graph. Fix: maml.first_order=true (changes results), fewer "
+                    f"train.queries, or a GPU with more memory. {latest} holds the last checkpoint.") from error
+            state["tasks_done"] += len(episodes)
+            window = state["window"]
+            window[0] += loss * len(episodes)
+            window[1] += accuracy * len(episodes)
+            window[2] += len(episodes)
+            progress.update(len(episodes))
+            progress.set_postfix(loss=f"{loss:.3f}", acc=f"{accuracy:.1f}")
+            done = state["tasks_done"]
+
+            if crossed(done, len(episodes), cfg.train.log_every) or done == cfg.train.tasks:
+                seconds = time.time() - window_start
+                append_log(log_path, {"cell": cfg.cell, "seed": cfg.seed, "tasks": done, "split": "train",
+                                      "loss": window[0] / window[2], "accuracy": window[1] / window[2],
+                                      "ci95": "", "tasks_per_s": round(window[2] / seconds, 3),
+                                      "seconds": round(seconds, 2)})
+                state["window"], window_start = [0.0, 0.0, 0], time.time()
+
+            if crossed(done, len(episodes), cfg.train.val_every) or done == cfg.train.tasks:
+                start = time.time()
+                accuracies = evaluate(model, val_episodes, cfg.maml.test_inner_steps, cfg.maml.inner_lr, device,
+                                      workers=min(cfg.data.workers, 2))
+                mean = float(np.mean(accuracies))
+                append_log(log_path, {"cell": cfg.cell, "seed": cfg.seed, "tasks": done, "split": "val",
+                                      "loss": "", "accuracy": mean, "ci95": ci95(accuracies), "tasks_per_s": "",
+                                      "seconds": round(time.time() - start, 2)})
+                improved = mean > state["best_val_mean"]
+                if improved:
+                    state["best_val_mean"], state["best_val_tasks"] = mean, done
+                    checkpoint_now(best)
+                progress.write(f"task {done}: validation {mean:.2f} ± {ci95(accuracies):.2f}% "
+                               f"{'(best so far)' if improved else ''}")
+                checkpoint_now()
+                window_start += time.time() - start  # validation time does not count in training tasks/s
+            elif crossed(done, len(episodes), cfg.train.checkpoint_every) or stop.signal is not None:
+                checkpoint_now()
+
+            if stop.signal is not None:
+                progress.close()
+                raise KeyboardInterrupt(f"stopped by signal {stop.signal} at task {done}; {latest} written, "
+                                        f"rerun the same command to resume")
+    progress.close()
+    print(f"finished {state['tasks_done']} tasks; best validation {state['best_val_mean']:.2f}% at task "
+          f"{state['best_val_tasks']}: {best}")
+    return best
