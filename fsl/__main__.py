@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, DatasetError, FileNotFoundError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    except RuntimeError as error:  # TrainingError and device errors carry their own fix
+    except RuntimeError as error:  # TrainingError, ResultsError and device errors carry their own fix
         print(f"error: {error}", file=sys.stderr)
         return 1
     except KeyboardInterrupt as error:

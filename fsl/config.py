@@ -124,8 +124,13 @@ def _unknown_key(key: str) -> ConfigError:
 
 def _coerce(key: str, value: Any, kind: type) -> Any:
     """Convert `value` (from YAML or a command-line string) to `kind`, or raise a ConfigError naming the key."""
-    if isinstance(value, str) and kind is not str:
-        value = yaml.safe_load(value) if value.strip() else value  # "1e-3" -> 0.001, "true" -> True, "8" -> 8
+    if isinstance(value, str) and kind in (int, float):
+        try:
+            value = kind(value.replace("_", ""))  # "8", "1e-3", "100_000"
+        except ValueError:
+            pass
+    elif isinstance(value, str) and kind is bool:
+        value = {"true": True, "false": False}.get(value.strip().lower(), value)
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)
     if kind is str and isinstance(value, (int, float)) and not isinstance(value, bool):

@@ -1,6 +1,6 @@
 """N-way K-shot episodes built with learn2learn's task pipeline.
 
-`MetaDataset` + `TaskDataset` with `NWays`, `KShots(shots + queries)`, `LoadData`, `RemapLabels` (labels 0..N-1 in
+`MetaDataset` + `Taskset` (the TaskDataset of older releases) with `NWays`, `KShots(shots + queries)`, `LoadData`, `RemapLabels` (labels 0..N-1 in
 a random order per task, i.e. a random assignment of classes to head rows) and `ConsecutiveLabels` (items grouped
 by class), then split per class into `shots` support and `queries` query items.
 
@@ -11,6 +11,7 @@ workers, in any order, and after resuming at any task; the caller's RNG state is
 """
 from __future__ import annotations
 
+import os
 import random
 from contextlib import contextmanager
 from typing import Iterator, NamedTuple
@@ -54,7 +55,7 @@ def seeded(seed: int, index: int) -> Iterator[None]:
             random.setstate(python_state)
 
 
-def build_taskset(dataset: SplitDataset, ways: int, shots: int, queries: int) -> l2l.data.TaskDataset:
+def build_taskset(dataset: SplitDataset, ways: int, shots: int, queries: int) -> l2l.data.Taskset:
     """learn2learn task pipeline drawing `ways` classes and `shots + queries` images of each."""
     per_class = dataset.images_per_class()
     if len(per_class) < ways:
@@ -72,7 +73,7 @@ def build_taskset(dataset: SplitDataset, ways: int, shots: int, queries: int) ->
         l2l.data.transforms.RemapLabels(meta, shuffle=True),
         l2l.data.transforms.ConsecutiveLabels(meta),
     ]
-    return l2l.data.TaskDataset(meta, task_transforms=transforms)
+    return l2l.data.Taskset(meta, task_transforms=transforms)
 
 
 class EpisodeDataset(Dataset):
@@ -116,7 +117,9 @@ def collate_episodes(batch: list[Episode]) -> Episode:
 
 def episode_loader(episodes: EpisodeDataset, meta_batch: int = 1, workers: int = 0,
                    pin_memory: bool = False) -> DataLoader:
-    """Yields Episodes whose fields have a leading dimension of `meta_batch` tasks, in episode order."""
+    """Yields Episodes whose fields have a leading dimension of `meta_batch` tasks, in episode order.
+    `workers` is capped at the number of CPU cores."""
+    workers = min(workers, os.cpu_count() or 1)
     return DataLoader(episodes, batch_size=meta_batch, shuffle=False, num_workers=workers,
                       pin_memory=pin_memory, worker_init_fn=_single_threaded_worker,
                       persistent_workers=False, prefetch_factor=4 if workers else None,

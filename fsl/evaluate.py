@@ -16,7 +16,7 @@ from tqdm import tqdm
 
 from fsl.config import Config, config_files, config_sha, from_dict
 from fsl.data import load_split
-from fsl.data.transforms import test_transform
+from fsl.data.transforms import eval_transform
 from fsl.episodes import EpisodeDataset, episode_loader
 from fsl.maml import evaluate_episode
 from fsl.models import build_model
@@ -33,7 +33,7 @@ def ci95(accuracies: np.ndarray) -> float:
 
 def fixed_episodes(cfg: Config, split: str, count: int) -> EpisodeDataset:
     """The `count` fixed `split` episodes of the cell: test.ways/shots/queries, seeded by test.seed."""
-    dataset = load_split(cfg.data.dataset, cfg.data_root, split, test_transform(cfg.data.image_size),
+    dataset = load_split(cfg.data.dataset, cfg.data_root, split, eval_transform(cfg.data.image_size),
                          **({"bbox_crop": True} if cfg.data.bbox_crop else {}))
     return EpisodeDataset(dataset, cfg.test.ways, cfg.test.shots, cfg.test.queries, seed=cfg.test.seed, count=count)
 
@@ -82,7 +82,8 @@ def run(cfg: Config, checkpoint_path: str | Path, config_path: str | Path | None
     reference = REFERENCE.get((cfg.data.dataset, cfg.model.arch, cfg.test.shots), (None, None))
     row = {
         "cell": cfg.cell, "dataset": cfg.data.dataset, "arch": cfg.model.arch, "ways": cfg.test.ways,
-        "shots": cfg.test.shots, "mean_acc": round(mean, 4), "ci95": round(half_width, 4),
+        "shots": cfg.test.shots, "image_size": cfg.data.image_size,
+        "train_batch": cfg.train.ways * (cfg.train.shots + cfg.train.queries), "mean_acc": round(mean, 4), "ci95": round(half_width, 4),
         "episodes": len(accuracies), "train_tasks": checkpoint.get("tasks_done"), "quick": cfg.quick,
         "checkpoint": str(checkpoint_path), "seed": cfg.seed, "commit": git_commit(),
         "config_commit": git_commit(*config_files(config_path)) if config_path else "unknown",

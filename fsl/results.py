@@ -9,13 +9,18 @@ import pandas as pd
 from fsl.config import Config
 from fsl.utils import write_atomic
 
-SUMMARY_COLUMNS = ["cell", "dataset", "arch", "ways", "shots", "mean_acc", "ci95", "episodes", "train_tasks",
+SUMMARY_COLUMNS = ["cell", "dataset", "arch", "ways", "shots", "image_size", "train_batch", "mean_acc", "ci95", "episodes", "train_tasks",
                    "quick", "checkpoint", "seed", "commit", "config_commit", "config_sha", "device", "seconds",
                    "finished_at", "reference_mean", "reference_ci95"]
 
 
 def test_episodes_path(cfg: Config) -> Path:
     return Path(cfg.results_dir) / cfg.cell / ("test_episodes_quick.csv" if cfg.quick else "test_episodes.csv")
+
+
+def train_log_path(cfg: Config) -> Path:
+    """The tracked copy of <run_dir>/log.csv that the learning-curve plots read."""
+    return Path(cfg.results_dir) / cfg.cell / ("train_log_quick.csv" if cfg.quick else "train_log.csv")
 
 
 def write_csv_atomic(frame: pd.DataFrame, path: str | Path) -> None:

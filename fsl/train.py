@@ -11,6 +11,7 @@ resumed run sees exactly the tasks an uninterrupted run would, and ends with the
 from __future__ import annotations
 
 import csv
+import shutil
 import signal
 import time
 from pathlib import Path
@@ -21,11 +22,12 @@ from tqdm import tqdm
 
 from fsl.config import Config, dump_yaml, to_dict
 from fsl.data import load_split
-from fsl.data.transforms import test_transform, train_transform
+from fsl.data.transforms import eval_transform, train_transform
 from fsl.episodes import EpisodeDataset, episode_loader
 from fsl.evaluate import ci95, evaluate, fixed_episodes
 from fsl.maml import NonFiniteLossError, meta_train_step
 from fsl.models import build_model
+from fsl.results import train_log_path
 from fsl.utils import resolve_device, rng_states, seed_everything, set_rng_states, write_atomic, write_text_atomic
 
 LOG_COLUMNS = ["cell", "seed", "tasks", "split", "loss", "accuracy", "ci95", "tasks_per_s", "seconds"]
@@ -120,7 +122,7 @@ def run(cfg: Config) -> Path:
         return best
 
     train_set = load_split(cfg.data.dataset, cfg.data_root, "train",
-                           (train_transform if cfg.data.train_augment else test_transform)(cfg.data.image_size),
+                           (train_transform if cfg.data.train_augment else eval_transform)(cfg.data.image_size),
                            **({"bbox_crop": True} if cfg.data.bbox_crop else {}))
     val_episodes = fixed_episodes(cfg, "val", cfg.train.val_episodes)
     train_episodes = EpisodeDataset(train_set, cfg.train.ways, cfg.train.shots, cfg.train.queries, seed=cfg.seed,
@@ -182,6 +184,7 @@ def run(cfg: Config) -> Path:
                 progress.write(f"task {done}: validation {mean:.2f} ± {ci95(accuracies):.2f}% "
                                f"{'(best so far)' if improved else ''}")
                 checkpoint_now()
+                write_atomic(train_log_path(cfg), lambda tmp: shutil.copyfile(log_path, tmp))
                 window_start += time.time() - start  # validation time does not count in training tasks/s
             elif crossed(done, len(episodes), cfg.train.checkpoint_every) or stop.signal is not None:
                 checkpoint_now()

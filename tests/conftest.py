@@ -1,0 +1,37 @@
+"""Shared test fixtures. The real-data fixtures live in ../shared/data (override with FSL_SHARED_DATA)."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = Path(os.environ.get("FSL_SHARED_DATA", REPO.parent / "shared" / "data"))
+FIXTURES = {"mini-imagenet": "mini-imagenet-lite", "cub": "CUB_200_2011-lite", "tiered-imagenet": "tiered-imagenet-lite"}
+
+torch.set_num_threads(2)
+
+
+def fixture_root(name: str) -> Path:
+    root = SHARED_DATA / FIXTURES[name]
+    if not root.exists():
+        pytest.skip(f"real-data fixture {root} not found: expected the reduced datasets in ../shared/data "
+                    f"(or set FSL_SHARED_DATA)")
+    return root
+
+
+@pytest.fixture
+def mini_root() -> Path:
+    return fixture_root("mini-imagenet")
+
+
+@pytest.fixture(scope="session")
+def glyphs_root(tmp_path_factory) -> Path:
+    """One generated glyphs dataset for the whole session."""
+    from fsl.data import glyphs
+
+    root = tmp_path_factory.mktemp("data") / "glyphs"
+    glyphs.generate(root)
+    return root

@@ -1,0 +1,38 @@
+import pytest
+import torch
+
+from fsl.models import build_model, count_parameters
+
+
+@pytest.mark.parametrize("arch,feature_dim,parameters", [("conv4", 1600, 121_093), ("resnet12", 640, 12_427_525)])
+def test_protocol_shapes_and_sizes(arch, feature_dim, parameters):
+    model = build_model(arch, ways=5, image_size=84)
+    assert model.feature_dim == feature_dim
+    assert count_parameters(model) == parameters
+    assert model(torch.randn(3, 3, 84, 84)).shape == (3, 5)
+
+
+def test_head_width_follows_the_image_size():
+    assert build_model("conv4", 5, image_size=28).feature_dim == 64
+
+
+@pytest.mark.parametrize("arch", ["conv4", "resnet12"])
+def test_batchnorm_uses_batch_statistics_in_eval_mode_too(arch):
+    model = build_model(arch, 5, image_size=32)
+    assert not any(name.endswith("running_mean") for name, _ in model.named_buffers())
+    x = torch.randn(6, 3, 32, 32)
+    model.eval()
+    with torch.no_grad():
+        together = model(x)
+        alone = model(x[:3])
+    # batch statistics: the first three outputs depend on the rest of the batch
+    assert not torch.allclose(together[:3], alone, atol=1e-4)
+
+
+def test_initialisation():
+    model = build_model("conv4", 5)
+    conv = model.features[0]
+    bn = model.features[1]
+    assert torch.all(conv.bias == 0) and torch.all(bn.weight == 1) and torch.all(bn.bias == 0)
+    fan_out = conv.out_channels * 9
+    assert conv.weight.std().item() == pytest.approx((2 / fan_out) ** 0.5, rel=0.1)

@@ -1,0 +1,125 @@
+"""End to end: train then test on the mini-ImageNet-lite fixture with tiny settings; resume; result files."""
+import math
+import subprocess
+import sys
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from conftest import REPO, fixture_root
+from fsl import evaluate, train
+from fsl.config import load_config
+from fsl.evaluate import ci95
+
+CONFIG = REPO / "experiments/mini-imagenet-conv4-1shot.yaml"
+
+
+def tiny(root, tmp_path, *extra):
+    """Tiny but real: 28x28 images, 2 queries, 2 tasks per outer step."""
+    return [f"data.root={root}", "data.image_size=28", "data.workers=0", "device=cpu", "train.meta_batch=2",
+            "train.queries=2", "train.val_episodes=2", "train.log_every=2", "test.episodes=5",
+            f"work_dir={tmp_path / 'work'}", f"results_dir={tmp_path / 'results'}", *extra]
+
+
+def test_train_then_test_writes_every_file(tmp_path):
+    root = fixture_root("mini-imagenet")
+    run = [sys.executable, "-m", "fsl"]
+    subprocess.run(run + ["train", str(CONFIG), "train.tasks=4", "train.val_every=2"] + tiny(root, tmp_path),
+                   cwd=REPO, check=True, capture_output=True)
+    run_dir = tmp_path / "work" / "mini-imagenet-conv4-1shot"
+    assert {"config.yaml", "log.csv", "latest.pth", "best_accuracy_mean.pth"} <= {p.name for p in run_dir.iterdir()}
+    log = pd.read_csv(run_dir / "log.csv")
+    assert list(log[log.split == "val"].tasks) == [2, 4] and list(log[log.split == "train"].tasks) == [2, 4]
+    out = subprocess.run(run + ["test", str(CONFIG), str(run_dir / "best_accuracy_mean.pth")] + tiny(root, tmp_path),
+                         cwd=REPO, check=True, capture_output=True, text=True).stdout
+    episodes = pd.read_csv(tmp_path / "results/mini-imagenet-conv4-1shot/test_episodes.csv")
+    summary = pd.read_csv(tmp_path / "results/summary.csv")
+    assert len(episodes) == 5 and list(episodes.episode) == list(range(5))
+    row = summary.iloc[0]
+    # summary row against a hand computation of mean and 95% CI from the per-episode file
+    accuracies = episodes.accuracy.to_numpy()
+    mean = sum(accuracies) / 5
+    half_width = 1.96 * math.sqrt(sum((a - mean) ** 2 for a in accuracies) / 5) / math.sqrt(5)
+    assert row["mean_acc"] == pytest.approx(mean, abs=1e-4) and row["ci95"] == pytest.approx(half_width, abs=1e-4)
+    assert f"{mean:.2f} ± {half_width:.2f}" in out
+    assert (row.cell, row.dataset, row.arch, row.ways, row.shots, row.episodes) == \
+        ("mini-imagenet-conv4-1shot", "mini-imagenet", "conv4", 5, 1, 5)
+    assert (row.reference_mean, row.reference_ci95, bool(row.quick)) == (46.76, 0.42, False)
+    for column in ("train_tasks", "checkpoint", "seed", "commit", "device", "finished_at"):
+        assert not pd.isna(row[column]), column
+    # re-testing replaces the row instead of adding one
+    subprocess.run(run + ["test", str(CONFIG)] + tiny(root, tmp_path), cwd=REPO, check=True, capture_output=True)
+    assert len(pd.read_csv(tmp_path / "results/summary.csv")) == 1
+
+
+def test_ci95_formula():
+    accuracies = np.array([20.0, 40.0, 60.0, 80.0])
+    assert ci95(accuracies) == pytest.approx(1.96 * np.sqrt(500.0) / 2)
+
+
+def test_resume_gives_bit_identical_weights(tmp_path):
+    root = fixture_root("mini-imagenet")
+    straight = load_config(CONFIG, tiny(root, tmp_path / "a", "train.tasks=8", "train.val_every=4"))
+    train.run(straight)
+    first_half = load_config(CONFIG, tiny(root, tmp_path / "b", "train.tasks=4", "train.val_every=4"))
+    train.run(first_half)
+    resumed = load_config(CONFIG, tiny(root, tmp_path / "b", "train.tasks=8", "train.val_every=4"))
+    train.run(resumed)
+    a = torch.load(straight.run_dir / "latest.pth", weights_only=False)
+    b = torch.load(resumed.run_dir / "latest.pth", weights_only=False)
+    assert a["tasks_done"] == b["tasks_done"] == 8
+    for name, value in a["model"].items():
+        assert torch.equal(value, b["model"][name]), name
+    log_a = pd.read_csv(straight.run_dir / "log.csv")
+    log_b = pd.read_csv(resumed.run_dir / "log.csv")
+    assert list(log_a.tasks) == list(log_b.tasks)
+
+
+def test_best_checkpoint_keeps_the_best_validation(tmp_path, monkeypatch):
+    scores = iter([50.0, 70.0, 60.0])
+    monkeypatch.setattr(train, "evaluate", lambda *a, **k: np.array([next(scores)]))
+    cfg = load_config(CONFIG, tiny(fixture_root("mini-imagenet"), tmp_path, "train.tasks=6", "train.val_every=2"))
+    train.run(cfg)
+    best = torch.load(cfg.run_dir / "best_accuracy_mean.pth", weights_only=False)
+    latest = torch.load(cfg.run_dir / "latest.pth", weights_only=False)
+    assert (best["tasks_done"], best["best_val_mean"]) == (4, 70.0)
+    assert (latest["tasks_done"], latest["best_val_tasks"]) == (6, 4)
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
+    root = fixture_root("mini-imagenet")
+    cfg = load_config(CONFIG, tiny(root, tmp_path, "train.tasks=2", "train.val_every=2"))
+    train.run(cfg)
+    before = torch.load(cfg.run_dir / "latest.pth", weights_only=False)
+    diverging = load_config(CONFIG, tiny(root, tmp_path, "train.tasks=4", "train.val_every=2",
+                                         "maml.inner_lr=1e30"))
+    with pytest.raises(train.TrainingError, match=r"at tasks 3-4.*last good checkpoint"):
+        train.run(diverging)
+    after = torch.load(cfg.run_dir / "latest.pth", weights_only=False)
+    assert after["tasks_done"] == 2
+    for name, value in before["model"].items():
+        assert torch.equal(value, after["model"][name])
+
+
+def test_missing_dataset_root_is_a_clear_cli_error(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "fsl", "train", str(CONFIG), f"data.root={tmp_path / 'none'}",
+                             f"work_dir={tmp_path}", "device=cpu"], cwd=REPO, capture_output=True, text=True)
+    assert result.returncode == 2
+    assert "mini-ImageNet root folder not found" in result.stderr and "fsl data prepare" in result.stderr
+
+
+def test_unknown_key_is_a_clear_cli_error():
+    result = subprocess.run([sys.executable, "-m", "fsl", "train", str(CONFIG), "train.meta_bach=4"], cwd=REPO,
+                            capture_output=True, text=True)
+    assert result.returncode == 2 and "did you mean 'train.meta_batch'" in result.stderr
+
+
+def test_checkpoint_for_another_arch_is_refused(tmp_path):
+    cfg = load_config(CONFIG, tiny(fixture_root("mini-imagenet"), tmp_path, "train.tasks=2", "train.val_every=2"))
+    train.run(cfg)
+    other = load_config(REPO / "experiments/mini-imagenet-resnet12-1shot.yaml", tiny(fixture_root("mini-imagenet"),
+                                                                                  tmp_path))
+    with pytest.raises(ValueError, match="holds a conv4"):
+        evaluate.run(other, cfg.run_dir / "best_accuracy_mean.pth")
