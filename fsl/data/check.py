@@ -1,0 +1,52 @@
+"""`fsl data check`: validate a dataset folder and count classes and images per split."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from tqdm import tqdm
+
+from fsl.data import SPLITS, load_split
+from fsl.data.base import DatasetError
+
+# images a class needs: protocol train episodes take 5 shots + 16 queries, validation/test episodes up to 5 shots
+# + 15 queries; the glyphs demo trains on up to 5 shots + 5 queries (its classes have 20 images)
+MIN_IMAGES = {"train": 5 + 16, "val": 5 + 15, "test": 5 + 15}
+MIN_IMAGES_GLYPHS = {"train": 5 + 5, "val": 5 + 15, "test": 5 + 15}
+
+
+def check_dataset(name: str, root: str | Path, decode: bool = True, progress: bool = False,
+                  min_images: dict[str, int] | None = None) -> tuple[dict, list[str]]:
+    """Return ({split: {"classes": C, "images": I}}, problems). `problems` lists every error found, each naming
+    the file and the fix; an empty list means the dataset is ready."""
+    min_images = min_images or (MIN_IMAGES_GLYPHS if name == "glyphs" else MIN_IMAGES)
+    counts, problems, class_owner, source_owner = {}, [], {}, {}
+    for split in SPLITS:
+        try:
+            dataset = load_split(name, root, split)
+        except DatasetError as error:
+            problems.append(str(error))
+            continue
+        counts[split] = {"classes": dataset.num_classes, "images": len(dataset)}
+        for class_id, count in sorted(dataset.images_per_class().items()):
+            if count < min_images[split]:
+                problems.append(f"{split} class {dataset.class_names[class_id]!r} has {count} images, fewer than "
+                                f"the {min_images[split]} an episode needs (shots + queries); fix: add images or "
+                                f"drop the class from the split")
+        for class_name in dataset.class_names:
+            if class_name in class_owner:
+                problems.append(f"class {class_name!r} is in both the {class_owner[class_name]} and {split} splits; "
+                                f"fix: the split files must be disjoint")
+            class_owner.setdefault(class_name, split)
+        for index in range(len(dataset)):
+            source = dataset.source(index)
+            if source in source_owner and "[" not in source:  # array items are per-split by construction
+                problems.append(f"image {source} is in both the {source_owner[source]} and {split} splits")
+            source_owner.setdefault(source, split)
+        if decode:
+            for index in tqdm(range(len(dataset)), desc=f"decoding {split}", disable=not progress, leave=False):
+                try:
+                    dataset.load_image(index)
+                except Exception as error:  # PIL raises many types for corrupt files; report each with its file
+                    problems.append(f"unreadable or truncated image {dataset.source(index)}: {error}; "
+                                    f"fix: replace the file")
+    return counts, problems

@@ -1,0 +1,121 @@
+"""`fsl data prepare`: download a dataset from its public source, verify it, and lay it out for the readers.
+
+Offline, or when a mirror answers with something other than the file (an HTML page is the usual failure of public
+links), it stops at once with the manual steps and the expected layout.
+"""
+from __future__ import annotations
+
+import hashlib
+import shutil
+import tarfile
+import tempfile
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+from fsl.data import cub, glyphs, mini_imagenet, tiered_imagenet
+from fsl.data.base import DatasetError
+
+
+@dataclass
+class Download:
+    urls: list[str]        # tried in order
+    filename: str          # name under the dataset root
+    md5: str | None = None  # published checksum, where one exists
+
+
+ZENODO = "https://zenodo.org/record/7978538/files"  # learn2learn's mirror of the few-shot releases
+SOURCES: dict[str, list[Download]] = {
+    "cub": [Download(["https://data.caltech.edu/records/65de6-vp158/files/CUB_200_2011.tgz",
+                      "https://zenodo.org/record/8000562/files/CUB_200_2011.tgz"],
+                     "CUB_200_2011.tgz", md5="97eceeb196236b17998738112f37df78")],
+    "mini-imagenet": [Download([f"{ZENODO}/mini-imagenet-cache-{split}.pkl"], f"mini-imagenet-cache-{split}.pkl")
+                      for split in ("train", "validation", "test")],
+    "tiered-imagenet": [Download([f"{ZENODO}/tiered-imagenet-{split}_{kind}.pkl"], f"{split}_{kind}.pkl")
+                        for split in ("train", "val", "test") for kind in ("images_png", "labels")],
+}
+
+MANUAL_STEPS = {
+    "cub": f"""manual steps:
+  1. download CUB_200_2011.tgz from https://www.vision.caltech.edu/datasets/cub_200_2011/ (md5 {SOURCES['cub'][0].md5})
+  2. tar -xzf CUB_200_2011.tgz  and pass the extracted CUB_200_2011 folder as --root / data.root
+{cub.LAYOUT}""",
+    "mini-imagenet": f"""manual steps:
+  1. get the Ravi & Larochelle split files train.csv/val.csv/test.csv and the 84x84 images (or ImageNet JPEGs),
+     or learn2learn's mini-imagenet-cache-*.pkl from {ZENODO}/
+  2. place them under --root / data.root
+{mini_imagenet.LAYOUT}""",
+    "tiered-imagenet": f"""manual steps:
+  1. download Ren et al.'s tiered-ImageNet release (https://github.com/renmengye/few-shot-ssl-public) or
+     learn2learn's copies tiered-imagenet-<split>_<kind>.pkl from {ZENODO}/ (rename to <split>_<kind>.pkl)
+  2. place them under --root / data.root
+{tiered_imagenet.LAYOUT}""",
+}
+
+
+def fetch(download: Download, destination: Path, name: str, timeout: float = 30.0) -> None:
+    """Download to `destination` (via a .part file), rejecting HTML pages and checksum mismatches."""
+    errors = []
+    for url in download.urls:
+        part = destination.with_name(destination.name + ".part")
+        try:
+            with urllib.request.urlopen(url, timeout=timeout) as response, open(part, "wb") as out:
+                head = response.read(1024)
+                if b"<html" in head.lower() or "text/html" in response.headers.get("Content-Type", ""):
+                    raise DatasetError(f"{url} returned an HTML page instead of {download.filename}")
+                out.write(head)
+                shutil.copyfileobj(response, out, length=1 << 22)
+        except (urllib.error.URLError, OSError, DatasetError) as error:
+            errors.append(f"{url}: {error}")
+            part.unlink(missing_ok=True)
+            continue
+        if download.md5 and md5sum(part) != download.md5:
+            errors.append(f"{url}: md5 {md5sum(part)} != published {download.md5}")
+            part.unlink()
+            continue
+        part.replace(destination)
+        return
+    raise DatasetError(f"could not download {download.filename}:\n  " + "\n  ".join(errors) +
+                       f"\n{MANUAL_STEPS[name]}")
+
+
+def md5sum(path: Path) -> str:
+    digest = hashlib.md5()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def prepare(name: str, root: str | Path) -> Path:
+    """Download and lay out dataset `name` under `root`; returns `root`. Files already in place are kept."""
+    root = Path(root)
+    if name == "glyphs":
+        glyphs.ensure_generated(root)
+        return root
+    if name not in SOURCES:
+        raise DatasetError(f"unknown dataset {name!r}; choose one of {sorted(SOURCES) + ['glyphs']}")
+    root.mkdir(parents=True, exist_ok=True)
+    for download in SOURCES[name]:
+        target = root / download.filename
+        if not target.exists():
+            print(f"downloading {download.filename} from {download.urls[0]}", flush=True)
+            fetch(download, target, name)
+    if name == "cub":
+        extract_cub(root / "CUB_200_2011.tgz", root)
+    return root
+
+
+def extract_cub(archive: Path, root: Path) -> None:
+    """Unpack the official archive so that `root` holds images/, images.txt, classes.txt, ..."""
+    if (root / "images.txt").exists():
+        return
+    with tempfile.TemporaryDirectory(dir=root) as tmp:
+        with tarfile.open(archive) as tar:
+            tar.extractall(tmp, filter="data")
+        extracted = Path(tmp) / "CUB_200_2011"
+        if not extracted.is_dir():
+            raise DatasetError(f"{archive} holds no CUB_200_2011 folder\n{MANUAL_STEPS['cub']}")
+        for item in extracted.iterdir():
+            item.replace(root / item.name)

@@ -1,0 +1,33 @@
+"""Image transforms of the protocol (MMFewShot's MAML pipelines).
+
+Outputs are float32 tensors (3, size, size) normalised with ImageNet's mean/std on the 0-255 scale, so values lie
+roughly in [-2.2, 2.7].
+"""
+from __future__ import annotations
+
+import torch
+from torchvision import transforms as T
+
+MEAN_255 = (123.675, 116.28, 103.53)
+STD_255 = (58.395, 57.12, 57.375)
+
+
+def to_normalised_tensor() -> T.Compose:
+    """PIL RGB image -> (3, H, W) float32, (pixel in 0..255 - mean) / std."""
+    return T.Compose([T.PILToTensor(), T.ConvertImageDtype(torch.float32), T.Lambda(lambda x: x * 255.0),
+                      T.Normalize(MEAN_255, STD_255)])
+
+
+def train_transform(image_size: int = 84) -> T.Compose:
+    """RandomResizedCrop(scale 0.08-1, ratio 3/4-4/3), horizontal flip p=0.5, ColorJitter(0.4, 0.4, 0.4)."""
+    return T.Compose([
+        T.RandomResizedCrop(image_size, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)),
+        T.RandomHorizontalFlip(0.5),
+        T.ColorJitter(brightness=0.4, contrast=0.4, saturation=0.4),
+        to_normalised_tensor(),
+    ])
+
+
+def eval_transform(image_size: int = 84) -> T.Compose:
+    """Resize the short side to 96/84 of `image_size` (96 for 84), keep the aspect, then CenterCrop(image_size)."""
+    return T.Compose([T.Resize(round(image_size * 96 / 84)), T.CenterCrop(image_size), to_normalised_tensor()])
