@@ -3,7 +3,6 @@
 # Cells are derived from the config files: experiments/<dataset>-<arch>-<K>shot.yaml gives `make <dataset>-<arch>-<K>shot`.
 #   ARGS="key=value ..."  config overrides passed to train and test (e.g. ARGS="device=cpu data.root=/data/cub")
 #   QUICK=1               short sanity run (quick=true): few hundred tasks, 100 test episodes, rows marked quick
-#   GPUS=P                train with torchrun on P processes (one per GPU)
 
 SHELL := /bin/bash
 PYTHON_BIN ?= python3.11
@@ -16,10 +15,8 @@ CELLS := $(patsubst experiments/%.yaml,%,$(CONFIGS))
 PAPER_CELLS := $(filter-out glyphs-%,$(CELLS))
 
 QUICK ?=
-GPUS ?= 1
 ARGS ?=
 RUN_ARGS := $(ARGS) $(if $(QUICK),quick=true,)
-TRAIN := $(if $(filter-out 1,$(GPUS)),$(VENV)/bin/torchrun --standalone --nproc_per_node $(GPUS) -m fsl,$(PY) -m fsl)
 
 .PHONY: help setup test demo all-tables tables bench data-cub data-mini-imagenet data-tiered-imagenet clean-venv $(CELLS)
 
@@ -48,7 +45,7 @@ demo: $(STAMP)
 	$(PY) -m fsl demo $(ARGS)
 
 $(CELLS): %: $(STAMP)
-	$(TRAIN) train experiments/$@.yaml $(RUN_ARGS)
+	$(PY) -m fsl train experiments/$@.yaml $(RUN_ARGS)
 	$(PY) -m fsl test experiments/$@.yaml $(RUN_ARGS)
 
 all-tables: $(STAMP)
