@@ -69,7 +69,8 @@ def autograd_step(model, optimizer, batch, first_order):
         if first_order:
             fast = {n: p.detach().requires_grad_() for n, p in fast.items()}
         loss = F.cross_entropy(functional_call(model, fast, (episode.query_x,)), episode.query_y) / len(batch)
-        grads = torch.autograd.grad(loss, list(fast.values()))
+        # second order: differentiate through the inner loop to the meta-parameters; first order: at the fast weights
+        grads = torch.autograd.grad(loss, list((fast if first_order else params).values()))
         for p, g in zip(params.values(), grads):
             p.grad = g if p.grad is None else p.grad + g
     optimizer.step()
