@@ -1,8 +1,8 @@
 """N-way K-shot episodes built with learn2learn's task pipeline.
 
-`MetaDataset` + `Taskset` (the TaskDataset of older releases) with `NWays`, `KShots(shots + queries)`, `LoadData`, `RemapLabels` (labels 0..N-1 in
-a random order per task, i.e. a random assignment of classes to head rows) and `ConsecutiveLabels` (items grouped
-by class), then split per class into `shots` support and `queries` query items.
+`MetaDataset` + `Taskset` (the TaskDataset of older releases) with `NWays`, `KShots(shots + queries)`,
+`LoadData`, `RemapLabels` (labels 0..N-1 in a random order per task, i.e. a random assignment of classes to head
+rows) and `ConsecutiveLabels` (items grouped by class), then split per class into `shots` support and `queries` query items.
 
 Episode `i` of an `EpisodeDataset` is a pure function of `(seed, i)`: the task description (learn2learn draws it
 with Python's `random`) and the image augmentations (torch's RNG) are drawn under a generator seeded from

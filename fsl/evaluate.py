@@ -8,6 +8,7 @@ import math
 import time
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -15,7 +16,7 @@ from torch import nn
 from tqdm import tqdm
 
 from fsl.config import Config, config_files, config_sha, from_dict
-from fsl.data import load_split
+from fsl.data import SplitDataset, load_split
 from fsl.data.transforms import eval_transform
 from fsl.episodes import EpisodeDataset, episode_loader
 from fsl.maml import evaluate_episode
@@ -31,10 +32,15 @@ def ci95(accuracies: np.ndarray) -> float:
     return float(1.96 * accuracies.std(ddof=0) / math.sqrt(len(accuracies)))
 
 
+def cell_split(cfg: Config, split: str, transform: Callable) -> SplitDataset:
+    """`split` of the cell's dataset under cfg.data_root, with the reader options the config sets."""
+    return load_split(cfg.data.dataset, cfg.data_root, split, transform,
+                      **({"bbox_crop": True} if cfg.data.bbox_crop else {}))
+
+
 def fixed_episodes(cfg: Config, split: str, count: int) -> EpisodeDataset:
     """The `count` fixed `split` episodes of the cell: test.ways/shots/queries, seeded by test.seed."""
-    dataset = load_split(cfg.data.dataset, cfg.data_root, split, eval_transform(cfg.data.image_size),
-                         **({"bbox_crop": True} if cfg.data.bbox_crop else {}))
+    dataset = cell_split(cfg, split, eval_transform(cfg.data.image_size))
     return EpisodeDataset(dataset, cfg.test.ways, cfg.test.shots, cfg.test.queries, seed=cfg.test.seed, count=count)
 
 
@@ -83,7 +89,8 @@ def run(cfg: Config, checkpoint_path: str | Path, config_path: str | Path | None
     row = {
         "cell": cfg.cell, "dataset": cfg.data.dataset, "arch": cfg.model.arch, "ways": cfg.test.ways,
         "shots": cfg.test.shots, "image_size": cfg.data.image_size,
-        "train_batch": cfg.train.ways * (cfg.train.shots + cfg.train.queries), "mean_acc": round(mean, 4), "ci95": round(half_width, 4),
+        "train_batch": cfg.train.ways * (cfg.train.shots + cfg.train.queries),
+        "mean_acc": round(mean, 4), "ci95": round(half_width, 4),
         "episodes": len(accuracies), "train_tasks": checkpoint.get("tasks_done"), "quick": cfg.quick,
         "checkpoint": str(checkpoint_path), "seed": cfg.seed, "commit": git_commit(),
         "config_commit": git_commit(*config_files(config_path)) if config_path else "unknown",

@@ -9,8 +9,8 @@ import pandas as pd
 from fsl.config import Config
 from fsl.utils import write_atomic
 
-SUMMARY_COLUMNS = ["cell", "dataset", "arch", "ways", "shots", "image_size", "train_batch", "mean_acc", "ci95", "episodes", "train_tasks",
-                   "quick", "checkpoint", "seed", "commit", "config_commit", "config_sha", "device", "seconds",
+SUMMARY_COLUMNS = ["cell", "dataset", "arch", "ways", "shots", "image_size", "train_batch", "mean_acc", "ci95",
+                   "episodes", "train_tasks", "quick", "checkpoint", "seed", "commit", "config_commit", "config_sha", "device", "seconds",
                    "finished_at", "reference_mean", "reference_ci95"]
 
 

@@ -21,10 +21,9 @@ import torch
 from tqdm import tqdm
 
 from fsl.config import Config, dump_yaml, to_dict
-from fsl.data import load_split
 from fsl.data.transforms import eval_transform, train_transform
 from fsl.episodes import EpisodeDataset, episode_loader
-from fsl.evaluate import ci95, evaluate, fixed_episodes
+from fsl.evaluate import cell_split, ci95, evaluate, fixed_episodes
 from fsl.maml import NonFiniteLossError, meta_train_step
 from fsl.models import build_model
 from fsl.results import train_log_path
@@ -121,9 +120,8 @@ def run(cfg: Config) -> Path:
         print(f"training already finished ({state['tasks_done']} tasks); best checkpoint: {best}")
         return best
 
-    train_set = load_split(cfg.data.dataset, cfg.data_root, "train",
-                           (train_transform if cfg.data.train_augment else eval_transform)(cfg.data.image_size),
-                           **({"bbox_crop": True} if cfg.data.bbox_crop else {}))
+    train_set = cell_split(cfg, "train",
+                           (train_transform if cfg.data.train_augment else eval_transform)(cfg.data.image_size))
     val_episodes = fixed_episodes(cfg, "val", cfg.train.val_episodes)
     train_episodes = EpisodeDataset(train_set, cfg.train.ways, cfg.train.shots, cfg.train.queries, seed=cfg.seed,
                                     start=state["tasks_done"], count=cfg.train.tasks - state["tasks_done"])

@@ -36,29 +36,31 @@ def max_relative_error(model, reference: list[torch.Tensor]) -> float:
     return ((ours - ref).norm() / ref.norm()).item()
 
 
-@pytest.mark.parametrize("arch,size", [("conv4", 16), ("resnet12", 16)])
-def test_second_order_meta_gradient_matches_functional_reference(arch, size):
+def meta_gradient_and_reference(arch: str, first_order: bool):
+    """A float64 model whose .grad holds fsl's meta-gradient of one episode (2 steps, lr 0.01), and the functional
+    reference's query loss with the tensors to differentiate it by."""
     torch.manual_seed(0)
-    model = build_model(arch, ways=3, image_size=size).double()
-    episode = make_episode(size=size)
-    task_meta_gradient(model, episode, steps=2, inner_lr=0.01, first_order=False)
+    model = build_model(arch, ways=3, image_size=16).double()
+    episode = make_episode(size=16)
+    task_meta_gradient(model, episode, steps=2, inner_lr=0.01, first_order=first_order)
     params = dict(model.named_parameters())
-    loss, _ = reference_query_loss(model, params, episode, 2, 0.01, create_graph=True)
-    reference = torch.autograd.grad(loss, list(params.values()))
+    loss, fast = reference_query_loss(model, params, episode, 2, 0.01, create_graph=not first_order)
+    return model, episode, loss, list((fast if first_order else params).values())
+
+
+@pytest.mark.parametrize("arch", ["conv4", "resnet12"])
+def test_second_order_meta_gradient_matches_functional_reference(arch):
+    model, _, loss, wrt = meta_gradient_and_reference(arch, first_order=False)
+    reference = torch.autograd.grad(loss, wrt)
     error = max_relative_error(model, reference)
     print(f"\n{arch} second-order meta-gradient relative error vs functional reference: {error:.2e}")
     assert error <= 1e-8
 
 
 def test_first_order_meta_gradient_matches_its_reference():
-    torch.manual_seed(0)
-    model = build_model("conv4", ways=3, image_size=16).double()
-    episode = make_episode()
-    task_meta_gradient(model, episode, steps=2, inner_lr=0.01, first_order=True)
+    model, episode, loss, wrt = meta_gradient_and_reference("conv4", first_order=True)
     check_meta_gradients(model)  # track_higher_grads=False alone would leave these None
-    params = dict(model.named_parameters())
-    loss, fast = reference_query_loss(model, params, episode, 2, 0.01, create_graph=False)
-    reference = torch.autograd.grad(loss, list(fast.values()))
+    reference = torch.autograd.grad(loss, wrt)
     error = max_relative_error(model, reference)
     print(f"\nconv4 first-order meta-gradient relative error vs reference: {error:.2e}")
     assert error <= 1e-10
@@ -108,9 +110,7 @@ def test_meta_batch_gradient_is_the_mean_of_task_gradients():
     optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
     before = copy.deepcopy(model)
     meta_train_step(model, optimizer, episodes, inner_steps=1, inner_lr=0.01)  # SGD lr 1: delta = -mean grad
-    expected = []
-    for p_index, p in enumerate(before.parameters()):
-        expected.append(p.detach().clone())
+    expected = [p.detach().clone() for p in before.parameters()]
     for episode in episodes:
         single = copy.deepcopy(before)
         task_meta_gradient(single, episode, 1, 0.01, False)

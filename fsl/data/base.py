@@ -35,6 +35,9 @@ class SplitDataset(Dataset):
 
     labels: list[int]
     class_names: list[str]
+    # images a class needs per split: protocol training episodes take 5 shots + 16 queries, validation and test
+    # episodes up to 5 shots + 15 queries (checked by `fsl data check`)
+    min_images = {"train": 5 + 16, "val": 5 + 15, "test": 5 + 15}
 
     def __init__(self, transform: Callable | None = None):
         self.transform = transform

@@ -8,17 +8,13 @@ from tqdm import tqdm
 from fsl.data import SPLITS, load_split
 from fsl.data.base import DatasetError
 
-# images a class needs: protocol train episodes take 5 shots + 16 queries, validation/test episodes up to 5 shots
-# + 15 queries; the glyphs demo trains on up to 5 shots + 5 queries (its classes have 20 images)
-MIN_IMAGES = {"train": 5 + 16, "val": 5 + 15, "test": 5 + 15}
-MIN_IMAGES_GLYPHS = {"train": 5 + 5, "val": 5 + 15, "test": 5 + 15}
 
 
 def check_dataset(name: str, root: str | Path, decode: bool = True, progress: bool = False,
                   min_images: dict[str, int] | None = None) -> tuple[dict, list[str]]:
     """Return ({split: {"classes": C, "images": I}}, problems). `problems` lists every error found, each naming
-    the file and the fix; an empty list means the dataset is ready."""
-    min_images = min_images or (MIN_IMAGES_GLYPHS if name == "glyphs" else MIN_IMAGES)
+    the file and the fix; an empty list means the dataset is ready. Classes need the images per split that the
+    reader declares (`SplitDataset.min_images`) unless `min_images` says otherwise."""
     counts, problems, class_owner, source_owner = {}, [], {}, {}
     for split in SPLITS:
         try:
@@ -27,10 +23,11 @@ def check_dataset(name: str, root: str | Path, decode: bool = True, progress: bo
             problems.append(str(error))
             continue
         counts[split] = {"classes": dataset.num_classes, "images": len(dataset)}
+        needed = (min_images or dataset.min_images)[split]
         for class_id, count in sorted(dataset.images_per_class().items()):
-            if count < min_images[split]:
+            if count < needed:
                 problems.append(f"{split} class {dataset.class_names[class_id]!r} has {count} images, fewer than "
-                                f"the {min_images[split]} an episode needs (shots + queries); fix: add images or "
+                                f"the {needed} an episode needs (shots + queries); fix: add images or "
                                 f"drop the class from the split")
         for class_name in dataset.class_names:
             if class_name in class_owner:

@@ -7,13 +7,14 @@ test = Armenian, Georgian, Lao; val = Cyrillic; train = every other script with 
 characters (Latin, Greek, Arabic, Hebrew, Canadian syllabics, Braille, arrows, box drawing, ...), each script
 capped at `MAX_SCRIPT_CLASSES` characters.
 
-Generated on first use under `root` (`images.npy` (N, 28, 28) uint8 white-on-black, `labels.npy` (N,) int64 class
+Generated on first use under `root` (`images.npy` (N, 32, 32) uint8 white-on-black, `labels.npy` (N,) int64 class
 ids, `classes.csv`) with a `VERSION` stamp; the same version and seed give the same bytes on any machine with the
 same matplotlib fonts (rendering goes through matplotlib's own FreeType build).
 """
 from __future__ import annotations
 
 import csv
+import functools
 import glob
 import hashlib
 import os
@@ -156,7 +157,9 @@ def generate(root: str | Path, seed: int = 0) -> None:
     os.replace(staging, root)
 
 
+@functools.lru_cache(maxsize=None)
 def stamp(seed: int) -> str:
+    """Version, settings and a hash of the font files: a cached dataset is reused only if all match."""
     fonts = hashlib.sha256(b"".join(p.read_bytes() for p in font_files())).hexdigest()[:16]
     return f"{VERSION} seed={seed} size={IMAGE_SIZE} instances={INSTANCES} fonts={fonts}"
 
@@ -174,6 +177,8 @@ def ensure_generated(root: str | Path, seed: int = 0) -> bool:
 
 class Glyphs(SplitDataset):
     """One split of the glyphs dataset; generated into `root` on first use."""
+
+    min_images = {"train": 5 + 5, "val": 5 + 15, "test": 5 + 15}  # the demo trains on up to 5 shots + 5 queries
 
     def __init__(self, root: str | Path, split: str, transform: Callable | None = None):
         super().__init__(transform)
