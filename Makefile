@@ -3,6 +3,7 @@
 # Cells are derived from the config files: experiments/<dataset>-<arch>-<K>shot.yaml gives `make <dataset>-<arch>-<K>shot`.
 #   ARGS="key=value ..."  config overrides passed to train and test (e.g. ARGS="device=cpu data.root=/data/cub")
 #   QUICK=1               short sanity run (quick=true): few hundred tasks, 100 test episodes, rows marked quick
+#   GPUS=P                train and test with P processes on this node (torchrun; P must divide train.meta_batch)
 
 SHELL := /bin/bash
 PYTHON_BIN ?= python3.11
@@ -17,6 +18,8 @@ PAPER_CELLS := $(filter-out glyphs-%,$(CELLS))
 QUICK ?=
 ARGS ?=
 RUN_ARGS := $(ARGS) $(if $(QUICK),quick=true,)
+GPUS ?= 1
+FSL := $(if $(filter-out 1,$(GPUS)),$(VENV)/bin/torchrun --standalone --nproc_per_node $(GPUS) -m fsl,$(PY) -m fsl)
 
 .PHONY: help setup test demo all-tables tables bench data-cub data-mini-imagenet data-tiered-imagenet clean-venv $(CELLS)
 
@@ -24,7 +27,7 @@ help:
 	@echo "make setup                 create .venv (Python 3.11) with the pinned stack"
 	@echo "make demo                  train + test + tables on the built-in glyphs data (minutes on a CPU)"
 	@echo "make test                  run the test suite"
-	@echo "make <cell>                train then test one cell; cells: $(CELLS)"
+	@echo "make <cell> [GPUS=P]       train then test one cell (P processes via torchrun); cells: $(CELLS)"
 	@echo "make all-tables            run every paper cell not yet done, then build the tables"
 	@echo "make tables                build results/tables and results/plots from results/*.csv"
 	@echo "make bench [QUICK=1]       meta-training speed and memory benchmark"
@@ -45,8 +48,8 @@ demo: $(STAMP)
 	$(PY) -m fsl demo $(ARGS)
 
 $(CELLS): %: $(STAMP)
-	$(PY) -m fsl train experiments/$@.yaml $(RUN_ARGS)
-	$(PY) -m fsl test experiments/$@.yaml $(RUN_ARGS)
+	$(FSL) train experiments/$@.yaml $(RUN_ARGS)
+	$(FSL) test experiments/$@.yaml $(RUN_ARGS)
 
 all-tables: $(STAMP)
 	@for cell in $(PAPER_CELLS); do \

@@ -40,17 +40,21 @@ def main(argv: list[str] | None = None) -> int:
     done.add_argument("overrides", nargs="*")
 
     args = parser.parse_args(argv)
+    from fsl import distributed
+    where = f" (process {distributed.rank_from_env()} of a torchrun job)" if distributed.launched_by_torchrun() else ""
     try:
         return run_command(args)
     except (ConfigError, DatasetError, FileNotFoundError, ValueError) as error:
-        print(f"error: {error}", file=sys.stderr)
+        print(f"error{where}: {error}", file=sys.stderr)
         return 2
     except RuntimeError as error:  # TrainingError, ResultsError and device errors carry their own fix
-        print(f"error: {error}", file=sys.stderr)
+        print(f"error{where}: {error}", file=sys.stderr)
         return 1
     except KeyboardInterrupt as error:
         print(f"\n{error or 'interrupted'}", file=sys.stderr)
         return 130
+    finally:
+        distributed.shutdown()
 
 
 def split_checkpoint(args: argparse.Namespace) -> None:

@@ -30,6 +30,8 @@ class DataConfig:
     train_augment: bool = True      # protocol's RandomResizedCrop+flip+ColorJitter on training episodes
     bbox_crop: bool = False         # CUB only: crop images to bounding_boxes.txt
     workers: int = 4                # DataLoader worker processes that load episodes
+    cache_images: bool = False      # keep each decoded+transformed image in memory after its first use (only
+                                    # where the transform is deterministic: evaluation, or train_augment=false)
 
 
 @dataclass
@@ -50,6 +52,7 @@ class TrainConfig:
     tasks: int = 100_000            # meta-training tasks in all (outer steps = tasks / meta_batch)
     meta_batch: int = 8             # tasks per outer step (query losses averaged)
     meta_lr: float = 1e-3           # Adam learning rate of the outer loop
+    meta_lr_schedule: str = "constant"  # constant (protocol) | cosine: meta_lr * (1 + cos(pi * tasks_done / tasks)) / 2
     ways: int = 5                   # classes per training episode
     shots: int = 5                  # support images per class in training episodes (also for 1-shot cells)
     queries: int = 16               # query images per class in training episodes
@@ -257,4 +260,5 @@ def config_sha(cfg: Config) -> str:
         tree.pop(key)
     tree["data"].pop("root")
     tree["data"].pop("workers")
+    tree["data"].pop("cache_images")
     return hashlib.sha256(json.dumps(tree, sort_keys=True).encode()).hexdigest()[:12]

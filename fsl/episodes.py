@@ -106,6 +106,29 @@ class EpisodeDataset(Dataset):
                        query_x=x[:, self.shots:].flatten(0, 1), query_y=y[:, self.shots:].flatten())
 
 
+class RankShare(Dataset):
+    """This rank's tasks of every meta-batch of `episodes`: item k is episode
+    (k // per_rank) * meta_batch + rank * per_rank + k % per_rank, with per_rank = meta_batch / world.
+    Loaded in batches of per_rank, rank r's step s holds tasks r*per_rank .. (r+1)*per_rank-1 of meta-batch s, so
+    the P ranks together see exactly the meta-batches of a single process. len(episodes) must be a multiple of
+    meta_batch."""
+
+    def __init__(self, episodes: Dataset, meta_batch: int, rank: int, world: int):
+        assert meta_batch % world == 0 and len(episodes) % meta_batch == 0, (len(episodes), meta_batch, world)
+        self.episodes, self.meta_batch, self.rank, self.per_rank = episodes, meta_batch, rank, meta_batch // world
+
+    def __len__(self) -> int:
+        return len(self.episodes) // self.meta_batch * self.per_rank
+
+    def global_index(self, k: int) -> int:
+        return (k // self.per_rank) * self.meta_batch + self.rank * self.per_rank + k % self.per_rank
+
+    def __getitem__(self, k: int) -> Episode:
+        if not 0 <= k < len(self):
+            raise IndexError(k)
+        return self.episodes[self.global_index(k)]
+
+
 def _single_threaded_worker(_: int) -> None:
     torch.set_num_threads(1)  # workers decode images; intra-op threads would only fight the training process
 
@@ -115,7 +138,7 @@ def collate_episodes(batch: list[Episode]) -> Episode:
     return Episode(*(torch.stack(field) for field in zip(*batch)))
 
 
-def episode_loader(episodes: EpisodeDataset, meta_batch: int = 1, workers: int = 0,
+def episode_loader(episodes: Dataset, meta_batch: int = 1, workers: int = 0,
                    pin_memory: bool = False) -> DataLoader:
     """Yields Episodes whose fields have a leading dimension of `meta_batch` tasks, in episode order.
     `workers` is capped at the number of CPU cores."""

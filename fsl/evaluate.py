@@ -13,8 +13,10 @@ from typing import Callable
 import numpy as np
 import torch
 from torch import nn
+from torch.utils.data import Dataset, Subset
 from tqdm import tqdm
 
+from fsl import distributed
 from fsl.config import Config, config_files, config_sha, from_dict
 from fsl.data import SplitDataset, load_split
 from fsl.data.transforms import eval_transform
@@ -23,7 +25,7 @@ from fsl.maml import evaluate_episode
 from fsl.models import build_model
 from fsl.reference import REFERENCE
 from fsl.results import upsert_summary, write_test_episodes
-from fsl.utils import git_commit, resolve_device
+from fsl.utils import git_commit
 
 
 def ci95(accuracies: np.ndarray) -> float:
@@ -32,10 +34,14 @@ def ci95(accuracies: np.ndarray) -> float:
     return float(1.96 * accuracies.std(ddof=0) / math.sqrt(len(accuracies)))
 
 
-def cell_split(cfg: Config, split: str, transform: Callable) -> SplitDataset:
-    """`split` of the cell's dataset under cfg.data_root, with the reader options the config sets."""
-    return load_split(cfg.data.dataset, cfg.data_root, split, transform,
-                      **({"bbox_crop": True} if cfg.data.bbox_crop else {}))
+def cell_split(cfg: Config, split: str, transform: Callable, deterministic: bool = True) -> SplitDataset:
+    """`split` of the cell's dataset under cfg.data_root, with the reader options the config sets
+    (`deterministic`: the transform has no randomness, so data.cache_images may keep its outputs)."""
+    dataset = load_split(cfg.data.dataset, cfg.data_root, split, transform,
+                         **({"bbox_crop": True} if cfg.data.bbox_crop else {}))
+    if cfg.data.cache_images and deterministic:
+        dataset.cache_transformed()
+    return dataset
 
 
 def fixed_episodes(cfg: Config, split: str, count: int) -> EpisodeDataset:
@@ -44,16 +50,21 @@ def fixed_episodes(cfg: Config, split: str, count: int) -> EpisodeDataset:
     return EpisodeDataset(dataset, cfg.test.ways, cfg.test.shots, cfg.test.queries, seed=cfg.test.seed, count=count)
 
 
-def evaluate(model: nn.Module, episodes: EpisodeDataset, steps: int, inner_lr: float, device: torch.device,
+def evaluate(model: nn.Module, episodes: Dataset, steps: int, inner_lr: float, device: torch.device,
              workers: int = 0, progress: str | None = None) -> np.ndarray:
-    """Per-episode query accuracy (%) of `model` adapted with `steps` SGD steps on each episode, in episode order."""
+    """Per-episode query accuracy (%) of `model` adapted with `steps` SGD steps on each episode, in episode order.
+
+    Under torchrun the episodes are dealt out round-robin across the processes (all of them must call this) and
+    every process gets the full array, identical to a single-process run's."""
+    share = distributed.my_share(len(episodes))
     accuracies = []
-    loader = episode_loader(episodes, meta_batch=1, workers=workers, pin_memory=device.type == "cuda")
-    for batch in tqdm(loader, total=len(episodes), desc=progress, disable=progress is None, unit="ep",
-                      leave=False):
+    loader = episode_loader(Subset(episodes, share), meta_batch=1, workers=workers,
+                            pin_memory=device.type == "cuda")
+    for batch in tqdm(loader, total=len(share), desc=progress, unit="ep", leave=False,
+                      disable=progress is None or not distributed.is_main()):
         (episode,) = batch.unbind()
         accuracies.append(evaluate_episode(model, episode.to(device), steps, inner_lr))
-    return np.asarray(accuracies, dtype=np.float64)
+    return np.asarray(distributed.gather_shares(accuracies, len(episodes)), dtype=np.float64)
 
 
 def load_checkpoint_model(path: str | Path, cfg: Config, device: torch.device) -> tuple[nn.Module, dict]:
@@ -77,14 +88,13 @@ def load_checkpoint_model(path: str | Path, cfg: Config, device: torch.device) -
 def run(cfg: Config, checkpoint_path: str | Path, config_path: str | Path | None = None) -> dict:
     """Test `checkpoint_path` on `cfg.test.episodes` fixed test episodes; write the per-episode CSV and the
     summary row. Returns the summary row."""
-    device = resolve_device(cfg.device)
+    device = distributed.setup(cfg.device)
     model, checkpoint = load_checkpoint_model(checkpoint_path, cfg, device)
     episodes = fixed_episodes(cfg, "test", cfg.test.episodes)
     start = time.time()
     accuracies = evaluate(model, episodes, cfg.maml.test_inner_steps, cfg.maml.inner_lr, device,
                           workers=cfg.data.workers, progress=f"test {cfg.cell}")
     mean, half_width = float(accuracies.mean()), ci95(accuracies)
-    episodes_csv = write_test_episodes(cfg, accuracies)
     reference = REFERENCE.get((cfg.data.dataset, cfg.model.arch, cfg.test.shots), (None, None))
     row = {
         "cell": cfg.cell, "dataset": cfg.data.dataset, "arch": cfg.model.arch, "ways": cfg.test.ways,
@@ -99,6 +109,9 @@ def run(cfg: Config, checkpoint_path: str | Path, config_path: str | Path | None
         "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "reference_mean": reference[0], "reference_ci95": reference[1],
     }
+    if not distributed.is_main():
+        return row
+    episodes_csv = write_test_episodes(cfg, accuracies)
     upsert_summary(cfg.results_dir, row)
     print(f"{cfg.cell}: {mean:.2f} ± {half_width:.2f} % over {len(accuracies)} test episodes"
           f"{' (quick)' if cfg.quick else ''}\n  per-episode: {episodes_csv}\n  summary: "
@@ -107,6 +120,5 @@ def run(cfg: Config, checkpoint_path: str | Path, config_path: str | Path | None
 
 
 def describe_device(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"cpu x{torch.get_num_threads()}"
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu x{torch.get_num_threads()}"
+    return f"{distributed.world_size()} x {name}" if distributed.world_size() > 1 else name

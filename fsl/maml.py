@@ -7,11 +7,14 @@ One inner loop, `adapt`, serves meta-training (second or first order), validatio
 """
 from __future__ import annotations
 
+import math
+
 import higher
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fsl import distributed
 from fsl.episodes import Episode
 
 
@@ -74,21 +77,28 @@ def meta_train_step(model: nn.Module, meta_optimizer: torch.optim.Optimizer, epi
                     inner_steps: int, inner_lr: float, first_order: bool = False) -> tuple[float, float]:
     """One outer step over a meta-batch: mean query loss over the tasks, gradients accumulated task by task.
 
-    Returns (mean query loss, mean query accuracy %). Raises NonFiniteLossError on a NaN/inf loss, before the
-    optimizer step, so the weights stay at their last finite values.
+    Under torchrun, `episodes` is this rank's share of the meta-batch (see fsl.distributed): task gradients are
+    scaled by 1 / (global meta-batch) and summed across ranks before the step, so every rank takes the step a single
+    process would take on the whole meta-batch. Returns (mean query loss, mean query accuracy %) over the whole
+    meta-batch. Raises NonFiniteLossError on a NaN/inf loss, on every rank, before the optimizer step, so the
+    weights stay at their last finite values.
     """
+    meta_batch = len(episodes) * distributed.world_size()
     meta_optimizer.zero_grad(set_to_none=True)
     losses, accuracies = [], []
     for episode in episodes:
-        loss, acc = task_meta_gradient(model, episode, inner_steps, inner_lr, first_order, scale=1 / len(episodes))
+        loss, acc = task_meta_gradient(model, episode, inner_steps, inner_lr, first_order, scale=1 / meta_batch)
         losses.append(loss)
         accuracies.append(acc)
-    mean_loss = torch.stack(losses).mean().item()
-    if not torch.isfinite(torch.tensor(mean_loss)):
-        raise NonFiniteLossError(f"meta-training query loss is {mean_loss}")
     check_meta_gradients(model)
+    distributed.all_reduce_gradients(model)
+    mean_loss, mean_accuracy = (distributed.all_reduce_sum(torch.stack([torch.stack(losses).sum(),
+                                                                        torch.stack(accuracies).sum()]))
+                                / meta_batch).tolist()
+    if not math.isfinite(mean_loss):
+        raise NonFiniteLossError(f"meta-training query loss is {mean_loss}")
     meta_optimizer.step()
-    return mean_loss, torch.stack(accuracies).mean().item()
+    return mean_loss, mean_accuracy
 
 
 def evaluate_episode(model: nn.Module, episode: Episode, steps: int, inner_lr: float) -> float:

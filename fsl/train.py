@@ -11,6 +11,7 @@ resumed run sees exactly the tasks an uninterrupted run would, and ends with the
 from __future__ import annotations
 
 import csv
+import math
 import shutil
 import signal
 import time
@@ -20,14 +21,15 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from fsl.config import Config, dump_yaml, to_dict
+from fsl import distributed
+from fsl.config import Config, ConfigError, dump_yaml, to_dict
 from fsl.data.transforms import eval_transform, train_transform
-from fsl.episodes import EpisodeDataset, episode_loader
+from fsl.episodes import EpisodeDataset, RankShare, episode_loader
 from fsl.evaluate import cell_split, ci95, evaluate, fixed_episodes
 from fsl.maml import NonFiniteLossError, meta_train_step
 from fsl.models import build_model
 from fsl.results import train_log_path
-from fsl.utils import resolve_device, rng_states, seed_everything, set_rng_states, write_atomic, write_text_atomic
+from fsl.utils import rng_states, seed_everything, set_rng_states, write_atomic, write_text_atomic
 
 LOG_COLUMNS = ["cell", "seed", "tasks", "split", "loss", "accuracy", "ci95", "tasks_per_s", "seconds"]
 
@@ -86,62 +88,95 @@ class StopRequest:
             signal.signal(s, handler)
 
 
+def meta_lr_at(cfg: Config, tasks_done: int) -> float:
+    """Outer learning rate for the step that starts after `tasks_done` tasks (a pure function, so resume-safe)."""
+    if cfg.train.meta_lr_schedule == "constant":
+        return cfg.train.meta_lr
+    if cfg.train.meta_lr_schedule == "cosine":
+        return cfg.train.meta_lr * (1 + math.cos(math.pi * tasks_done / cfg.train.tasks)) / 2
+    raise ConfigError(f"train.meta_lr_schedule={cfg.train.meta_lr_schedule!r}; choose constant or cosine")
+
+
 def crossed(tasks_done: int, step_tasks: int, every: int) -> bool:
     """True if the last `step_tasks` tasks crossed a multiple of `every`."""
     return tasks_done // every > (tasks_done - step_tasks) // every
 
 
 def run(cfg: Config) -> Path:
-    """Train `cfg`'s cell to cfg.train.tasks tasks (resuming if possible). Returns the best checkpoint's path."""
-    device = resolve_device(cfg.device)
+    """Train `cfg`'s cell to cfg.train.tasks tasks (resuming if possible). Returns the best checkpoint's path.
+
+    Under torchrun every rank runs this function; see fsl.distributed for who does what."""
+    device = distributed.setup(cfg.device)
+    world, main = distributed.world_size(), distributed.is_main()
+    local_batch = distributed.tasks_per_rank(cfg.train.meta_batch)
+    meta_lr_at(cfg, 0)  # rejects an unknown schedule before any work
+    if world > 1 and cfg.train.tasks % cfg.train.meta_batch:
+        raise ConfigError(f"train.tasks={cfg.train.tasks} is not a multiple of train.meta_batch="
+                          f"{cfg.train.meta_batch}; with several processes every outer step must be a full "
+                          f"meta-batch. Fix: train.tasks={cfg.train.tasks // cfg.train.meta_batch * cfg.train.meta_batch}")
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = cfg.tf32
         torch.backends.cudnn.benchmark = cfg.cudnn_benchmark
     run_dir = cfg.run_dir
-    run_dir.mkdir(parents=True, exist_ok=True)
     latest, best, log_path = run_dir / "latest.pth", run_dir / "best_accuracy_mean.pth", run_dir / "log.csv"
-    print(f"cell {cfg.cell} on {device}; resolved config:\n{dump_yaml(cfg)}", flush=True)
-    write_text_atomic(run_dir / "config.yaml", dump_yaml(cfg))
+    if main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        processes = f" x {world} processes ({local_batch} tasks of each meta-batch per process)" if world > 1 else ""
+        print(f"cell {cfg.cell} on {device}{processes}; resolved config:\n{dump_yaml(cfg)}", flush=True)
+        write_text_atomic(run_dir / "config.yaml", dump_yaml(cfg))
 
     seed_everything(cfg.seed)
     model = build_model(cfg.model.arch, cfg.train.ways, cfg.data.image_size).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.train.meta_lr)
     state = {"tasks_done": 0, "best_val_mean": -1.0, "best_val_tasks": 0, "window": [0.0, 0.0, 0]}
-    if latest.exists():
-        checkpoint = torch.load(latest, map_location=device, weights_only=False)
+    # rank 0 reads the checkpoint and sends it to the others: identical start on every rank, no shared disk needed
+    checkpoint = torch.load(latest, map_location="cpu", weights_only=False) if main and latest.exists() else None
+    checkpoint = distributed.broadcast_from_main(checkpoint)
+    if checkpoint is not None:
         model.load_state_dict(checkpoint["model"])
         optimizer.load_state_dict(checkpoint["optimizer"])
         set_rng_states(checkpoint["rng"])
         state = {key: checkpoint[key] for key in state}
-        truncate_log(log_path, state["tasks_done"])
-        print(f"resuming from {latest} at task {state['tasks_done']} (best validation "
-              f"{state['best_val_mean']:.2f}% at task {state['best_val_tasks']})", flush=True)
+        if main:
+            truncate_log(log_path, state["tasks_done"])
+            print(f"resuming from {latest} at task {state['tasks_done']} (best validation "
+                  f"{state['best_val_mean']:.2f}% at task {state['best_val_tasks']})", flush=True)
+    elif world > 1:
+        model.load_state_dict(distributed.broadcast_from_main({k: v.cpu() for k, v in model.state_dict().items()}))
     if state["tasks_done"] >= cfg.train.tasks:
-        print(f"training already finished ({state['tasks_done']} tasks); best checkpoint: {best}")
+        if main:
+            print(f"training already finished ({state['tasks_done']} tasks); best checkpoint: {best}")
         return best
 
     train_set = cell_split(cfg, "train",
-                           (train_transform if cfg.data.train_augment else eval_transform)(cfg.data.image_size))
+                           (train_transform if cfg.data.train_augment else eval_transform)(cfg.data.image_size),
+                           deterministic=not cfg.data.train_augment)
     val_episodes = fixed_episodes(cfg, "val", cfg.train.val_episodes)
     train_episodes = EpisodeDataset(train_set, cfg.train.ways, cfg.train.shots, cfg.train.queries, seed=cfg.seed,
                                     start=state["tasks_done"], count=cfg.train.tasks - state["tasks_done"])
-    loader = episode_loader(train_episodes, cfg.train.meta_batch, cfg.data.workers, pin_memory=device.type == "cuda")
+    if world > 1:
+        train_episodes = RankShare(train_episodes, cfg.train.meta_batch, distributed.rank(), world)
+    loader = episode_loader(train_episodes, local_batch, cfg.data.workers, pin_memory=device.type == "cuda")
 
     def checkpoint_now(path: Path = latest) -> None:
-        save_checkpoint(path, model, optimizer, cfg, state)
+        if main:
+            save_checkpoint(path, model, optimizer, cfg, state)
 
     progress = tqdm(total=cfg.train.tasks, initial=state["tasks_done"], unit="task", desc=cfg.cell,
-                    dynamic_ncols=True, smoothing=0.05)
+                    dynamic_ncols=True, smoothing=0.05, disable=not main)
     window_start = time.time()
     with StopRequest() as stop:
         for batch in loader:
             episodes = batch.to(device).unbind()
+            step_tasks = len(episodes) * world
+            for group in optimizer.param_groups:
+                group["lr"] = meta_lr_at(cfg, state["tasks_done"])
             try:
                 loss, accuracy = meta_train_step(model, optimizer, episodes, cfg.maml.inner_steps,
                                                  cfg.maml.inner_lr, cfg.maml.first_order)
             except NonFiniteLossError as error:
                 raise TrainingError(
-                    f"{error} at tasks {state['tasks_done'] + 1}-{state['tasks_done'] + len(episodes)}; stopped "
+                    f"{error} at tasks {state['tasks_done'] + 1}-{state['tasks_done'] + step_tasks}; stopped "
                     f"without an optimizer step. {latest} is the last good checkpoint (not overwritten). Fix: "
                     f"lower train.meta_lr or maml.inner_lr, then rerun to resume.") from error
             except torch.cuda.OutOfMemoryError as error:
@@ -150,16 +185,17 @@ def run(cfg: Config) -> Path:
                     f"{not cfg.maml.first_order}). The meta-batch is already accumulated one task at a time, so "
                     f"the peak is one task's graph. Fix: maml.first_order=true (changes results), fewer "
                     f"train.queries, or a GPU with more memory. {latest} holds the last checkpoint.") from error
-            state["tasks_done"] += len(episodes)
+            state["tasks_done"] += step_tasks
             window = state["window"]
-            window[0] += loss * len(episodes)
-            window[1] += accuracy * len(episodes)
-            window[2] += len(episodes)
-            progress.update(len(episodes))
+            window[0] += loss * step_tasks
+            window[1] += accuracy * step_tasks
+            window[2] += step_tasks
+            progress.update(step_tasks)
             progress.set_postfix(loss=f"{loss:.3f}", acc=f"{accuracy:.1f}")
             done = state["tasks_done"]
+            stopping = distributed.any_rank(stop.signal is not None, device)
 
-            if crossed(done, len(episodes), cfg.train.log_every) or done == cfg.train.tasks:
+            if (crossed(done, step_tasks, cfg.train.log_every) or done == cfg.train.tasks) and main:
                 seconds = time.time() - window_start
                 append_log(log_path, {"cell": cfg.cell, "seed": cfg.seed, "tasks": done, "split": "train",
                                       "loss": window[0] / window[2], "accuracy": window[1] / window[2],
@@ -167,31 +203,34 @@ def run(cfg: Config) -> Path:
                                       "seconds": round(seconds, 2)})
                 state["window"], window_start = [0.0, 0.0, 0], time.time()
 
-            if crossed(done, len(episodes), cfg.train.val_every) or done == cfg.train.tasks:
+            if crossed(done, step_tasks, cfg.train.val_every) or done == cfg.train.tasks:
                 start = time.time()
                 accuracies = evaluate(model, val_episodes, cfg.maml.test_inner_steps, cfg.maml.inner_lr, device,
                                       workers=min(cfg.data.workers, 2))
                 mean = float(np.mean(accuracies))
-                append_log(log_path, {"cell": cfg.cell, "seed": cfg.seed, "tasks": done, "split": "val",
-                                      "loss": "", "accuracy": mean, "ci95": ci95(accuracies), "tasks_per_s": "",
-                                      "seconds": round(time.time() - start, 2)})
                 improved = mean > state["best_val_mean"]
                 if improved:
                     state["best_val_mean"], state["best_val_tasks"] = mean, done
                     checkpoint_now(best)
-                progress.write(f"task {done}: validation {mean:.2f} ± {ci95(accuracies):.2f}% "
-                               f"{'(best so far)' if improved else ''}")
                 checkpoint_now()
-                write_atomic(train_log_path(cfg), lambda tmp: shutil.copyfile(log_path, tmp))
+                if main:
+                    append_log(log_path, {"cell": cfg.cell, "seed": cfg.seed, "tasks": done, "split": "val",
+                                          "loss": "", "accuracy": mean, "ci95": ci95(accuracies),
+                                          "tasks_per_s": "", "seconds": round(time.time() - start, 2)})
+                    progress.write(f"task {done}: validation {mean:.2f} ± {ci95(accuracies):.2f}% "
+                                   f"{'(best so far)' if improved else ''}")
+                    write_atomic(train_log_path(cfg), lambda tmp: shutil.copyfile(log_path, tmp))
                 window_start += time.time() - start  # validation time does not count in training tasks/s
-            elif crossed(done, len(episodes), cfg.train.checkpoint_every) or stop.signal is not None:
+            elif crossed(done, step_tasks, cfg.train.checkpoint_every) or stopping:
                 checkpoint_now()
 
-            if stop.signal is not None:
+            if stopping:
                 progress.close()
-                raise KeyboardInterrupt(f"stopped by signal {stop.signal} at task {done}; {latest} written, "
+                cause = f"signal {stop.signal}" if stop.signal else "a signal to another process"
+                raise KeyboardInterrupt(f"stopped by {cause} at task {done}; {latest} written, "
                                         f"rerun the same command to resume")
     progress.close()
-    print(f"finished {state['tasks_done']} tasks; best validation {state['best_val_mean']:.2f}% at task "
-          f"{state['best_val_tasks']}: {best}")
+    if main:
+        print(f"finished {state['tasks_done']} tasks; best validation {state['best_val_mean']:.2f}% at task "
+              f"{state['best_val_tasks']}: {best}")
     return best

@@ -69,3 +69,15 @@ def test_config_sha_ignores_paths_and_device_only():
     base = config_sha(load_config(path))
     assert config_sha(load_config(path, ["device=cpu", "data.root=/elsewhere", "work_dir=/w"])) == base
     assert config_sha(load_config(path, ["train.tasks=10"])) != base
+
+
+def test_meta_lr_schedules():
+    from fsl.train import meta_lr_at
+
+    path = REPO / "experiments/mini-imagenet-conv4-1shot.yaml"
+    constant = load_config(path, ["train.tasks=100", "train.meta_lr=0.004"])
+    assert [meta_lr_at(constant, t) for t in (0, 50, 99)] == [0.004] * 3
+    cosine = load_config(path, ["train.tasks=100", "train.meta_lr=0.004", "train.meta_lr_schedule=cosine"])
+    assert [meta_lr_at(cosine, t) for t in (0, 25, 50, 100)] == pytest.approx([0.004, 0.004 * 0.8535534, 0.002, 0])
+    with pytest.raises(ConfigError, match="choose constant or cosine"):
+        meta_lr_at(load_config(path, ["train.meta_lr_schedule=step"]), 0)

@@ -228,3 +228,13 @@ def test_prepare_rejects_html_instead_of_archive(tmp_path, monkeypatch):
     with pytest.raises(DatasetError, match="HTML page instead of CUB_200_2011.tgz"):
         prepare.prepare("cub", tmp_path / "cub")
     assert not list((tmp_path / "cub").glob("*.tgz*"))
+
+
+def test_cached_images_are_the_transformed_images():
+    root = fixture_root("mini-imagenet")
+    plain = load_split("mini-imagenet", root, "test", eval_transform(28))
+    cached = load_split("mini-imagenet", root, "test", eval_transform(28))
+    cached.cache_transformed()
+    for index in (0, 7, 0, 7):  # second visit comes from the cache
+        assert torch.equal(cached[index][0], plain[index][0]) and cached[index][1] == plain[index][1]
+    assert sorted(cached.cache) == [0, 7]

@@ -41,6 +41,12 @@ class SplitDataset(Dataset):
 
     def __init__(self, transform: Callable | None = None):
         self.transform = transform
+        self.cache: dict | None = None  # index -> transformed image, once `cache_transformed()` is called
+
+    def cache_transformed(self) -> None:
+        """Keep every transformed image after its first load (each DataLoader worker keeps its own copy). Only
+        correct for a deterministic transform; worth it for small images seen many times (the glyphs demo)."""
+        self.cache = {}
 
     def load_image(self, index: int) -> Image.Image:
         raise NotImplementedError
@@ -52,8 +58,13 @@ class SplitDataset(Dataset):
         return len(self.labels)
 
     def __getitem__(self, index: int):
+        if self.cache is not None and index in self.cache:
+            return self.cache[index], self.labels[index]
         image = self.load_image(index)
-        return (self.transform(image) if self.transform else image), self.labels[index]
+        image = self.transform(image) if self.transform else image
+        if self.cache is not None:
+            self.cache[index] = image
+        return image, self.labels[index]
 
     @property
     def num_classes(self) -> int:
