@@ -22,6 +22,7 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
+from fsl.data.transforms import MEAN_255, STD_255
 from fsl.episodes import Episode
 from fsl.maml import evaluate_episode, meta_train_step
 from fsl.models import FewShotClassifier, conv4_features, init_weights
@@ -43,8 +44,8 @@ if cfg["size"] != 28:
     x = F.interpolate(x, size=(resized, resized), mode="bilinear", antialias=True, align_corners=False)
 crop = (x.shape[-1] - cfg["size"]) // 2
 x = x[..., crop:crop + cfg["size"], crop:crop + cfg["size"]]
-mean = torch.tensor([123.675, 116.28, 103.53]).view(1, 3, 1, 1)
-std = torch.tensor([58.395, 57.12, 57.375]).view(1, 3, 1, 1)
+mean = torch.tensor(MEAN_255).view(1, 3, 1, 1)
+std = torch.tensor(STD_255).view(1, 3, 1, 1)
 x = ((x.expand(-1, 3, -1, -1) - mean) / std).contiguous().to(device)
 by_split = {s: [np.flatnonzero(labels == c) for c in classes[classes.split == s]["class"]]
             for s in ("train", "val", "test")}

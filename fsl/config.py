@@ -212,6 +212,9 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
     return cfg
 
 
+META_LR_SCHEDULES = ("constant", "cosine")  # see fsl.train.meta_lr_at
+
+
 def validate(cfg: Config) -> None:
     from fsl.data import READERS  # local import: config stays importable without torch
     from fsl.models import BACKBONES
@@ -226,6 +229,9 @@ def validate(cfg: Config) -> None:
         section, name = key.split(".")
         if getattr(getattr(cfg, section), name) < 1:
             raise ConfigError(f"{key} must be >= 1, got {getattr(getattr(cfg, section), name)}")
+    if cfg.train.meta_lr_schedule not in META_LR_SCHEDULES:
+        raise ConfigError(f"train.meta_lr_schedule={cfg.train.meta_lr_schedule!r}; choose "
+                          f"{' or '.join(META_LR_SCHEDULES)}")
     if cfg.train.ways != cfg.test.ways:
         raise ConfigError(f"train.ways={cfg.train.ways} and test.ways={cfg.test.ways} must match: "
                           f"the head has one row per way")

@@ -131,8 +131,7 @@ def test_torchrun_two_processes_train_and_test_like_one(tmp_path):
 
 def test_crashed_rank_stops_all_and_resume_continues(tmp_path):
     root = fixture_root("mini-imagenet")
-    crash = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-             str(REPO / "tests/helpers/crash_one_rank.py"), "1", "3"]
+    crash = TORCHRUN + [str(REPO / "tests/helpers/crash_one_rank.py"), "1", "3"]
     result = run(crash + ["train", CONFIG, "train.tasks=16"] + tiny(root, tmp_path), timeout=300)
     assert result.returncode != 0
     assert "process 1 of a torchrun job" in result.stderr and "injected failure on rank 1 at step 3" in result.stderr
