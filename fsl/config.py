@@ -45,6 +45,8 @@ class MAMLConfig:
     inner_steps: int = 2            # inner SGD steps during meta-training
     test_inner_steps: int = 5       # inner SGD steps at validation and test
     first_order: bool = False       # first-order MAML (no back-propagation through the inner loop)
+    zero_head: bool = False         # zeroing trick (Kao et al., ICLR 2022): the linear head is zero at the start of
+                                    # every adaptation and is not meta-learned; false: the protocol's learned head
 
 
 @dataclass

@@ -26,10 +26,11 @@ def run(overrides: list[str] | None = None) -> dict:
     device = resolve_device(cfg.device)
 
     seed_everything(cfg.seed)
-    untrained = build_model(cfg.model.arch, cfg.test.ways, cfg.data.image_size).to(device)
+    untrained = build_model(cfg.model.arch, cfg.test.ways, cfg.data.image_size, cfg.maml.zero_head).to(device)
     test_episodes = evaluate.fixed_episodes(cfg, "test", cfg.test.episodes)
     untrained_acc = evaluate.evaluate(untrained, test_episodes, cfg.maml.test_inner_steps, cfg.maml.inner_lr,
-                                      device, workers=cfg.data.workers, progress="untrained init")
+                                      device, workers=cfg.data.workers, progress="untrained init",
+                                      zero_head=cfg.maml.zero_head)
     write_csv_atomic(pd.DataFrame({"episode": range(len(untrained_acc)), "accuracy": untrained_acc}),
                      f"{cfg.results_dir}/{cfg.cell}/untrained_test_episodes.csv")
 

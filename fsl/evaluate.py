@@ -51,7 +51,7 @@ def fixed_episodes(cfg: Config, split: str, count: int) -> EpisodeDataset:
 
 
 def evaluate(model: nn.Module, episodes: Dataset, steps: int, inner_lr: float, device: torch.device,
-             workers: int = 0, progress: str | None = None) -> np.ndarray:
+             workers: int = 0, progress: str | None = None, zero_head: bool = False) -> np.ndarray:
     """Per-episode query accuracy (%) of `model` adapted with `steps` SGD steps on each episode, in episode order.
 
     Under torchrun the episodes are dealt out round-robin across the processes (all of them must call this) and
@@ -63,7 +63,7 @@ def evaluate(model: nn.Module, episodes: Dataset, steps: int, inner_lr: float, d
     for batch in tqdm(loader, total=len(share), desc=progress, unit="ep", leave=False,
                       disable=progress is None or not distributed.is_main()):
         (episode,) = batch.unbind()
-        accuracies.append(evaluate_episode(model, episode.to(device), steps, inner_lr))
+        accuracies.append(evaluate_episode(model, episode.to(device), steps, inner_lr, zero_head))
     return np.asarray(distributed.gather_shares(accuracies, len(episodes)), dtype=np.float64)
 
 
@@ -80,6 +80,10 @@ def load_checkpoint_model(path: str | Path, cfg: Config, device: torch.device) -
         raise ValueError(f"{path} holds a {trained.model.arch} for {trained.test.ways} ways at "
                          f"{trained.data.image_size}px, but the config asks for {cfg.model.arch}, {cfg.test.ways} "
                          f"ways, {cfg.data.image_size}px")
+    if trained.maml.zero_head != cfg.maml.zero_head:
+        raise ValueError(f"{path} was trained with maml.zero_head={str(trained.maml.zero_head).lower()}, but the "
+                         f"config says {str(cfg.maml.zero_head).lower()}; fix: test with "
+                         f"maml.zero_head={str(trained.maml.zero_head).lower()}")
     model = build_model(cfg.model.arch, cfg.test.ways, cfg.data.image_size).to(device)
     model.load_state_dict(checkpoint["model"])
     return model, checkpoint
@@ -93,7 +97,7 @@ def run(cfg: Config, checkpoint_path: str | Path, config_path: str | Path | None
     episodes = fixed_episodes(cfg, "test", cfg.test.episodes)
     start = time.time()
     accuracies = evaluate(model, episodes, cfg.maml.test_inner_steps, cfg.maml.inner_lr, device,
-                          workers=cfg.data.workers, progress=f"test {cfg.cell}")
+                          workers=cfg.data.workers, progress=f"test {cfg.cell}", zero_head=cfg.maml.zero_head)
     mean, half_width = float(accuracies.mean()), ci95(accuracies)
     reference = REFERENCE.get((cfg.data.dataset, cfg.model.arch, cfg.test.shots), (None, None))
     row = {

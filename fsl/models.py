@@ -89,8 +89,10 @@ def init_weights(model: nn.Module) -> None:
             nn.init.zeros_(module.bias)
 
 
-def build_model(arch: str, ways: int, image_size: int = 84) -> FewShotClassifier:
-    """Backbone `arch` with a `ways`-way linear head sized for `image_size` x `image_size` RGB inputs."""
+def build_model(arch: str, ways: int, image_size: int = 84, zero_head: bool = False) -> FewShotClassifier:
+    """Backbone `arch` with a `ways`-way linear head sized for `image_size` x `image_size` RGB inputs.
+    `zero_head`: the head's weight and bias start at zero (`maml.zero_head`; fsl.maml.meta_parameters then leaves
+    them out of the meta-optimizer, so every adaptation starts from a zero head)."""
     if arch not in BACKBONES:
         raise ValueError(f"unknown arch {arch!r}; choose one of {sorted(BACKBONES)}")
     features = BACKBONES[arch]()
@@ -98,6 +100,9 @@ def build_model(arch: str, ways: int, image_size: int = 84) -> FewShotClassifier
         feature_dim = features(torch.zeros(2, 3, image_size, image_size)).flatten(1).shape[1]
     model = FewShotClassifier(features, feature_dim, ways)
     init_weights(model)
+    if zero_head:
+        nn.init.zeros_(model.classifier.weight)
+        nn.init.zeros_(model.classifier.bias)
     return model
 
 

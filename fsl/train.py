@@ -26,7 +26,7 @@ from fsl.config import Config, ConfigError, dump_yaml, to_dict
 from fsl.data.transforms import eval_transform, train_transform
 from fsl.episodes import EpisodeDataset, RankShare, episode_loader
 from fsl.evaluate import cell_split, ci95, evaluate, fixed_episodes
-from fsl.maml import NonFiniteLossError, meta_train_step
+from fsl.maml import NonFiniteLossError, meta_parameters, meta_train_step
 from fsl.models import build_model
 from fsl.results import train_log_path
 from fsl.utils import rng_states, seed_everything, set_rng_states, write_atomic, write_text_atomic
@@ -124,8 +124,8 @@ def run(cfg: Config) -> Path:
         write_text_atomic(run_dir / "config.yaml", dump_yaml(cfg))
 
     seed_everything(cfg.seed)
-    model = build_model(cfg.model.arch, cfg.train.ways, cfg.data.image_size).to(device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.train.meta_lr)
+    model = build_model(cfg.model.arch, cfg.train.ways, cfg.data.image_size, cfg.maml.zero_head).to(device)
+    optimizer = torch.optim.Adam(meta_parameters(model, cfg.maml.zero_head), lr=cfg.train.meta_lr)
     state = {"tasks_done": 0, "best_val_mean": -1.0, "best_val_tasks": 0, "window": [0.0, 0.0, 0]}
     # rank 0 reads the checkpoint and sends it to the others: identical start on every rank, no shared disk needed
     checkpoint = torch.load(latest, map_location="cpu", weights_only=False) if main and latest.exists() else None
@@ -171,7 +171,7 @@ def run(cfg: Config) -> Path:
                 group["lr"] = meta_lr_at(cfg, state["tasks_done"])
             try:
                 loss, accuracy = meta_train_step(model, optimizer, episodes, cfg.maml.inner_steps,
-                                                 cfg.maml.inner_lr, cfg.maml.first_order)
+                                                 cfg.maml.inner_lr, cfg.maml.first_order, cfg.maml.zero_head)
             except NonFiniteLossError as error:
                 raise TrainingError(
                     f"{error} at tasks {state['tasks_done'] + 1}-{state['tasks_done'] + step_tasks}; stopped "
@@ -204,7 +204,7 @@ def run(cfg: Config) -> Path:
             if crossed(done, step_tasks, cfg.train.val_every) or done == cfg.train.tasks:
                 start = time.time()
                 accuracies = evaluate(model, val_episodes, cfg.maml.test_inner_steps, cfg.maml.inner_lr, device,
-                                      workers=min(cfg.data.workers, 2))
+                                      workers=min(cfg.data.workers, 2), zero_head=cfg.maml.zero_head)
                 mean = float(np.mean(accuracies))
                 improved = mean > state["best_val_mean"]
                 if improved:

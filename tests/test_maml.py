@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch.func import functional_call
 
 from fsl.episodes import Episode
-from fsl.maml import check_meta_gradients, evaluate_episode, meta_train_step, task_meta_gradient
+from fsl.maml import adapt, check_meta_gradients, evaluate_episode, meta_parameters, meta_train_step, task_meta_gradient
 from fsl.models import build_model
 
 
@@ -136,3 +136,51 @@ def test_missing_meta_gradient_is_an_error():
     model = build_model("conv4", ways=3, image_size=16)
     with pytest.raises(RuntimeError, match="without a gradient"):
         check_meta_gradients(model)
+
+
+def test_zero_head_adapts_to_the_closed_form_head_and_stays_zero_under_meta_training():
+    """Zeroing trick: with a zero head the first inner step leaves the backbone unchanged (d loss / d features =
+    W^T (p - y) = 0) and moves the head to lr/N (Y - 1/ways)^T [features, 1]; meta-training never moves the head."""
+    torch.manual_seed(0)
+    ways, lr = 3, 0.4
+    model = build_model("conv4", ways=ways, image_size=16, zero_head=True).double()
+    assert {id(p) for p in meta_parameters(model, zero_head=True)} == \
+        {id(p) for p in model.features.parameters()}
+    episode = make_episode(ways=ways, shots=2)
+    fmodel = adapt(model, episode.support_x, episode.support_y, steps=1, inner_lr=lr)
+    fast = dict(zip([name for name, _ in model.named_parameters()], fmodel.fast_params))
+    for name, p in model.features.named_parameters():
+        torch.testing.assert_close(fast[f"features.{name}"], p, rtol=0, atol=0)
+    with torch.no_grad():
+        features = model.features(episode.support_x).flatten(1)                    # (N, D)
+        residual = F.one_hot(episode.support_y, ways).double() - 1 / ways          # y - softmax(0)
+        expected_weight = lr / len(features) * residual.T @ features               # (ways, D)
+    torch.testing.assert_close(fast["classifier.weight"], expected_weight, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(fast["classifier.bias"], torch.zeros(ways, dtype=torch.float64), rtol=0, atol=1e-15)
+
+    backbone_before = [p.detach().clone() for p in model.features.parameters()]
+    optimizer = torch.optim.Adam(meta_parameters(model, zero_head=True), lr=1e-3)
+    for _ in range(2):
+        meta_train_step(model, optimizer, [episode], inner_steps=1, inner_lr=lr)
+    assert model.classifier.weight.abs().max() == 0 and model.classifier.bias.abs().max() == 0
+    moved = max((p - b).abs().max().item() for p, b in zip(model.features.parameters(), backbone_before))
+    assert moved > 1e-4
+
+
+@pytest.mark.parametrize("steps,first_order", [(1, False), (2, False), (2, True)])
+def test_zero_head_shortcut_gives_the_full_inner_loop_backbone_meta_gradient(steps, first_order):
+    """adapt(zero_head=True) skips the backbone in the first step; the backbone meta-gradient must not change."""
+    torch.manual_seed(0)
+    model = build_model("conv4", ways=3, image_size=16, zero_head=True).double()
+    episode = make_episode(ways=3, shots=2)
+    gradients = []
+    for shortcut in (False, True):
+        model.zero_grad(set_to_none=True)
+        task_meta_gradient(model, episode, steps, inner_lr=0.4, first_order=first_order, zero_head=shortcut)
+        gradients.append(torch.cat([p.grad.flatten() for p in model.features.parameters()]))
+    full, shortcut = gradients
+    error = ((full - shortcut).norm() / full.norm()).item()
+    print(f"\nsteps={steps} first_order={first_order}: backbone meta-gradient relative difference {error:.1e}")
+    assert full.norm() > 0 and error <= 1e-12
+    accuracies = [evaluate_episode(model, episode, steps=5, inner_lr=0.4, zero_head=z) for z in (False, True)]
+    assert accuracies[0] == accuracies[1]

@@ -123,3 +123,14 @@ def test_checkpoint_for_another_arch_is_refused(tmp_path):
                                                                                   tmp_path))
     with pytest.raises(ValueError, match="holds a conv4"):
         evaluate.run(other, cfg.run_dir / "best_accuracy_mean.pth")
+
+
+def test_zero_head_training_keeps_the_head_at_zero_and_testing_must_agree(tmp_path):
+    cfg = load_config(CONFIG, tiny(fixture_root("mini-imagenet"), tmp_path, "train.tasks=4", "train.val_every=4",
+                                   "maml.zero_head=true", "maml.inner_steps=1"))
+    checkpoint = torch.load(train.run(cfg), map_location="cpu", weights_only=False)["model"]
+    assert checkpoint["classifier.weight"].abs().max() == 0 and checkpoint["classifier.bias"].abs().max() == 0
+    assert evaluate.run(cfg, cfg.run_dir / "best_accuracy_mean.pth")["episodes"] == 5
+    protocol = load_config(CONFIG, tiny(fixture_root("mini-imagenet"), tmp_path))
+    with pytest.raises(ValueError, match="trained with maml.zero_head=true.*fix: test with maml.zero_head=true"):
+        evaluate.run(protocol, cfg.run_dir / "best_accuracy_mean.pth")
