@@ -35,7 +35,8 @@ def adapt(model: nn.Module, support_x: torch.Tensor, support_y: torch.Tensor, st
     backbone is exactly zero, and so is its derivative w.r.t. the backbone (every term carries the zero head:
     d loss / d features = W^T (softmax - onehot)), so the first step updates the head alone: the same fast weights
     and the same backbone meta-gradient without differentiating through the backbone twice (~1.4x faster meta-
-    training at one inner step; tests/test_maml.py checks both).
+    training at one inner step; tests/test_maml.py checks both). Only the head's own meta-gradient changes, and the
+    head is not meta-learned.
     """
     fmodel = higher.monkeypatch(model, copy_initial_weights=False, track_higher_grads=not first_order)
     inner_optimizer = higher.optim.DifferentiableSGD(torch.optim.SGD(model.parameters(), lr=inner_lr),
