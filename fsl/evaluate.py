@@ -81,9 +81,9 @@ def load_checkpoint_model(path: str | Path, cfg: Config, device: torch.device) -
                          f"{trained.data.image_size}px, but the config asks for {cfg.model.arch}, {cfg.test.ways} "
                          f"ways, {cfg.data.image_size}px")
     if trained.maml.zero_head != cfg.maml.zero_head:
-        raise ValueError(f"{path} was trained with maml.zero_head={str(trained.maml.zero_head).lower()}, but the "
-                         f"config says {str(cfg.maml.zero_head).lower()}; fix: test with "
-                         f"maml.zero_head={str(trained.maml.zero_head).lower()}")
+        trained_with = f"maml.zero_head={str(trained.maml.zero_head).lower()}"
+        raise ValueError(f"{path} was trained with {trained_with}, but the config says "
+                         f"{str(cfg.maml.zero_head).lower()}; fix: test with {trained_with}")
     model = build_model(cfg.model.arch, cfg.test.ways, cfg.data.image_size).to(device)
     model.load_state_dict(checkpoint["model"])
     return model, checkpoint

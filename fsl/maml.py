@@ -51,6 +51,11 @@ def adapt(model: nn.Module, support_x: torch.Tensor, support_y: torch.Tensor, st
     return fmodel
 
 
+def is_head(name: str) -> bool:
+    """Whether parameter `name` belongs to the linear head (`FewShotClassifier.classifier`)."""
+    return name.startswith("classifier.")
+
+
 def head_step(model: nn.Module, fmodel: higher.patch._MonkeyPatchBase, loss: torch.Tensor, inner_lr: float,
               first_order: bool) -> None:
     """One SGD step of the linear head's fast weights; the backbone's keep their values.
@@ -58,11 +63,11 @@ def head_step(model: nn.Module, fmodel: higher.patch._MonkeyPatchBase, loss: tor
     Every fast weight becomes a new tensor, as after a full step: the backbone's are views of the old ones (or
     detached leaves, first order), so that later steps' gradients w.r.t. them count only their direct use and not
     the path through the new head, which depends on the old backbone weights."""
-    is_head = [name.startswith("classifier.") for name, _ in model.named_parameters()]
+    heads = [is_head(name) for name, _ in model.named_parameters()]
     fast = list(fmodel.fast_params)
-    grads = iter(torch.autograd.grad(loss, [p for p, head in zip(fast, is_head) if head],
+    grads = iter(torch.autograd.grad(loss, [p for p, head in zip(fast, heads) if head],
                                      create_graph=not first_order))
-    fast = [p - inner_lr * next(grads) if head else p.view_as(p) for p, head in zip(fast, is_head)]
+    fast = [p - inner_lr * next(grads) if head else p.view_as(p) for p, head in zip(fast, heads)]
     fmodel.update_params([p.detach().requires_grad_() for p in fast] if first_order else fast)
 
 
@@ -96,8 +101,7 @@ def meta_parameters(model: nn.Module, zero_head: bool = False) -> list[nn.Parame
     ICLR 2022, "MAML is a noisy contrastive learner": the head stays at zero, so every adaptation starts from
     logits that ignore the order of the labels; with one inner step only the head adapts, to a prototype-like
     classifier). The inner loop adapts every parameter either way."""
-    head = {id(p) for p in model.classifier.parameters()} if zero_head else set()
-    return [p for p in model.parameters() if id(p) not in head]
+    return [p for name, p in model.named_parameters() if not (zero_head and is_head(name))]
 
 
 def check_meta_gradients(model: nn.Module) -> None:
