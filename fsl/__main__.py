@@ -5,7 +5,7 @@ import argparse
 import json
 import sys
 
-from fsl.config import ConfigError, config_files, config_sha, load_config
+from fsl.config import ConfigError, load_config
 from fsl.data.base import DatasetError
 
 
@@ -35,7 +35,7 @@ def main(argv: list[str] | None = None) -> int:
     demo = commands.add_parser("demo", help="train, test and tabulate the glyphs 5-way 1-shot cell")
     demo.add_argument("overrides", nargs="*")
 
-    done = commands.add_parser("done", help="exit 0 if summary.csv holds this cell's result for this config")
+    done = commands.add_parser("done", help="exit 0 if summary.csv holds this run's comparable result for this config")
     done.add_argument("config")
     done.add_argument("overrides", nargs="*")
 
@@ -82,11 +82,8 @@ def run_command(args: argparse.Namespace) -> int:
         from fsl import demo
         demo.run(args.overrides)
     elif args.command == "done":
-        from fsl.results import is_done
-        from fsl.utils import git_commit
-        cfg = load_config(args.config, args.overrides)
-        return 0 if is_done(cfg.results_dir, cfg.cell, cfg.quick, config_sha(cfg),
-                            git_commit(*config_files(args.config))) else 1
+        from fsl.provenance import is_done
+        return 0 if is_done(load_config(args.config, args.overrides)) else 1
     return 0
 
 

@@ -82,7 +82,8 @@ class Config:
     test: TestConfig = field(default_factory=TestConfig)
     seed: int = 0                   # seed of initialisation and training episodes
     device: str = "auto"            # auto (cuda if available) | cpu | cuda | cuda:N
-    tf32: bool = False              # allow TF32 matmuls/convolutions on Ampere+ GPUs (faster, ~1e-3 rel. error)
+    precision: str = "fp32"         # fp32 (IEEE float32 everywhere) | tf32 (CUDA Ampere+: TF32 convolutions and
+                                    # matmuls) | bf16 (autocast to bfloat16); see fsl.precision
     cudnn_benchmark: bool = False   # let cuDNN autotune convolution algorithms (faster, not bit-reproducible)
     work_dir: str = "work_dirs"     # checkpoints and logs go to <work_dir>/<cell>
     results_dir: str = "results"    # test CSVs and summary.csv
@@ -93,8 +94,18 @@ class Config:
         return f"{self.data.dataset}-{self.model.arch}-{self.test.shots}shot"
 
     @property
+    def run_name(self) -> str:
+        """The run's id: work-dir name and summary.csv key, `cell` plus `run_tag`."""
+        return self.cell + self.run_tag
+
+    @property
+    def run_tag(self) -> str:
+        """What sets this run apart from the cell's default run: '-quick' for quick runs, else ''."""
+        return "-quick" if self.quick else ""
+
+    @property
     def run_dir(self) -> Path:
-        return Path(self.work_dir) / (self.cell + ("-quick" if self.quick else ""))
+        return Path(self.work_dir) / self.run_name
 
     @property
     def data_root(self) -> Path:
@@ -215,6 +226,7 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
 
 
 META_LR_SCHEDULES = ("constant", "cosine")  # see fsl.train.meta_lr_at
+PRECISIONS = ("fp32", "tf32", "bf16")       # see fsl.precision
 
 
 def validate(cfg: Config) -> None:
@@ -234,6 +246,8 @@ def validate(cfg: Config) -> None:
     if cfg.train.meta_lr_schedule not in META_LR_SCHEDULES:
         raise ConfigError(f"train.meta_lr_schedule={cfg.train.meta_lr_schedule!r}; choose "
                           f"{' or '.join(META_LR_SCHEDULES)}")
+    if cfg.precision not in PRECISIONS:
+        raise ConfigError(f"precision={cfg.precision!r}; choose one of {', '.join(PRECISIONS)}")
     if cfg.train.ways != cfg.test.ways:
         raise ConfigError(f"train.ways={cfg.train.ways} and test.ways={cfg.test.ways} must match: "
                           f"the head has one row per way")
@@ -244,8 +258,11 @@ def to_dict(cfg: Config) -> dict:
 
 
 def from_dict(tree: dict) -> Config:
+    """The Config a checkpoint stored (`to_dict`); keys of older fsl versions are translated."""
     cfg = Config()
     for key, value in _flatten(tree).items():
+        if key == "tf32":  # before `precision`: a bool
+            key, value = "precision", "tf32" if value else "fp32"
         set_key(cfg, key, value)
     return cfg
 
@@ -261,12 +278,12 @@ def config_files(config_path: str | Path) -> list[Path]:
     return [config_path] + ([config_path.parent / base] if base else [])
 
 
-def config_sha(cfg: Config) -> str:
-    """Hash of every setting that can change the result (not paths, device or worker count)."""
-    tree = to_dict(cfg)
-    for key in ("device", "work_dir", "results_dir"):
-        tree.pop(key)
-    tree["data"].pop("root")
-    tree["data"].pop("workers")
-    tree["data"].pop("cache_images")
-    return hashlib.sha256(json.dumps(tree, sort_keys=True).encode()).hexdigest()[:12]
+def flat_dict(cfg: Config) -> dict[str, Any]:
+    """{dotted key: value} of every setting."""
+    return _flatten(to_dict(cfg))
+
+
+def settings_sha(cfg: Config, keys: list[str]) -> str:
+    """12-hex-digit hash of the values of `keys` (a stable identity for a set of settings)."""
+    flat = flat_dict(cfg)
+    return hashlib.sha256(json.dumps({k: flat[k] for k in sorted(keys)}).encode()).hexdigest()[:12]

@@ -7,13 +7,11 @@ from __future__ import annotations
 
 import time
 
-import pandas as pd
-
 from fsl import evaluate, report, train
 from fsl.config import load_config
 from fsl.data import glyphs
 from fsl.models import build_model
-from fsl.results import write_csv_atomic
+from fsl.results import cell_file, write_test_episodes
 from fsl.utils import resolve_device, seed_everything
 
 CONFIG = "experiments/glyphs-conv4-1shot.yaml"
@@ -31,14 +29,13 @@ def run(overrides: list[str] | None = None) -> dict:
     untrained_acc = evaluate.evaluate(untrained, test_episodes, cfg.maml.test_inner_steps, cfg.maml.inner_lr,
                                       device, workers=cfg.data.workers, progress="untrained init",
                                       zero_head=cfg.maml.zero_head)
-    write_csv_atomic(pd.DataFrame({"episode": range(len(untrained_acc)), "accuracy": untrained_acc}),
-                     f"{cfg.results_dir}/{cfg.cell}/untrained_test_episodes.csv")
+    write_test_episodes(cell_file(cfg, "untrained_test_episodes"), untrained_acc)
 
     best = train.run(cfg)
-    row = evaluate.run(cfg, best, CONFIG)
+    row = evaluate.run(cfg, best, CONFIG, episodes=test_episodes)
     written = report.run(cfg.results_dir)
     minutes = (time.time() - start) / 60
-    print(f"\ndemo finished in {minutes:.1f} min: {cfg.cell} test accuracy {row['mean_acc']:.2f} ± {row['ci95']:.2f} % "
+    print(f"\ndemo finished in {minutes:.1f} min: {cfg.run_name} test accuracy {row['mean_acc']:.2f} ± {row['ci95']:.2f} % "
           f"(5-way {cfg.test.shots}-shot, chance 20%); adapting the untrained initialisation gives "
           f"{untrained_acc.mean():.2f} ± {evaluate.ci95(untrained_acc):.2f} %")
     print("results:", f"{cfg.results_dir}/summary.csv", *[str(p) for p in written if "glyphs" in str(p)

@@ -16,15 +16,16 @@ from torch import nn
 from torch.utils.data import Dataset, Subset
 from tqdm import tqdm
 
-from fsl import distributed
-from fsl.config import Config, config_files, config_sha, from_dict
+from fsl import distributed, provenance
+from fsl.config import Config, config_files, from_dict
 from fsl.data import SplitDataset, load_split
 from fsl.data.transforms import eval_transform
 from fsl.episodes import EpisodeDataset, episode_loader
 from fsl.maml import evaluate_episode
 from fsl.models import build_model
+from fsl.precision import apply_precision, autocast, describe_precision
 from fsl.reference import REFERENCE
-from fsl.results import upsert_summary, write_test_episodes
+from fsl.results import test_episodes_path, upsert_summary, write_test_episodes
 from fsl.utils import git_commit
 
 
@@ -51,7 +52,8 @@ def fixed_episodes(cfg: Config, split: str, count: int) -> EpisodeDataset:
 
 
 def evaluate(model: nn.Module, episodes: Dataset, steps: int, inner_lr: float, device: torch.device,
-             workers: int = 0, progress: str | None = None, zero_head: bool = False) -> np.ndarray:
+             workers: int = 0, progress: str | None = None, zero_head: bool = False,
+             precision: str = "fp32") -> np.ndarray:
     """Per-episode query accuracy (%) of `model` adapted with `steps` SGD steps on each episode, in episode order.
 
     Under torchrun the episodes are dealt out round-robin across the processes (all of them must call this) and
@@ -63,63 +65,86 @@ def evaluate(model: nn.Module, episodes: Dataset, steps: int, inner_lr: float, d
     for batch in tqdm(loader, total=len(share), desc=progress, unit="ep", leave=False,
                       disable=progress is None or not distributed.is_main()):
         (episode,) = batch.unbind()
-        accuracies.append(evaluate_episode(model, episode.to(device), steps, inner_lr, zero_head))
+        with autocast(precision, device):
+            accuracies.append(evaluate_episode(model, episode.to(device), steps, inner_lr, zero_head))
     return np.asarray(distributed.gather_shares(accuracies, len(episodes)), dtype=np.float64)
 
 
-def load_checkpoint_model(path: str | Path, cfg: Config, device: torch.device) -> tuple[nn.Module, dict]:
-    """Build the cell's model and load the weights of a checkpoint written by `fsl train`."""
+def load_checkpoint(path: str | Path, device: torch.device) -> dict:
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"checkpoint not found: {path}\n  fix: train first with "
                                 f"`python -m fsl train <config>`, or pass the path of best_accuracy_mean.pth")
-    checkpoint = torch.load(path, map_location=device, weights_only=False)
+    return torch.load(path, map_location=device, weights_only=False)
+
+
+def load_checkpoint_model(path: str | Path, requested: Config, device: torch.device) -> tuple[nn.Module, dict, Config]:
+    """The model of a checkpoint written by `fsl train`, its checkpoint dict, and the config to test it with: the
+    checkpoint's own settings plus the test-time and run settings of `requested` (fsl.provenance.meta_test_config)."""
+    checkpoint = load_checkpoint(path, device)
     trained = from_dict(checkpoint["config"])
-    if (trained.model.arch, trained.test.ways, trained.data.image_size) != \
-            (cfg.model.arch, cfg.test.ways, cfg.data.image_size):
-        raise ValueError(f"{path} holds a {trained.model.arch} for {trained.test.ways} ways at "
-                         f"{trained.data.image_size}px, but the config asks for {cfg.model.arch}, {cfg.test.ways} "
-                         f"ways, {cfg.data.image_size}px")
-    if trained.maml.zero_head != cfg.maml.zero_head:
-        trained_with = f"maml.zero_head={str(trained.maml.zero_head).lower()}"
-        raise ValueError(f"{path} was trained with {trained_with}, but the config says "
-                         f"{str(cfg.maml.zero_head).lower()}; fix: test with {trained_with}")
-    model = build_model(cfg.model.arch, cfg.test.ways, cfg.data.image_size).to(device)
+    cfg = provenance.meta_test_config(trained, requested, path)
+    model = build_model(cfg.model.arch, cfg.test.ways, cfg.data.image_size, cfg.maml.zero_head).to(device)
     model.load_state_dict(checkpoint["model"])
-    return model, checkpoint
+    return model, checkpoint, cfg
 
 
-def run(cfg: Config, checkpoint_path: str | Path, config_path: str | Path | None = None) -> dict:
-    """Test `checkpoint_path` on `cfg.test.episodes` fixed test episodes; write the per-episode CSV and the
-    summary row. Returns the summary row."""
-    device = distributed.setup(cfg.device)
-    model, checkpoint = load_checkpoint_model(checkpoint_path, cfg, device)
-    episodes = fixed_episodes(cfg, "test", cfg.test.episodes)
+def trained_tasks(checkpoint_path: Path, checkpoint: dict) -> int:
+    """Tasks the run behind a checkpoint completed: latest.pth's count where it sits beside it (the best checkpoint
+    is written mid-run), else the checkpoint's own."""
+    latest = checkpoint_path.parent / "latest.pth"
+    if latest.exists() and latest.resolve() != checkpoint_path.resolve():
+        return int(torch.load(latest, map_location="cpu", weights_only=False)["tasks_done"])
+    return int(checkpoint["tasks_done"])
+
+
+def run(requested: Config, checkpoint_path: str | Path, config_path: str | Path | None = None,
+        episodes: EpisodeDataset | None = None) -> dict:
+    """Test `checkpoint_path` on the fixed test episodes; write the per-episode CSV and the summary row, which
+    records where the result came from (fsl.provenance). Returns the summary row.
+
+    The model-defining settings come from the checkpoint; `requested` may change only test-time and run settings.
+    `episodes`: the test episodes if the caller has built them already (they must be `fixed_episodes(cfg, "test",
+    cfg.test.episodes)`)."""
+    device = distributed.setup(requested.device)
+    checkpoint_path = Path(checkpoint_path)
+    model, checkpoint, cfg = load_checkpoint_model(checkpoint_path, requested, device)
+    trained = from_dict(checkpoint["config"])
+    apply_precision(cfg.precision, device, cfg.cudnn_benchmark)
+    episodes = episodes or fixed_episodes(cfg, "test", cfg.test.episodes)
     start = time.time()
     accuracies = evaluate(model, episodes, cfg.maml.test_inner_steps, cfg.maml.inner_lr, device,
-                          workers=cfg.data.workers, progress=f"test {cfg.cell}", zero_head=cfg.maml.zero_head)
+                          workers=cfg.data.workers, progress=f"test {cfg.run_name}", zero_head=cfg.maml.zero_head,
+                          precision=cfg.precision)
     mean, half_width = float(accuracies.mean()), ci95(accuracies)
+    train_tasks = trained_tasks(checkpoint_path, checkpoint)
+    comparable, why = provenance.comparability(trained, cfg, train_tasks, checkpoint["tasks_done"],
+                                               checkpoint["best_val_tasks"])
     reference = REFERENCE.get((cfg.data.dataset, cfg.model.arch, cfg.test.shots), (None, None))
     row = {
-        "cell": cfg.cell, "dataset": cfg.data.dataset, "arch": cfg.model.arch, "ways": cfg.test.ways,
-        "shots": cfg.test.shots, "image_size": cfg.data.image_size,
+        "run": cfg.run_name, "cell": cfg.cell, "dataset": cfg.data.dataset, "arch": cfg.model.arch,
+        "ways": cfg.test.ways, "shots": cfg.test.shots, "image_size": cfg.data.image_size,
         "train_batch": cfg.train.ways * (cfg.train.shots + cfg.train.queries),
-        "mean_acc": round(mean, 4), "ci95": round(half_width, 4),
-        "episodes": len(accuracies), "train_tasks": checkpoint.get("tasks_done"), "quick": cfg.quick,
-        "checkpoint": str(checkpoint_path), "seed": cfg.seed, "commit": git_commit(),
+        "mean_acc": round(mean, 4), "ci95": round(half_width, 4), "episodes": len(accuracies),
+        "train_tasks": train_tasks, "best_val_tasks": checkpoint["best_val_tasks"], "quick": cfg.quick,
+        "comparable": comparable, "not_comparable_why": why, "seed": cfg.seed,
+        "precision": describe_precision(trained.precision, device, trained.cudnn_benchmark),
+        "test_precision": describe_precision(cfg.precision, device, cfg.cudnn_benchmark),
+        "train_config_sha": provenance.train_sha(trained), "test_config_sha": provenance.meta_test_sha(cfg),
+        "tasks_per_s": checkpoint.get("tasks_per_s"), "peak_memory_mb": checkpoint.get("peak_memory_mb"),
+        "checkpoint": str(checkpoint_path), "commit": git_commit(),
         "config_commit": git_commit(*config_files(config_path)) if config_path else "unknown",
-        "config_sha": config_sha(cfg), "device": describe_device(device),
-        "seconds": round(time.time() - start, 1),
+        "device": describe_device(device), "seconds": round(time.time() - start, 1),
         "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "reference_mean": reference[0], "reference_ci95": reference[1],
     }
     if not distributed.is_main():
         return row
-    episodes_csv = write_test_episodes(cfg, accuracies)
+    episodes_csv = write_test_episodes(test_episodes_path(cfg), accuracies)
     upsert_summary(cfg.results_dir, row)
-    print(f"{cfg.cell}: {mean:.2f} ± {half_width:.2f} % over {len(accuracies)} test episodes"
-          f"{' (quick)' if cfg.quick else ''}\n  per-episode: {episodes_csv}\n  summary: "
-          f"{Path(cfg.results_dir) / 'summary.csv'}")
+    print(f"{cfg.run_name}: {mean:.2f} ± {half_width:.2f} % over {len(accuracies)} test episodes"
+          f"{'' if comparable else f' (not comparable to the reference: {why})'}\n  per-episode: {episodes_csv}\n"
+          f"  summary: {Path(cfg.results_dir) / 'summary.csv'}")
     return row
 
 

@@ -105,11 +105,18 @@ def meta_parameters(model: nn.Module, zero_head: bool = False) -> list[nn.Parame
 
 
 def check_meta_gradients(model: nn.Module) -> None:
-    """Every meta-parameter must have a finite gradient after the outer backward."""
-    missing = [name for name, p in model.named_parameters() if p.grad is None]
+    """Every meta-parameter must have a gradient after the outer backward, and every gradient must be finite
+    (NonFiniteLossError otherwise, before the optimizer step; one device sync for all of them)."""
+    named = list(model.named_parameters())
+    missing = [name for name, p in named if p.grad is None]
     if missing:
         raise RuntimeError(f"meta-parameters without a gradient after the outer backward: {missing[:5]} "
                            f"({len(missing)} in all); the inner loop lost the graph to the meta-parameters")
+    finite = torch.stack([p.grad.isfinite().all() for _, p in named]).tolist()
+    if not all(finite):
+        bad = [name for (name, _), ok in zip(named, finite) if not ok]
+        raise NonFiniteLossError(f"non-finite meta-gradient (NaN or inf) in {bad[:5]} ({len(bad)} parameter "
+                                 f"tensors in all)")
 
 
 def meta_train_step(model: nn.Module, meta_optimizer: torch.optim.Optimizer, episodes: list[Episode],

@@ -1,7 +1,19 @@
-"""Result files, written atomically: per-episode test CSVs and one `summary.csv` row per cell (and quick flag)."""
+"""Result files: one reader and one writer for every CSV that `fsl test`, `fsl train` and `make demo` produce.
+
+    results/summary.csv                       one row per run (work dir): mean ± ci95 and where it came from
+    results/<cell>/test_episodes[_quick].csv  per-episode test accuracy of the run
+    results/<cell>/train_log[_quick].csv      the tracked copy of <work_dir>/<run>/log.csv
+
+Each file has a declared schema (`Column`s: name, type, required or a default for files written before the column
+existed). Reading checks every value against it, so a malformed value stops with the file, line, column and the fix;
+columns a file lacks get their defaults; columns the schema does not know are kept as text. Writes are atomic.
+"""
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -9,54 +21,209 @@ import pandas as pd
 from fsl.config import Config
 from fsl.utils import write_atomic
 
-SUMMARY_COLUMNS = ["cell", "dataset", "arch", "ways", "shots", "image_size", "train_batch", "mean_acc", "ci95",
-                   "episodes", "train_tasks", "quick", "checkpoint", "seed", "commit", "config_commit", "config_sha", "device", "seconds",
-                   "finished_at", "reference_mean", "reference_ci95"]
+
+class ResultsError(RuntimeError):
+    """A results file is missing, empty or malformed; the message names the file, line and column and the fix."""
+
+
+@dataclass(frozen=True)
+class Column:
+    name: str
+    kind: type                 # int | float | bool | str
+    required: bool = False     # a file without this column is refused
+    default: Any = None        # value for files (or cells) that lack it; None = empty
+
+
+def _schema(*columns: Column) -> dict[str, Column]:
+    return {c.name: c for c in columns}
+
+
+SUMMARY = _schema(
+    Column("run", str),                           # work-dir name: cell [-variant] [-seedN] [-quick]; the row key
+    Column("cell", str, required=True),           # {dataset}-{arch}-{K}shot
+    Column("dataset", str, required=True),
+    Column("arch", str, required=True),
+    Column("ways", int, required=True),
+    Column("shots", int, required=True),
+    Column("variant", str, default="maml"),       # maml.variant of the run
+    Column("image_size", int, default=84),
+    Column("train_batch", int),                   # images per training episode: ways * (shots + queries)
+    Column("mean_acc", float, required=True),     # mean per-episode query accuracy, %
+    Column("ci95", float, required=True),         # 95% confidence half-width, % (MMFewShot's "std")
+    Column("episodes", int, required=True),       # test episodes
+    Column("train_tasks", int),                   # tasks the checkpoint was trained for
+    Column("best_val_tasks", int),                # task count of the validation-selected checkpoint
+    Column("quick", bool, default=False),
+    Column("comparable", bool, default=False),    # the full protocol of a reference cell (see fsl.provenance)
+    Column("not_comparable_why", str, default="written before fsl recorded provenance"),
+    Column("seed", int, default=0),
+    Column("precision", str, default="fp32"),     # numeric settings of meta-training (fsl.precision)
+    Column("test_precision", str, default="fp32"),  # ... and of this meta-test
+    Column("train_config_sha", str),              # hash of every setting that defines the trained model
+    Column("test_config_sha", str),               # hash of every setting that defines the test
+    Column("tasks_per_s", float),                 # meta-training speed over the whole run
+    Column("peak_memory_mb", float),              # peak GPU memory of meta-training (CUDA only)
+    Column("checkpoint", str),
+    Column("commit", str),                        # code commit of the test (+dirty: uncommitted changes)
+    Column("config_commit", str),                 # last commit of the cell's config files
+    Column("device", str),
+    Column("seconds", float),                     # wall time of the test
+    Column("finished_at", str),
+    Column("reference_mean", float),
+    Column("reference_ci95", float),
+)
+EPISODES = _schema(Column("episode", int, required=True), Column("accuracy", float, required=True))
+TRAIN_LOG = _schema(
+    Column("cell", str), Column("seed", int, default=0), Column("tasks", int, required=True),
+    Column("split", str, required=True), Column("loss", float), Column("accuracy", float, required=True),
+    Column("ci95", float), Column("tasks_per_s", float), Column("seconds", float),
+)
+SCHEMAS = {"summary": SUMMARY, "episodes": EPISODES, "train_log": TRAIN_LOG}
+PANDAS_TYPES = {int: "Int64", float: "float64", bool: "boolean", str: "object"}
+
+
+def _parse(text: str, kind: type) -> Any:
+    if kind is bool:
+        lowered = text.strip().lower()
+        if lowered in ("true", "1", "1.0"):
+            return True
+        if lowered in ("false", "0", "0.0"):
+            return False
+        raise ValueError(text)
+    if kind is int:
+        number = float(text)
+        if not number.is_integer():
+            raise ValueError(text)
+        return int(number)
+    if kind is float:
+        number = float(text)
+        if math.isnan(number):
+            return None
+        return number
+    return text
+
+
+def read_csv(path: str | Path, schema: dict[str, Column]) -> pd.DataFrame:
+    """Read a results CSV, checking it against `schema`. Missing optional columns get their defaults; every value is
+    converted to its column's type (nullable pandas dtypes: Int64, boolean, float64, object)."""
+    path = Path(path)
+    if not path.exists():
+        raise ResultsError(f"{path} not found")
+    try:
+        raw = pd.read_csv(path, dtype=str, keep_default_na=False)
+    except pd.errors.EmptyDataError as error:
+        raise ResultsError(f"{path} is empty\n  fix: delete it; `fsl test` writes it again") from error
+    except pd.errors.ParserError as error:
+        raise ResultsError(f"{path}: malformed CSV ({error})\n  fix: repair or delete the file") from error
+    missing = [c.name for c in schema.values() if c.required and c.name not in raw.columns]
+    if missing:
+        raise ResultsError(f"{path}: missing column(s) {missing}; found {list(raw.columns)}\n  fix: this is not a "
+                           f"file fsl wrote, or it was cut; rerun the command that writes it")
+    frame = pd.DataFrame(index=raw.index)
+    for column in schema.values():
+        values = []
+        texts = raw[column.name] if column.name in raw.columns else [""] * len(raw)
+        for line, text in enumerate(texts, start=2):
+            if text.strip() == "":
+                if column.required:
+                    raise ResultsError(f"{path}: line {line}, column '{column.name}' is empty but required\n  fix: "
+                                       f"delete line {line} and rerun the run that wrote it")
+                values.append(column.default)
+                continue
+            try:
+                values.append(_parse(text, column.kind))
+            except ValueError:
+                raise ResultsError(f"{path}: line {line}, column '{column.name}' is {text!r}, not a "
+                                   f"{column.kind.__name__}\n  fix: correct the value, or delete line {line} and "
+                                   f"rerun the run that wrote it") from None
+        frame[column.name] = pd.Series(values, index=raw.index, dtype=PANDAS_TYPES[column.kind])
+    for name in raw.columns:  # columns of a newer fsl: kept as they are
+        if name not in schema:
+            frame[name] = raw[name]
+    return frame
+
+
+def write_csv(frame: pd.DataFrame | list[dict], path: str | Path, schema: dict[str, Column]) -> Path:
+    """Write rows atomically, columns in schema order (then any others); every schema column is present."""
+    frame = pd.DataFrame(frame)
+    missing = [c.name for c in schema.values() if c.required and c.name not in frame.columns]
+    if missing:
+        raise ValueError(f"rows for {path} lack required column(s) {missing}")
+    columns = list(schema) + [c for c in frame.columns if c not in schema]
+    frame = frame.reindex(columns=columns)
+    write_atomic(path, lambda tmp: frame.to_csv(tmp, index=False))
+    return Path(path)
+
+
+# ---- summary.csv -----------------------------------------------------------------------------------------------
+
+def summary_path(results_dir: str | Path) -> Path:
+    return Path(results_dir) / "summary.csv"
+
+
+def read_summary(results_dir: str | Path, must_exist: bool = False) -> pd.DataFrame:
+    """Every row of `results_dir`/summary.csv (an empty frame with the schema's columns if there is none, unless
+    `must_exist`). Rows of files written before the `run` column get their cell (+ '-quick') as run."""
+    path = summary_path(results_dir)
+    if not path.exists() or path.stat().st_size == 0:
+        if must_exist:
+            if not Path(results_dir).is_dir():
+                raise ResultsError(f"results folder not found: {results_dir}\n  fix: run a cell first (e.g. "
+                                   f"`make demo`) or pass --results DIR")
+            raise ResultsError(f"{path} is missing or empty: no cell has been tested yet\n  fix: run "
+                               f"`python -m fsl test <config>` (or `make <cell>`) first")
+        return pd.DataFrame({c.name: pd.Series(dtype=PANDAS_TYPES[c.kind]) for c in SUMMARY.values()})
+    summary = read_csv(path, SUMMARY)
+    unnamed = summary["run"].isna()
+    summary.loc[unnamed, "run"] = summary.loc[unnamed, "cell"] + np.where(summary.loc[unnamed, "quick"], "-quick", "")
+    return summary
+
+
+def upsert_summary(results_dir: str | Path, row: dict) -> Path:
+    """Add `row` to summary.csv, replacing the row of the same run; rows sorted by quick flag, then run."""
+    summary = read_summary(results_dir)
+    summary = summary[summary["run"] != row["run"]]
+    rows = summary.astype(object).where(summary.notna(), None).to_dict("records") + [row]
+    rows.sort(key=lambda r: (bool(r.get("quick")), str(r["run"])))
+    return write_csv(rows, summary_path(results_dir), SUMMARY)
+
+
+def find_run(summary: pd.DataFrame, run: str) -> pd.Series | None:
+    match = summary[summary["run"] == run]
+    return None if match.empty else match.iloc[0]
+
+
+# ---- per-cell files ------------------------------------------------------------------------------------------
+
+def run_file(results_dir: str | Path, cell: str, run: str, stem: str) -> Path:
+    """results/<cell>/<stem><tag>.csv, where tag is what the run name adds to the cell, with '_' for '-'
+    (run 'cub-conv4-1shot-quick': test_episodes_quick.csv)."""
+    tag = run[len(cell):] if run.startswith(cell) else f"-{run}"
+    return Path(results_dir) / cell / f"{stem}{tag.replace('-', '_')}.csv"
+
+
+def cell_file(cfg: Config, stem: str) -> Path:
+    return run_file(cfg.results_dir, cfg.cell, cfg.run_name, stem)
 
 
 def test_episodes_path(cfg: Config) -> Path:
-    return Path(cfg.results_dir) / cfg.cell / ("test_episodes_quick.csv" if cfg.quick else "test_episodes.csv")
+    return cell_file(cfg, "test_episodes")
 
 
 def train_log_path(cfg: Config) -> Path:
     """The tracked copy of <run_dir>/log.csv that the learning-curve plots read."""
-    return Path(cfg.results_dir) / cfg.cell / ("train_log_quick.csv" if cfg.quick else "train_log.csv")
+    return cell_file(cfg, "train_log")
 
 
-def write_csv_atomic(frame: pd.DataFrame, path: str | Path) -> None:
-    write_atomic(path, lambda tmp: frame.to_csv(tmp, index=False))
+def write_test_episodes(path: str | Path, accuracies: np.ndarray) -> Path:
+    """Per-episode test accuracies (%), in episode order: columns episode, accuracy."""
+    return write_csv({"episode": np.arange(len(accuracies)), "accuracy": np.asarray(accuracies, np.float64)},
+                     path, EPISODES)
 
 
-def write_test_episodes(cfg: Config, accuracies: np.ndarray) -> Path:
-    """results/<cell>/test_episodes.csv: columns episode, accuracy (%)."""
-    path = test_episodes_path(cfg)
-    write_csv_atomic(pd.DataFrame({"episode": np.arange(len(accuracies)), "accuracy": accuracies}), path)
-    return path
+def read_test_episodes(path: str | Path) -> pd.DataFrame:
+    return read_csv(path, EPISODES)
 
 
-def read_summary(results_dir: str | Path) -> pd.DataFrame:
-    path = Path(results_dir) / "summary.csv"
-    if not path.exists() or path.stat().st_size == 0:
-        return pd.DataFrame(columns=SUMMARY_COLUMNS)
-    return pd.read_csv(path)
-
-
-def upsert_summary(results_dir: str | Path, row: dict) -> None:
-    """Add `row` to summary.csv, replacing the row of the same cell and quick flag."""
-    summary = read_summary(results_dir)
-    if len(summary):
-        keep = ~((summary["cell"] == row["cell"]) & (summary["quick"].astype(bool) == bool(row["quick"])))
-        summary = summary[keep]
-    summary = pd.concat([summary, pd.DataFrame([row])], ignore_index=True) if len(summary) else pd.DataFrame([row])
-    columns = SUMMARY_COLUMNS + [c for c in summary.columns if c not in SUMMARY_COLUMNS]
-    summary = summary.reindex(columns=columns).sort_values(["quick", "cell"], kind="stable")
-    write_csv_atomic(summary, Path(results_dir) / "summary.csv")
-
-
-def is_done(results_dir: str | Path, cell: str, quick: bool, sha: str, config_commit: str) -> bool:
-    """True if summary.csv holds a result of `cell` for this config hash and config commit."""
-    summary = read_summary(results_dir)
-    if not len(summary) or "+dirty" in config_commit:
-        return False
-    match = summary[(summary["cell"] == cell) & (summary["quick"].astype(bool) == quick)]
-    return bool(len(match)) and match.iloc[0]["config_sha"] == sha and match.iloc[0]["config_commit"] == config_commit
+def read_train_log(path: str | Path) -> pd.DataFrame:
+    return read_csv(path, TRAIN_LOG)

@@ -22,16 +22,18 @@ import torch
 from tqdm import tqdm
 
 from fsl import distributed
-from fsl.config import Config, ConfigError, dump_yaml, to_dict
+from fsl.config import Config, ConfigError, dump_yaml, from_dict, to_dict
 from fsl.data.transforms import eval_transform, train_transform
 from fsl.episodes import EpisodeDataset, RankShare, episode_loader
 from fsl.evaluate import cell_split, ci95, evaluate, fixed_episodes
 from fsl.maml import NonFiniteLossError, meta_parameters, meta_train_step
 from fsl.models import build_model
-from fsl.results import train_log_path
+from fsl.precision import apply_precision, autocast
+from fsl.provenance import check_resume
+from fsl.results import TRAIN_LOG, train_log_path
 from fsl.utils import rng_states, seed_everything, set_rng_states, write_atomic, write_text_atomic
 
-LOG_COLUMNS = ["cell", "seed", "tasks", "split", "loss", "accuracy", "ci95", "tasks_per_s", "seconds"]
+LOG_COLUMNS = list(TRAIN_LOG)
 
 
 class TrainingError(RuntimeError):
@@ -112,9 +114,7 @@ def run(cfg: Config) -> Path:
         raise ConfigError(f"train.tasks={cfg.train.tasks} is not a multiple of train.meta_batch="
                           f"{cfg.train.meta_batch}; with several processes every outer step must be a full "
                           f"meta-batch. Fix: train.tasks={cfg.train.tasks // cfg.train.meta_batch * cfg.train.meta_batch}")
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = cfg.tf32
-        torch.backends.cudnn.benchmark = cfg.cudnn_benchmark
+    apply_precision(cfg.precision, device, cfg.cudnn_benchmark)
     run_dir = cfg.run_dir
     latest, best, log_path = run_dir / "latest.pth", run_dir / "best_accuracy_mean.pth", run_dir / "log.csv"
     if main:
@@ -126,15 +126,17 @@ def run(cfg: Config) -> Path:
     seed_everything(cfg.seed)
     model = build_model(cfg.model.arch, cfg.train.ways, cfg.data.image_size, cfg.maml.zero_head).to(device)
     optimizer = torch.optim.Adam(meta_parameters(model, cfg.maml.zero_head), lr=cfg.train.meta_lr)
-    state = {"tasks_done": 0, "best_val_mean": -1.0, "best_val_tasks": 0, "window": [0.0, 0.0, 0]}
+    state = {"tasks_done": 0, "best_val_mean": -1.0, "best_val_tasks": 0, "window": [0.0, 0.0, 0],
+             "train_seconds": 0.0, "peak_memory_mb": None}
     # rank 0 reads the checkpoint and sends it to the others: identical start on every rank, no shared disk needed
     checkpoint = torch.load(latest, map_location="cpu", weights_only=False) if main and latest.exists() else None
     checkpoint = distributed.broadcast_from_main(checkpoint)
     if checkpoint is not None:
+        check_resume(from_dict(checkpoint["config"]), cfg, latest, checkpoint["tasks_done"])
         model.load_state_dict(checkpoint["model"])
         optimizer.load_state_dict(checkpoint["optimizer"])
         set_rng_states(checkpoint["rng"])
-        state = {key: checkpoint[key] for key in state}
+        state.update({key: checkpoint[key] for key in state if key in checkpoint})
         if main:
             truncate_log(log_path, state["tasks_done"])
             print(f"resuming from {latest} at task {state['tasks_done']} (best validation "
@@ -158,11 +160,15 @@ def run(cfg: Config) -> Path:
 
     def checkpoint_now(path: Path = latest) -> None:
         if main:
+            state["tasks_per_s"] = state["tasks_done"] / max(state["train_seconds"], 1e-9)
+            if device.type == "cuda":
+                peak = torch.cuda.max_memory_allocated(device) / 2**20
+                state["peak_memory_mb"] = max(state["peak_memory_mb"] or 0.0, peak)
             save_checkpoint(path, model, optimizer, cfg, state)
 
-    progress = tqdm(total=cfg.train.tasks, initial=state["tasks_done"], unit="task", desc=cfg.cell,
+    progress = tqdm(total=cfg.train.tasks, initial=state["tasks_done"], unit="task", desc=cfg.run_name,
                     dynamic_ncols=True, smoothing=0.05, disable=not main)
-    window_start = time.time()
+    window_start = step_start = time.time()
     with StopRequest() as stop:
         for batch in loader:
             episodes = batch.to(device).unbind()
@@ -170,8 +176,9 @@ def run(cfg: Config) -> Path:
             for group in optimizer.param_groups:
                 group["lr"] = meta_lr_at(cfg, state["tasks_done"])
             try:
-                loss, accuracy = meta_train_step(model, optimizer, episodes, cfg.maml.inner_steps,
-                                                 cfg.maml.inner_lr, cfg.maml.first_order, cfg.maml.zero_head)
+                with autocast(cfg.precision, device):
+                    loss, accuracy = meta_train_step(model, optimizer, episodes, cfg.maml.inner_steps,
+                                                     cfg.maml.inner_lr, cfg.maml.first_order, cfg.maml.zero_head)
             except NonFiniteLossError as error:
                 raise TrainingError(
                     f"{error} at tasks {state['tasks_done'] + 1}-{state['tasks_done'] + step_tasks}; stopped "
@@ -201,10 +208,13 @@ def run(cfg: Config) -> Path:
                                       "seconds": round(seconds, 2)})
                 state["window"], window_start = [0.0, 0.0, 0], time.time()
 
+            now = time.time()
+            state["train_seconds"], step_start = state["train_seconds"] + now - step_start, now
             if crossed(done, step_tasks, cfg.train.val_every) or done == cfg.train.tasks:
                 start = time.time()
                 accuracies = evaluate(model, val_episodes, cfg.maml.test_inner_steps, cfg.maml.inner_lr, device,
-                                      workers=min(cfg.data.workers, 2), zero_head=cfg.maml.zero_head)
+                                      workers=min(cfg.data.workers, 2), zero_head=cfg.maml.zero_head,
+                                      precision=cfg.precision)
                 mean = float(np.mean(accuracies))
                 improved = mean > state["best_val_mean"]
                 if improved:
@@ -219,6 +229,7 @@ def run(cfg: Config) -> Path:
                                    f"{'(best so far)' if improved else ''}")
                     write_atomic(train_log_path(cfg), lambda tmp: shutil.copyfile(log_path, tmp))
                 window_start += time.time() - start  # validation time does not count in training tasks/s
+                step_start = time.time()
             elif crossed(done, step_tasks, cfg.train.checkpoint_every) or stopping:
                 checkpoint_now()
 

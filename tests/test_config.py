@@ -2,7 +2,7 @@ from pathlib import Path
 
 import pytest
 
-from fsl.config import ConfigError, all_keys, config_sha, load_config
+from fsl.config import ConfigError, all_keys, from_dict, load_config, to_dict
 
 REPO = Path(__file__).resolve().parents[1]
 CELLS = sorted(p for p in (REPO / "experiments").glob("*.yaml") if not p.name.startswith("_"))
@@ -64,11 +64,14 @@ def test_quick_caps_the_schedule_and_separates_outputs():
     assert cfg.run_dir.name == "mini-imagenet-conv4-1shot-quick"
 
 
-def test_config_sha_ignores_paths_and_device_only():
+def test_precision_choices_and_the_older_tf32_key():
     path = REPO / "experiments/mini-imagenet-conv4-1shot.yaml"
-    base = config_sha(load_config(path))
-    assert config_sha(load_config(path, ["device=cpu", "data.root=/elsewhere", "work_dir=/w"])) == base
-    assert config_sha(load_config(path, ["train.tasks=10"])) != base
+    assert load_config(path).precision == "fp32"
+    with pytest.raises(ConfigError, match="choose one of fp32, tf32, bf16"):
+        load_config(path, ["precision=fp16"])
+    old = to_dict(load_config(path))
+    del old["precision"]
+    assert from_dict({**old, "tf32": True}).precision == "tf32"  # checkpoints written before `precision`
 
 
 def test_meta_lr_schedules():

@@ -238,3 +238,16 @@ def test_cached_images_are_the_transformed_images():
     for index in (0, 7, 0, 7):  # second visit comes from the cache
         assert torch.equal(cached[index][0], plain[index][0]) and cached[index][1] == plain[index][1]
     assert sorted(cached.cache) == [0, 7]
+
+
+def test_cub_class_missing_before_later_classes_is_an_error(tmp_path):
+    """Without its lines and folder, class 3 would shift every later class to another split; refuse instead."""
+    root = copy_fixture("cub", tmp_path)
+    image_ids = {line.split()[0] for line in (root / "image_class_labels.txt").read_text().splitlines()
+                 if line.split()[1] == "3"}
+    for name in ("images.txt", "image_class_labels.txt"):
+        lines = (root / name).read_text().splitlines()
+        (root / name).write_text("\n".join(l for l in lines if l.split()[0] not in image_ids) + "\n")
+    shutil.rmtree(root / "images" / "003.Sooty_Albatross")
+    with pytest.raises(DatasetError, match=r"class\(es\) \['003.Sooty_Albatross'\] \(1 in all\) have no images"):
+        load_split("cub", root, "train")

@@ -119,8 +119,8 @@ def test_torchrun_two_processes_train_and_test_like_one(tmp_path):
 
     # meta-test the same checkpoint: one process vs episodes dealt out to two
     checkpoint = str(one / "work/mini-imagenet-conv4-1shot/latest.pth")
-    run(SINGLE + ["test", CONFIG, checkpoint] + tiny(root, one), check=True)
-    result = run(TORCHRUN + ["-m", "fsl", "test", CONFIG, checkpoint] + tiny(root, two))
+    run(SINGLE + ["test", CONFIG, checkpoint, "train.tasks=12"] + tiny(root, one), check=True)
+    result = run(TORCHRUN + ["-m", "fsl", "test", CONFIG, checkpoint, "train.tasks=12"] + tiny(root, two))
     assert result.returncode == 0, result.stderr[-3000:]
     episodes_one = pd.read_csv(one / "results/mini-imagenet-conv4-1shot/test_episodes.csv")
     episodes_two = pd.read_csv(two / "results/mini-imagenet-conv4-1shot/test_episodes.csv")

@@ -7,7 +7,8 @@ import torch.nn.functional as F
 from torch.func import functional_call
 
 from fsl.episodes import Episode
-from fsl.maml import adapt, check_meta_gradients, evaluate_episode, meta_parameters, meta_train_step, task_meta_gradient
+from fsl.maml import (NonFiniteLossError, adapt, check_meta_gradients, evaluate_episode, meta_parameters,
+                      meta_train_step, task_meta_gradient)
 from fsl.models import build_model
 
 
@@ -184,3 +185,23 @@ def test_zero_head_shortcut_gives_the_full_inner_loop_backbone_meta_gradient(ste
     assert full.norm() > 0 and error <= 1e-12
     accuracies = [evaluate_episode(model, episode, steps=5, inner_lr=0.4, zero_head=z) for z in (False, True)]
     assert accuracies[0] == accuracies[1]
+
+
+def test_non_finite_meta_gradient_is_an_error():
+    model = build_model("conv4", ways=3, image_size=16)
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    model.features[0].bias.grad[1] = float("nan")
+    with pytest.raises(NonFiniteLossError, match=r"non-finite meta-gradient \(NaN or inf\) in \['features.0.bias'\]"):
+        check_meta_gradients(model)
+
+
+def test_nan_query_loss_stops_before_the_optimizer_step():
+    torch.manual_seed(0)
+    model = build_model("conv4", ways=3, image_size=16)
+    before = copy.deepcopy(model.state_dict())
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    episode = Episode(*(t.float() if t.is_floating_point() else t for t in make_episode()))
+    with pytest.raises(NonFiniteLossError):
+        meta_train_step(model, optimizer, [episode], inner_steps=2, inner_lr=1e30)
+    assert all(torch.equal(value, before[name]) for name, value in model.state_dict().items())

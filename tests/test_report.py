@@ -7,24 +7,31 @@ import pytest
 
 from conftest import REPO
 from fsl import report
-from fsl.report import ResultsError
-from fsl.results import SUMMARY_COLUMNS
+from fsl.results import SUMMARY, ResultsError, write_csv
 
 
 def write_results(folder: Path) -> Path:
     rows = [
-        {"cell": "mini-imagenet-conv4-1shot", "dataset": "mini-imagenet", "arch": "conv4", "ways": 5, "shots": 1,
-         "image_size": 84, "train_batch": 105, "mean_acc": 47.10, "ci95": 0.41, "episodes": 2000,
-         "train_tasks": 100000, "quick": False, "reference_mean": 46.76, "reference_ci95": 0.42},
-        {"cell": "cub-resnet12-5shot", "dataset": "cub", "arch": "resnet12", "ways": 5, "shots": 5,
-         "image_size": 84, "train_batch": 105, "mean_acc": 80.00, "ci95": 0.35, "episodes": 2000,
-         "train_tasks": 100000, "quick": False, "reference_mean": 85.50, "reference_ci95": 0.33},
-        {"cell": "cub-conv4-1shot", "dataset": "cub", "arch": "conv4", "ways": 5, "shots": 1, "image_size": 84,
-         "train_batch": 105, "mean_acc": 30.0, "ci95": 2.0, "episodes": 100, "train_tasks": 400, "quick": True,
+        {"run": "mini-imagenet-conv4-1shot", "cell": "mini-imagenet-conv4-1shot", "dataset": "mini-imagenet",
+         "arch": "conv4", "ways": 5, "shots": 1, "image_size": 84, "train_batch": 105, "mean_acc": 47.10,
+         "ci95": 0.41, "episodes": 2000, "train_tasks": 100000, "quick": False, "comparable": True,
+         "not_comparable_why": "", "reference_mean": 46.76, "reference_ci95": 0.42},
+        {"run": "cub-resnet12-5shot", "cell": "cub-resnet12-5shot", "dataset": "cub", "arch": "resnet12", "ways": 5,
+         "shots": 5, "image_size": 84, "train_batch": 105, "mean_acc": 80.00, "ci95": 0.35, "episodes": 2000,
+         "train_tasks": 100000, "quick": False, "comparable": True, "not_comparable_why": "",
+         "reference_mean": 85.50, "reference_ci95": 0.33},
+        {"run": "cub-conv4-1shot-quick", "cell": "cub-conv4-1shot", "dataset": "cub", "arch": "conv4", "ways": 5,
+         "shots": 1, "image_size": 84, "train_batch": 105, "mean_acc": 30.0, "ci95": 2.0, "episodes": 100,
+         "train_tasks": 400, "quick": True, "comparable": False, "not_comparable_why": "quick sanity run",
          "reference_mean": 60.32, "reference_ci95": 0.50},
+        {"run": "cub-conv4-5shot", "cell": "cub-conv4-5shot", "dataset": "cub", "arch": "conv4", "ways": 5,
+         "shots": 5, "image_size": 84, "train_batch": 105, "mean_acc": 70.0, "ci95": 0.5, "episodes": 2000,
+         "train_tasks": 2000, "quick": False, "comparable": False,
+         "not_comparable_why": "training stopped at 2000 of 100000 tasks", "reference_mean": 77.03,
+         "reference_ci95": 0.39},
     ]
     folder.mkdir(parents=True, exist_ok=True)
-    pd.DataFrame(rows).reindex(columns=SUMMARY_COLUMNS).to_csv(folder / "summary.csv", index=False)
+    write_csv(rows, folder / "summary.csv", SUMMARY)
     return folder
 
 
@@ -35,10 +42,16 @@ def test_tables_from_summary_only(tmp_path):
     assert "| mini-imagenet-conv4-1shot | 47.10 ± 0.41 | 46.76 ± 0.42 | +0.34 | yes |" in comparison
     assert "| cub-resnet12-5shot | 80.00 ± 0.35 | 85.50 ± 0.33 | -5.50 | no |" in comparison
     assert "| cub-conv4-1shot | not run | 60.32 ± 0.50 | | |" in comparison  # the quick row is not mixed in
+    assert "| cub-conv4-5shot | not run | 77.03 ± 0.39 | | |" in comparison  # nor the short run
     assert comparison.count("not run") == 10
     cub = (results / "tables/cub.md").read_text()
-    assert "| resnet12 | 84x84 | 105 | 5 | 5 | 80.00 | 0.35 | 2000 | 100000 |" in cub
-    assert "30.00" not in cub and "30.00 ± 2.00" in (results / "tables/quick.md").read_text()
+    assert "| cub-resnet12-5shot | resnet12 | 84x84 | 105 | 5 | 5 | 80.00 | 0.35 | 2000 | 100000 | yes |" in cub
+    assert "| cub-conv4-5shot | conv4 | 84x84 | 105 | 5 | 5 | 70.00 | 0.50 | 2000 | 2000 | no |" in cub
+    assert "30.00" not in cub
+    others = (results / "tables/not_comparable.md").read_text()
+    assert "| cub-conv4-1shot-quick | 30.00 ± 2.00 | 100 | 400 | quick sanity run |" in others
+    assert "| cub-conv4-5shot | 70.00 ± 0.50 | 2000 | 2000 | training stopped at 2000 of 100000 tasks |" in others
+    assert "47.10" not in others
     assert (results / "plots/cells_vs_reference.png").stat().st_size > 10_000
 
 
@@ -72,13 +85,39 @@ def test_missing_or_empty_results_give_clear_messages(tmp_path):
         report.run(tmp_path / "empty")
 
 
-def test_malformed_row_names_file_and_line(tmp_path):
+def test_malformed_row_names_file_line_column_and_fix(tmp_path):
     results = write_results(tmp_path / "results")
     lines = (results / "summary.csv").read_text().splitlines()
     lines[2] = lines[2].replace("80.0", "eighty")
     (results / "summary.csv").write_text("\n".join(lines) + "\n")
-    with pytest.raises(ResultsError, match=r"summary.csv: line 3: column 'mean_acc' is 'eighty'"):
+    with pytest.raises(ResultsError, match=r"summary.csv: line 3, column 'mean_acc' is 'eighty', not a float\n"
+                                           r"  fix: correct the value, or delete line 3"):
         report.run(results)
+
+
+def test_summary_of_an_older_fsl_is_read_with_defaults(tmp_path):
+    """A summary.csv with the columns of issue #5 (no train_batch, run, comparable...): read, not refused."""
+    results = tmp_path / "results"
+    results.mkdir()
+    (results / "summary.csv").write_text(
+        "cell,dataset,arch,ways,shots,mean_acc,ci95,episodes,train_tasks,quick,checkpoint,seed,commit,config_sha\n"
+        "cub-conv4-1shot,cub,conv4,5,1,61.0,0.5,2000,100000,False,w/best.pth,0,abc,123\n"
+        "cub-conv4-1shot,cub,conv4,5,1,30.0,2.0,100,400,True,w/q.pth,0,abc,456\n")
+    summary = report.read_summary(results)
+    assert list(summary["run"]) == ["cub-conv4-1shot", "cub-conv4-1shot-quick"]
+    assert list(summary["image_size"]) == [84, 84] and summary["train_batch"].isna().all()
+    assert not summary["comparable"].any()  # nothing says it was the protocol
+    assert summary.loc[0, "not_comparable_why"] == "written before fsl recorded provenance"
+    assert list(summary["config_sha"]) == ["123", "456"]  # unknown columns are kept
+    report.run(results)
+    assert "cub-conv4-1shot | 61.00 ± 0.50" in (results / "tables/not_comparable.md").read_text()
+
+
+def test_notebook_writes_nothing(tmp_path, monkeypatch):
+    results = write_results(tmp_path / "results")
+    before = sorted(p.relative_to(results) for p in results.rglob("*"))
+    run_notebook(results, monkeypatch)
+    assert sorted(p.relative_to(results) for p in results.rglob("*")) == before
 
 
 def test_tables_cli_without_results_is_not_a_traceback(tmp_path):
@@ -89,10 +128,10 @@ def test_tables_cli_without_results_is_not_a_traceback(tmp_path):
     assert result.returncode != 0 and "Traceback" not in result.stderr and "results folder not found" in result.stderr
 
 
-def test_notebook_executes(tmp_path, monkeypatch):
+def run_notebook(results: Path, monkeypatch) -> str:
+    """Execute notebooks/results.ipynb on `results`; returns its outputs as text."""
     nbformat = pytest.importorskip("nbformat")
     nbclient = pytest.importorskip("nbclient")
-    results = write_results(tmp_path / "results")
     notebook = nbformat.read(REPO / "notebooks/results.ipynb", as_version=4)
     assert all(not cell.get("outputs") for cell in notebook.cells if cell.cell_type == "code"), \
         "commit the notebook without outputs"
@@ -100,5 +139,11 @@ def test_notebook_executes(tmp_path, monkeypatch):
     monkeypatch.setenv("PYTHONPATH", str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     nbclient.NotebookClient(notebook, timeout=300, kernel_name="python3",
                             resources={"metadata": {"path": str(REPO / "notebooks")}}).execute()
-    outputs = "".join(str(o) for cell in notebook.cells for o in cell.get("outputs", []))
-    assert "47.10 ± 0.41" in outputs
+    return "".join(str(o) for cell in notebook.cells for o in cell.get("outputs", []))
+
+
+def test_notebook_executes(tmp_path, monkeypatch):
+    results = write_results(tmp_path / "results")
+    report.run(results)
+    outputs = run_notebook(results, monkeypatch)
+    assert "47.10 ± 0.41" in outputs and "training stopped at 2000 of 100000 tasks" in outputs

@@ -1,7 +1,9 @@
 """CUB-200-2011 (Wah et al. 2011) with the few-shot class split used by MMFewShot.
 
-Classes in `classes.txt` order, 0-based index i among the classes that have images: i % 2 == 0 -> train,
-i % 4 == 1 -> val, i % 4 == 3 -> test (100/50/50 on the full 200 classes). Raw images by default
+Classes in `classes.txt` order, 0-based index i = class id - 1: i % 2 == 0 -> train, i % 4 == 1 -> val,
+i % 4 == 3 -> test (100/50/50 on the full 200 classes). The classes with images must be the first M of
+`classes.txt` (all 200 in the release; reduced copies keep a prefix): a class without images before the last class
+with images is an error, since every split would silently lose or shift classes. Raw images by default
 (`images/<NNN.Class>/<file>.jpg`); `bbox_crop=True` crops each image to its box in `bounding_boxes.txt`.
 """
 from __future__ import annotations
@@ -49,7 +51,14 @@ class CUB(SplitDataset):
             if bbox_crop else {}
 
         classes_with_images = sorted({int(image_class[i][0]) for i in images if i in image_class})
-        split_classes = [c for index, c in enumerate(classes_with_images) if split_of_class(index) == split]
+        holes = sorted(set(range(1, max(classes_with_images, default=0) + 1)) - set(classes_with_images))
+        if holes:
+            named = [classes.get(c, [f"id {c}"])[0] for c in holes[:3]]
+            raise DatasetError(f"{root}: class(es) {named} ({len(holes)} in all) have no images in images.txt, but "
+                               f"later classes do; the split rule indexes classes by their id in classes.txt, so "
+                               f"the splits would not be the protocol's\n  fix: restore images/<class>/ and its "
+                               f"lines in images.txt and image_class_labels.txt (the official archive has all 200)")
+        split_classes = [c for c in classes_with_images if split_of_class(c - 1) == split]
         class_index = {c: i for i, c in enumerate(split_classes)}
         self.class_names = [classes[c][0] for c in split_classes]
         self.labels, self.paths, self.boxes = [], [], []

@@ -1,0 +1,54 @@
+"""Numeric precision of a run, as one named setting (`precision` in the config) that the device must honour.
+
+    fp32  IEEE float32 everywhere. On CUDA this switches off TF32, which PyTorch enables for cuDNN convolutions by
+          default on Ampere and newer GPUs (so "fp32" there is stricter than a default PyTorch run).
+    tf32  CUDA, compute capability >= 8.0: convolutions and matmuls in TensorFloat-32 (10-bit mantissa inputs, float32
+          accumulation); weights, gradients and the optimizer stay float32.
+    bf16  autocast to bfloat16 for convolutions and matmuls (weights and optimizer stay float32); CUDA GPUs that
+          support bfloat16, or the CPU.
+
+A setting the device cannot honour is refused with the fix, never silently ignored.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import ContextManager
+
+import torch
+
+from fsl.config import ConfigError
+
+
+def check_precision(precision: str, device: torch.device) -> None:
+    """Raise ConfigError if `device` cannot run `precision`."""
+    if precision == "tf32":
+        if device.type != "cuda":
+            raise ConfigError(f"precision=tf32 is a CUDA setting (TensorFloat-32 tensor cores) but this run is on "
+                              f"{device.type}; fix: precision=fp32")
+        major, _ = torch.cuda.get_device_capability(device)
+        if major < 8:
+            raise ConfigError(f"precision=tf32 needs an Ampere or newer GPU (compute capability >= 8.0); "
+                              f"{torch.cuda.get_device_name(device)} is {major}.x; fix: precision=fp32")
+    if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise ConfigError(f"precision=bf16 is not supported by {torch.cuda.get_device_name(device)}; fix: "
+                          f"precision=fp32")
+
+
+def apply_precision(precision: str, device: torch.device, cudnn_benchmark: bool = False) -> None:
+    """Set the process-wide backend flags for `precision` on `device` (after `check_precision`)."""
+    check_precision(precision, device)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = precision == "tf32"
+        torch.backends.cudnn.benchmark = cudnn_benchmark
+
+
+def autocast(precision: str, device: torch.device) -> ContextManager:
+    """The context the forward passes run in: bf16 autocast, or nothing."""
+    if precision == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def describe_precision(precision: str, device: torch.device, cudnn_benchmark: bool = False) -> str:
+    """What the summary row records, e.g. 'tf32', 'fp32+cudnn_benchmark'."""
+    return precision + ("+cudnn_benchmark" if cudnn_benchmark and device.type == "cuda" else "")

@@ -1,0 +1,138 @@
+"""Which settings define a result, and whether a result is the reference's protocol.
+
+Every config key falls in one of three groups:
+    RUN_KEYS   where and how fast a run happens, never what it computes (device, paths, workers, log cadence);
+    TEST_KEYS  what the meta-test does with a trained model (test.*, maml.test_inner_steps, test-time precision);
+    the rest   what defines the trained model: data, model, inner loop, training schedule, seed, precision.
+A test takes the model-defining settings from the checkpoint; a resume must not change them (`train.tasks` may grow
+under a constant meta learning rate); a result is comparable to the reference only if it is the protocol's cell
+config trained for all its tasks and tested on its 2,000 episodes.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from fsl.config import Config, ConfigError, all_keys, flat_dict, load_config, set_key, settings_sha
+from fsl.reference import REFERENCE
+
+REPO = Path(__file__).resolve().parents[1]
+RUN_KEYS = ("device", "work_dir", "results_dir", "data.root", "data.workers", "data.cache_images",
+            "train.log_every", "train.checkpoint_every", "cudnn_benchmark")
+TEST_KEYS = tuple(k for k in all_keys() if k.startswith("test.")) + ("maml.test_inner_steps", "precision")
+SHARED_KEYS = ("test.ways", "test.shots", "test.queries", "test.seed", "maml.test_inner_steps", "precision")
+# validation and training use these too: they define the trained (validation-selected) model, and a test may still
+# set them differently
+
+
+def model_keys() -> list[str]:
+    """Keys that define the trained model (validation settings included)."""
+    return [k for k in all_keys() if k not in RUN_KEYS and (k not in TEST_KEYS or k in SHARED_KEYS)]
+
+
+def meta_test_keys() -> list[str]:
+    """Keys that define the meta-test of a trained model."""
+    return [k for k in all_keys() if k in TEST_KEYS]
+
+
+def train_sha(cfg: Config) -> str:
+    return settings_sha(cfg, model_keys())
+
+
+def meta_test_sha(cfg: Config) -> str:
+    return settings_sha(cfg, meta_test_keys())
+
+
+def differences(a: Config, b: Config, keys: list[str]) -> list[tuple[str, Any, Any]]:
+    """(key, a's value, b's value) for every key in `keys` where they differ."""
+    flat_a, flat_b = flat_dict(a), flat_dict(b)
+    return [(k, flat_a[k], flat_b[k]) for k in keys if flat_a[k] != flat_b[k]]
+
+
+def _listing(diffs: list[tuple[str, Any, Any]], first: str, second: str) -> str:
+    return "\n".join(f"  {key}: {first} {a!r}, {second} {b!r}" for key, a, b in diffs)
+
+
+def meta_test_config(trained: Config, requested: Config, checkpoint: str | Path) -> Config:
+    """The config a test runs with: the checkpoint's settings, with the requested test-time and run settings.
+
+    Any other difference between what was trained and what the command asks for is refused, naming each key."""
+    allowed = set(RUN_KEYS) | set(TEST_KEYS)
+    diffs = differences(trained, requested, [k for k in all_keys() if k not in allowed])
+    if diffs:
+        overrides = " ".join(f"{key}={a}" for key, a, _ in diffs)
+        raise ConfigError(f"{checkpoint} was trained with other settings than this command asks for:\n"
+                          f"{_listing(diffs, 'trained with', 'requested')}\n"
+                          f"  only test-time settings (test.*, maml.test_inner_steps, precision) and run settings "
+                          f"({', '.join(RUN_KEYS)}) may differ at test.\n"
+                          f"  fix: test with the config and overrides it was trained with (e.g. add `{overrides}`), "
+                          f"or train a model with the new settings")
+    effective = Config()
+    flat_trained, flat_requested = flat_dict(trained), flat_dict(requested)
+    for key in all_keys():
+        set_key(effective, key, flat_requested[key] if key in allowed else flat_trained[key])
+    return effective
+
+
+def check_resume(stored: Config, current: Config, checkpoint: str | Path, tasks_done: int) -> None:
+    """Refuse to continue `checkpoint` (trained `tasks_done` tasks under `stored`) with a different experiment."""
+    keys = [k for k in all_keys() if k not in RUN_KEYS and k != "test.episodes"]
+    schedule_uses_tasks = current.train.meta_lr_schedule != "constant"
+    diffs = [d for d in differences(stored, current, keys)
+             if not (d[0] == "train.tasks" and not schedule_uses_tasks and d[2] >= max(d[1], tasks_done))]
+    if not diffs:
+        return
+    restore = " ".join(f"{key}={a}" for key, a, _ in diffs)
+    note = ""
+    if any(key == "train.tasks" for key, _, _ in diffs):
+        note = ("\n  (train.tasks may only grow, and only under train.meta_lr_schedule=constant: the "
+                f"{current.train.meta_lr_schedule} schedule depends on it)")
+    raise ConfigError(f"{checkpoint} holds a run of another experiment ({tasks_done} tasks done):\n"
+                      f"{_listing(diffs, 'checkpoint', 'now')}{note}\n"
+                      f"  fix: restore the checkpoint's values to resume (`{restore}`), or start a new experiment "
+                      f"in another folder (work_dir=...)")
+
+
+def protocol_config(cfg: Config) -> Config | None:
+    """The committed config of `cfg`'s cell (experiments/<cell>.yaml, no overrides); None if there is none."""
+    path = REPO / "experiments" / f"{cfg.cell}.yaml"
+    return load_config(path) if path.exists() else None
+
+
+def comparability(trained: Config, tested: Config, train_tasks: int | None, checkpoint_tasks: int | None,
+                  best_val_tasks: int | None) -> tuple[bool, str]:
+    """Whether testing a model trained under `trained` with the effective test config `tested` is the reference's
+    protocol: the cell's committed config for both, all its training tasks, the validation-selected weights.
+    Returns (comparable, the reasons it is not). Precision settings are recorded, not compared."""
+    reasons = []
+    cell = (tested.data.dataset, tested.model.arch, tested.test.shots)
+    if cell not in REFERENCE:
+        reasons.append("no reference number for this cell")
+    protocol = protocol_config(tested)
+    if tested.quick:
+        reasons.append("quick sanity run")
+    elif protocol is None:
+        reasons.append(f"no committed config experiments/{tested.cell}.yaml to compare with")
+    else:
+        compared = lambda keys: [k for k in keys if k not in ("precision", "quick")]  # noqa: E731
+        diffs = differences(protocol, trained, compared(model_keys()))
+        diffs += [d for d in differences(protocol, tested, compared(meta_test_keys())) if d not in diffs]
+        if diffs:
+            reasons.append("settings differ from the protocol: " + ", ".join(f"{k}={b} (protocol {a})"
+                                                                              for k, a, b in diffs))
+    if train_tasks is None or train_tasks < trained.train.tasks:
+        reasons.append(f"training stopped at {train_tasks} of {trained.train.tasks} tasks")
+    if checkpoint_tasks is not None and best_val_tasks is not None and checkpoint_tasks != best_val_tasks:
+        reasons.append(f"tested weights of task {checkpoint_tasks}, not the validation-selected ones "
+                       f"(task {best_val_tasks})")
+    return not reasons, "; ".join(reasons)
+
+
+def is_done(cfg: Config) -> bool:
+    """Whether summary.csv holds this run's result for these settings: a comparable row (quick runs, which never
+    are, count when their settings match). `make all-tables` skips the cells for which this is true."""
+    from fsl.results import find_run, read_summary
+
+    row = find_run(read_summary(cfg.results_dir), cfg.run_name)
+    return (row is not None and row["train_config_sha"] == train_sha(cfg)
+            and row["test_config_sha"] == meta_test_sha(cfg) and bool(row["comparable"] or cfg.quick))
