@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from fsl.data.transforms import MEAN_255, STD_255
-from fsl.episodes import Episode
+from fsl.episodes import Episode, collate_episodes
 from fsl.maml import evaluate_episode, meta_train_step
 from fsl.models import FewShotClassifier, conv4_features, init_weights
 
@@ -83,7 +83,7 @@ start, done, train_time = time.time(), 0, 0.0
 while done < cfg["tasks"] and train_time < cfg["budget_s"]:
     t0 = time.time()
     batch = [episode("train", rng, 1, cfg["q"]) for _ in range(cfg["mb"])]
-    loss, acc = meta_train_step(model, opt, batch, cfg["steps"], cfg["lr"], bool(cfg["fo"]))
+    loss, acc = meta_train_step(model, opt, collate_episodes(batch), cfg["steps"], cfg["lr"], bool(cfg["fo"]))
     if device.type == "cuda":
         torch.cuda.synchronize()
     train_time += time.time() - t0

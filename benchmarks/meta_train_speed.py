@@ -1,13 +1,21 @@
-"""Meta-training speed and memory: fsl's step beside learn2learn's MAML and a plain autograd loop, in one run.
+"""Meta-training speed and memory: fsl's inner loop (task by task, and task-batched) beside learn2learn's MAML and a
+plain autograd loop, on the same batch, at every precision setting the device honours. `make bench`.
 
-For each arch: 5-way episodes of 105 images (5 shots + 16 queries, 84x84), 2 inner steps, meta-batch 8, second
-order (and first order). Before timing, the three implementations must produce the same meta-gradient on the same
-batch; the script refuses to report speed otherwise. Timings alternate between implementations, round by round.
-Also: seconds per 100 meta-test episodes (5 steps) and data-pipeline episodes/s with 0, 2 and 4 workers.
+Protocol workload per arch: 5-way episodes of 105 images (5 shots + 16 queries, 84x84), 2 inner steps, meta-batch 8,
+second order (and first order). Rows:
+    fsl loop     fsl.maml.meta_train_step with train.parallel_tasks=1: higher's loop, one task at a time (before #14)
+    fsl batched  the same with parallel_tasks=meta-batch: all tasks in one grouped forward
+    learn2learn  l2l.algorithms.MAML, one task at a time        plain autograd  torch.autograd.grad, one task at a time
+Exactness is checked in float64 first (small 32x32 episodes, meta-batch 3): every implementation must give fsl loop's
+meta-gradient to 1e-10 relative, or the script refuses to time it. At the timed size, `grad_rel_diff` is each row's
+meta-gradient against fsl loop in fp32 on the same batch (GPU kernels are not deterministic, and TF32/bf16 round;
+stated tolerances in GRAD_TOLERANCE). Timings alternate between implementations, round by round; `speedup_vs_l2l`
+compares with learn2learn at the same precision. Also: meta-test seconds per 100 episodes (5 steps), one at a time
+and batched, and the expected hours of every cell of the table (training + validation + test) on this device.
 
-    python benchmarks/meta_train_speed.py [--quick] [--device cuda] [--data-root ../shared/data/mini-imagenet-lite]
+    python benchmarks/meta_train_speed.py [--quick] [--device cuda] [--archs conv4 resnet12] [--rounds 3]
 
-Writes benchmarks/results/<device>.csv and .md.
+Writes benchmarks/results/<device>[-quick].csv (one row per arch x order x implementation x precision) and .md.
 """
 from __future__ import annotations
 
@@ -28,39 +36,53 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import learn2learn as l2l  # noqa: E402
 
 from fsl.episodes import Episode  # noqa: E402
-from fsl.maml import evaluate_episode, meta_train_step  # noqa: E402
+from fsl.maml import evaluate_tasks, meta_train_step  # noqa: E402
 from fsl.models import build_model  # noqa: E402
+from fsl.precision import apply_precision, autocast  # noqa: E402
 
-WAYS, SHOTS, QUERIES, SIZE, STEPS, LR = 5, 5, 16, 84, 2, 0.01
+WAYS, SHOTS, QUERIES, STEPS, LR = 5, 5, 16, 2, 0.01
+GRAD_TOLERANCE = {"fp32": 1e-2, "tf32": 0.5, "bf16": 0.5}  # relative L2 difference to fsl loop in fp32
 
 
-def random_batch(tasks: int, device: torch.device) -> list[Episode]:
+def random_batch(tasks: int, size: int, device: torch.device, dtype=torch.float32, queries: int = QUERIES,
+                 shots: int = SHOTS) -> Episode:
+    """`tasks` 5-way episodes of Gaussian noise images, fields with a leading task dimension."""
     g = torch.Generator().manual_seed(0)
-    labels = lambda n: torch.arange(WAYS).repeat_interleave(n)  # noqa: E731
-    return [Episode(torch.randn(WAYS * SHOTS, 3, SIZE, SIZE, generator=g), labels(SHOTS),
-                    torch.randn(WAYS * QUERIES, 3, SIZE, SIZE, generator=g), labels(QUERIES)).to(device)
-            for _ in range(tasks)]
+    labels = lambda n: torch.arange(WAYS).repeat_interleave(n).repeat(tasks, 1)  # noqa: E731
+    return Episode(torch.randn(tasks, WAYS * shots, 3, size, size, generator=g, dtype=dtype), labels(shots),
+                   torch.randn(tasks, WAYS * queries, 3, size, size, generator=g, dtype=dtype),
+                   labels(queries)).to(device)
 
 
-def fsl_step(model, optimizer, batch, first_order):
-    meta_train_step(model, optimizer, batch, STEPS, LR, first_order)
+def tasks_of(batch: Episode) -> list[Episode]:
+    return [Episode(*(t[i] for t in batch)) for i in range(len(batch.query_y))]
+
+
+def fsl_loop(model, optimizer, batch, first_order):
+    meta_train_step(model, optimizer, batch, STEPS, LR, first_order, parallel_tasks=1)
+
+
+def fsl_batched(model, optimizer, batch, first_order):
+    meta_train_step(model, optimizer, batch, STEPS, LR, first_order, parallel_tasks=len(batch.query_y))
 
 
 def l2l_step(model, optimizer, batch, first_order):
     maml = l2l.algorithms.MAML(model, lr=LR, first_order=first_order)
     optimizer.zero_grad(set_to_none=True)
-    for episode in batch:
+    episodes = tasks_of(batch)
+    for episode in episodes:
         learner = maml.clone()
         for _ in range(STEPS):
             learner.adapt(F.cross_entropy(learner(episode.support_x), episode.support_y))
-        (F.cross_entropy(learner(episode.query_x), episode.query_y) / len(batch)).backward()
+        (F.cross_entropy(learner(episode.query_x), episode.query_y) / len(episodes)).backward()
     optimizer.step()
 
 
 def autograd_step(model, optimizer, batch, first_order):
     optimizer.zero_grad(set_to_none=True)
     params = dict(model.named_parameters())
-    for episode in batch:
+    episodes = tasks_of(batch)
+    for episode in episodes:
         fast = params
         for _ in range(STEPS):
             loss = F.cross_entropy(functional_call(model, fast, (episode.support_x,)), episode.support_y)
@@ -68,7 +90,7 @@ def autograd_step(model, optimizer, batch, first_order):
             fast = {n: p - LR * g for (n, p), g in zip(fast.items(), grads)}
         if first_order:
             fast = {n: p.detach().requires_grad_() for n, p in fast.items()}
-        loss = F.cross_entropy(functional_call(model, fast, (episode.query_x,)), episode.query_y) / len(batch)
+        loss = F.cross_entropy(functional_call(model, fast, (episode.query_x,)), episode.query_y) / len(episodes)
         # second order: differentiate through the inner loop to the meta-parameters; first order: at the fast weights
         grads = torch.autograd.grad(loss, list((fast if first_order else params).values()))
         for p, g in zip(params.values(), grads):
@@ -76,36 +98,40 @@ def autograd_step(model, optimizer, batch, first_order):
     optimizer.step()
 
 
-IMPLEMENTATIONS = {"fsl (higher)": fsl_step, "learn2learn MAML": l2l_step, "plain autograd": autograd_step}
+IMPLEMENTATIONS = {"fsl loop": fsl_loop, "fsl batched": fsl_batched, "learn2learn": l2l_step,
+                   "plain autograd": autograd_step}
+BASELINE = "learn2learn"
 
 
-class ZeroLR(torch.optim.SGD):
-    """An optimizer whose step does nothing: keeps the weights fixed while gradients are compared."""
-
-    def __init__(self, params):
-        super().__init__(params, lr=0.0)
-
-
-def meta_gradients(step, model, batch, first_order) -> torch.Tensor:
+def meta_gradient(step, model, batch, first_order, precision="fp32", device=None) -> torch.Tensor:
+    """The meta-gradient `step` computes (a zero-lr optimizer keeps the weights where they are)."""
     model = copy.deepcopy(model)
-    step(model, ZeroLR(model.parameters()), batch, first_order)
-    return torch.cat([p.grad.flatten() for p in model.parameters()])
+    with autocast(precision, device or batch.query_x.device):
+        step(model, torch.optim.SGD(model.parameters(), lr=0.0), batch, first_order)
+    return torch.cat([p.grad.flatten() for p in model.parameters()]).double()
 
 
-def peak_rss_reset() -> None:
-    try:
-        Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM (Linux)
-    except OSError:
-        pass
+def relative_difference(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).norm() / b.norm()).item()
 
 
-def peak_memory_mb(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
+def check_float64(arch: str, device: torch.device) -> list[dict]:
+    """Every implementation against fsl loop in float64 (32x32, meta-batch 3, 4 queries): exact agreement."""
+    torch.manual_seed(0)
+    model = build_model(arch, WAYS, 32).double().to(device)
+    batch = random_batch(3, 32, device, torch.float64, queries=4)
+    rows = []
+    for first_order in (False, True):
+        reference = meta_gradient(fsl_loop, model, batch, first_order)
+        for name, step in IMPLEMENTATIONS.items():
+            difference = relative_difference(meta_gradient(step, model, batch, first_order), reference)
+            print(f"  float64 {arch} {'first' if first_order else 'second'} order: {name} vs fsl loop {difference:.1e}")
+            if difference > 1e-10:
+                raise SystemExit(f"{name} computes another meta-gradient than fsl loop in float64 ({difference:.1e}); "
+                                 f"refusing to time it")
+            rows.append({"arch": arch, "order": "first" if first_order else "second", "implementation": name,
+                         "float64_rel_diff": difference})
+    return rows
 
 
 def sync(device: torch.device) -> None:
@@ -113,71 +139,101 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_training(arch: str, device: torch.device, meta_batch: int, rounds: int, first_order: bool) -> list[dict]:
+def peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):  # the process's peak RSS (not reset per row on the CPU)
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def time_training(arch: str, device: torch.device, meta_batch: int, rounds: int, first_order: bool,
+                  precisions: list[str]) -> list[dict]:
+    """One row per implementation x precision: median seconds per meta-iteration, tasks/s, peak memory."""
     torch.manual_seed(0)
-    model = build_model(arch, WAYS, SIZE).to(device)
-    batch = random_batch(meta_batch, device)
-    reference = meta_gradients(fsl_step, model, batch, first_order)
+    model = build_model(arch, WAYS, 84).to(device)
+    batch = random_batch(meta_batch, 84, device)
+    order = "first" if first_order else "second"
+    apply_precision("fp32", device)
+    reference = meta_gradient(fsl_loop, model, batch, first_order, "fp32", device)
     rows = []
-    for name, step in IMPLEMENTATIONS.items():
-        other = meta_gradients(step, model, batch, first_order)
-        difference = ((other - reference).abs().max() / reference.abs().max()).item()
-        print(f"  {arch} {'first' if first_order else 'second'} order: {name} vs fsl max relative meta-gradient "
-              f"difference {difference:.2e}")
-        if difference > 1e-4:
-            raise SystemExit(f"{name} computes a different meta-gradient ({difference:.2e}); refusing to time it")
-        rows.append({"arch": arch, "order": "first" if first_order else "second", "implementation": name,
-                     "grad_rel_diff": difference, "seconds": [], "peak_mb": 0.0})
-    models = {name: copy.deepcopy(model) for name in IMPLEMENTATIONS}
-    optimizers = {name: torch.optim.Adam(m.parameters(), 1e-3) for name, m in models.items()}
-    for round_index in range(rounds + 1):  # round 0 warms up
-        for row, (name, step) in zip(rows, IMPLEMENTATIONS.items()):
-            peak_rss_reset()
+    for precision in precisions:
+        apply_precision(precision, device)
+        for name, step in IMPLEMENTATIONS.items():
+            row = {"arch": arch, "order": order, "implementation": name, "precision": precision,
+                   "meta_batch": meta_batch, "seconds": [], "peak_mb": 0.0, "note": ""}
+            try:
+                row["grad_rel_diff"] = relative_difference(
+                    meta_gradient(step, model, batch, first_order, precision, device), reference)
+            except torch.cuda.OutOfMemoryError:
+                row.update(grad_rel_diff=float("nan"), note="out of memory")
+                torch.cuda.empty_cache()
+            if row["grad_rel_diff"] > GRAD_TOLERANCE[precision]:
+                raise SystemExit(f"{arch} {order} {name} {precision}: meta-gradient differs from fsl loop fp32 by "
+                                 f"{row['grad_rel_diff']:.2e} > {GRAD_TOLERANCE[precision]}; refusing to time it")
+            rows.append(row)
+    models = {(r["implementation"], r["precision"]): copy.deepcopy(model) for r in rows}
+    optimizers = {key: torch.optim.Adam(m.parameters(), 1e-3) for key, m in models.items()}
+    for round_index in range(rounds + 1):  # round 0 warms up (cuDNN algorithm choice, allocator)
+        for row in rows:
+            if row["note"]:
+                continue
+            key = (row["implementation"], row["precision"])
+            apply_precision(row["precision"], device)
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
             sync(device)
             start = time.perf_counter()
-            step(models[name], optimizers[name], batch, first_order)
+            with autocast(row["precision"], device):
+                IMPLEMENTATIONS[row["implementation"]](models[key], optimizers[key], batch, first_order)
             sync(device)
             if round_index:
                 row["seconds"].append(time.perf_counter() - start)
                 row["peak_mb"] = max(row["peak_mb"], peak_memory_mb(device))
-    baseline = statistics.median(rows[1]["seconds"])
+    apply_precision("fp32", device)
     for row in rows:
-        seconds = row.pop("seconds")
+        seconds = row.pop("seconds") or [float("nan")]
         median = statistics.median(seconds)
-        row.update({"meta_batch": meta_batch, "median_s": median, "min_s": min(seconds), "max_s": max(seconds),
-                    "tasks_per_s": meta_batch / median, "speedup_vs_l2l": baseline / median})
+        row.update({"median_s": median, "min_s": min(seconds), "max_s": max(seconds),
+                    "tasks_per_s": meta_batch / median})
+    for row in rows:
+        baseline = next(r for r in rows if r["implementation"] == BASELINE and r["precision"] == row["precision"])
+        row["speedup_vs_l2l"] = baseline["median_s"] / row["median_s"]
+        print(f"  {arch} {order} {row['precision']} {row['implementation']}: {row['tasks_per_s']:.2f} tasks/s "
+              f"({row['speedup_vs_l2l']:.2f}x learn2learn), peak {row['peak_mb']:.0f} MB, meta-gradient vs fsl loop "
+              f"fp32 {row['grad_rel_diff']:.1e} {row['note']}")
     return rows
 
 
-def time_meta_test(arch: str, device: torch.device, episodes: int) -> float:
+def time_meta_test(arch: str, device: torch.device, episodes: int, parallel: int) -> float:
+    """Seconds per 100 meta-test episodes (5-way 1-shot, 15 queries, 5 steps), `parallel` episodes at a time."""
     torch.manual_seed(0)
-    model = build_model(arch, WAYS, SIZE).to(device)
-    g = torch.Generator().manual_seed(1)
-    episode = Episode(torch.randn(WAYS, 3, SIZE, SIZE, generator=g), torch.arange(WAYS),
-                      torch.randn(WAYS * 15, 3, SIZE, SIZE, generator=g),
-                      torch.arange(WAYS).repeat_interleave(15)).to(device)
-    evaluate_episode(model, episode, 5, LR)
+    model = build_model(arch, WAYS, 84).to(device)
+    batch = random_batch(parallel, 84, device, shots=1, queries=15)
+    evaluate_tasks(model, batch, 5, LR)
     sync(device)
     start = time.perf_counter()
-    for _ in range(episodes):
-        evaluate_episode(model, episode, 5, LR)
+    for _ in range(max(1, episodes // parallel)):
+        evaluate_tasks(model, batch, 5, LR)
     sync(device)
-    return (time.perf_counter() - start) / episodes * 100
+    return (time.perf_counter() - start) / (max(1, episodes // parallel) * parallel) * 100
 
 
-def time_data(root: Path, workers: int, episodes: int) -> float:
-    from fsl.data import load_split
-    from fsl.data.transforms import train_transform
-    from fsl.episodes import EpisodeDataset, episode_loader
-
-    dataset = load_split("mini-imagenet", root, "train", train_transform(SIZE))
-    loader = episode_loader(EpisodeDataset(dataset, WAYS, SHOTS, QUERIES, seed=0, count=episodes), 1, workers)
-    start = time.perf_counter()
-    for _ in loader:
-        pass
-    return episodes / (time.perf_counter() - start)
+def cell_hours(rows: list[dict], test_rows: list[dict]) -> list[dict]:
+    """Expected hours of each of the 12 cells on this device with fsl's fastest fp32-exact and fastest overall
+    setting: 100,000 training tasks + 50 validations of 100 episodes + 2,000 test episodes."""
+    out = []
+    for arch in sorted({r["arch"] for r in rows}):
+        second = [r for r in rows if r["arch"] == arch and r["order"] == "second" and r["implementation"]
+                  .startswith("fsl") and r["tasks_per_s"] == r["tasks_per_s"]]
+        test = min(r["s_per_100_test_episodes"] for r in test_rows if r["arch"] == arch)
+        for label, candidates in (("fp32", [r for r in second if r["precision"] == "fp32"]), ("fastest", second)):
+            best = max(candidates, key=lambda r: r["tasks_per_s"])
+            hours = (100_000 / best["tasks_per_s"] + (50 * 100 + 2000) * test / 100) / 3600
+            out.append({"arch": arch, "setting": f"{best['implementation']} {best['precision']}",
+                        "kind": label, "hours_per_cell": hours})
+    return out
 
 
 def machine(device: torch.device) -> str:
@@ -191,53 +247,68 @@ def machine(device: torch.device) -> str:
     return f"CPU {cpu} x{os.cpu_count()} (torch threads {torch.get_num_threads()}); GPU {gpu}; torch {torch.__version__}"
 
 
+def device_precisions(device: torch.device) -> list[str]:
+    if device.type != "cuda":
+        return ["fp32"]
+    major, _ = torch.cuda.get_device_capability(device)
+    return ["fp32"] + (["tf32"] if major >= 8 else []) + (["bf16"] if torch.cuda.is_bf16_supported() else [])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="conv4 only, meta-batch 2, 2 rounds: minutes on a CPU")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--data-root", default=str(Path(__file__).resolve().parents[2] / "shared/data/mini-imagenet-lite"))
+    parser.add_argument("--archs", nargs="+", default=None, help="default: conv4 resnet12 (conv4 with --quick)")
+    parser.add_argument("--rounds", type=int, default=None, help="timed rounds per row (default 5, quick 2)")
+    parser.add_argument("--meta-batch", type=int, default=None, help="default 8 (quick 2)")
+    parser.add_argument("--precisions", nargs="+", default=None, help="default: every one the device honours")
+    parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
     args = parser.parse_args()
     device = torch.device(args.device)
-    archs = ["conv4"] if args.quick else ["conv4", "resnet12"]
-    meta_batch, rounds = (2, 2) if args.quick else (8, 5)
+    archs = args.archs or (["conv4"] if args.quick else ["conv4", "resnet12"])
+    meta_batch = args.meta_batch or (2 if args.quick else 8)
+    rounds = args.rounds or (2 if args.quick else 5)
+    precisions = args.precisions or device_precisions(device)
     print(machine(device))
-    rows = []
-    for arch in archs:
-        for first_order in (False, True):
-            rows += time_training(arch, device, meta_batch, rounds, first_order)
-    test_rows = [{"arch": arch, "s_per_100_test_episodes": time_meta_test(arch, device, 5 if args.quick else 20)}
-                 for arch in archs]
-    data_rows = []
-    if Path(args.data_root).exists():
-        data_rows = [{"workers": w, "episodes_per_s": time_data(Path(args.data_root), w, 8 if args.quick else 40)}
-                     for w in (0, 2, 4)]
-    else:
-        print(f"data pipeline not timed: {args.data_root} not found (pass --data-root)")
-    write_results(device, rows, test_rows, data_rows, args.quick)
+    start = time.time()
+    exact = [row for arch in archs for row in check_float64(arch, device)]
+    rows = [row for arch in archs for first_order in (False, True)
+            for row in time_training(arch, device, meta_batch, rounds, first_order, precisions)]
+    test_rows = [{"arch": arch, "parallel_episodes": parallel,
+                  "s_per_100_test_episodes": time_meta_test(arch, device, 4 if args.quick else 40, parallel)}
+                 for arch in archs for parallel in (1, 8)]
+    write_results(device, rows, exact, test_rows, cell_hours(rows, test_rows), args.quick, Path(args.out),
+                  time.time() - start)
 
 
-def write_results(device, rows, test_rows, data_rows, quick) -> None:
+def write_results(device, rows, exact, test_rows, hours, quick, out: Path, seconds: float) -> None:
     import pandas as pd
 
-    out = Path(__file__).resolve().parent / "results"
     name = (torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu-x{os.cpu_count()}")
     name = name.replace(" ", "-").lower() + ("-quick" if quick else "")
-    frame = pd.DataFrame(rows)
-    out.mkdir(exist_ok=True)
-    frame.to_csv(out / f"{name}.csv", index=False)
+    out.mkdir(parents=True, exist_ok=True)
+    columns = ["arch", "order", "implementation", "tasks_per_s", "speedup_vs_l2l", "peak_mb", "grad_rel_diff",
+               "precision", "meta_batch", "median_s", "min_s", "max_s", "note"]
+    pd.DataFrame(rows)[columns].to_csv(out / f"{name}.csv", index=False)
     lines = [f"# Meta-training speed: {name}", "", machine(device), "",
-             f"5-way, 105-image episodes at {SIZE}x{SIZE}, {STEPS} inner steps; median of timed rounds.", "",
-             "| arch | order | implementation | meta-batch | s / meta-iteration (min-max) | tasks/s | vs learn2learn "
-             "| peak memory MB | meta-grad rel. diff |", "|---|---|---|---|---|---|---|---|---|"]
+             f"5-way, 105-image episodes at 84x84, {STEPS} inner steps, Gaussian-noise images; median of timed rounds;"
+             f" peak memory is the GPU's max_memory_allocated per row (on a CPU: the process's peak RSS so far). "
+             f"`python benchmarks/meta_train_speed.py{' --quick' if quick else ''}` ({seconds:.0f} s).", "",
+             "| arch | order | precision | implementation | meta-batch | s / meta-iteration (min-max) | tasks/s | "
+             "vs learn2learn | peak MB | meta-grad vs fsl loop fp32 |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['arch']} | {r['order']} | {r['implementation']} | {r['meta_batch']} | {r['median_s']:.3f} "
-                     f"({r['min_s']:.3f}-{r['max_s']:.3f}) | {r['tasks_per_s']:.2f} | {r['speedup_vs_l2l']:.2f}x | "
-                     f"{r['peak_mb']:.0f} | {r['grad_rel_diff']:.1e} |")
-    lines += ["", "| arch | s per 100 meta-test episodes (5 steps, 75 queries) |", "|---|---|"]
-    lines += [f"| {r['arch']} | {r['s_per_100_test_episodes']:.1f} |" for r in test_rows]
-    if data_rows:
-        lines += ["", "| data workers | 105-image training episodes/s (mini-ImageNet-lite, 84x84) |", "|---|---|"]
-        lines += [f"| {r['workers']} | {r['episodes_per_s']:.2f} |" for r in data_rows]
+        lines.append(f"| {r['arch']} | {r['order']} | {r['precision']} | {r['implementation']} | {r['meta_batch']} | "
+                     f"{r['median_s']:.3f} ({r['min_s']:.3f}-{r['max_s']:.3f}) | {r['tasks_per_s']:.2f} | "
+                     f"{r['speedup_vs_l2l']:.2f}x | {r['peak_mb']:.0f} | {r['grad_rel_diff']:.1e} {r['note']} |")
+    lines += ["", "float64 agreement with fsl loop (32x32, meta-batch 3): " + ", ".join(
+        f"{r['arch']} {r['order']} {r['implementation']} {r['float64_rel_diff']:.0e}" for r in exact)]
+    lines += ["", "| arch | episodes at once | s per 100 meta-test episodes (5 steps, 75 queries) |", "|---|---|---|"]
+    lines += [f"| {r['arch']} | {r['parallel_episodes']} | {r['s_per_100_test_episodes']:.2f} |" for r in test_rows]
+    lines += ["", "Expected time of one cell on this device: 100,000 second-order training tasks + 50 validations of "
+              "100 episodes + 2,000 test episodes (data loading assumed to keep up).", "",
+              "| arch | setting | hours per cell | hours for the 6 cells of this arch |", "|---|---|---|---|"]
+    lines += [f"| {h['arch']} | {h['setting']} ({h['kind']}) | {h['hours_per_cell']:.2f} | "
+              f"{6 * h['hours_per_cell']:.1f} |" for h in hours]
     (out / f"{name}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     print(f"\nwritten: {out / (name + '.csv')}, {out / (name + '.md')}")

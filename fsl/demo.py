@@ -28,7 +28,8 @@ def run(overrides: list[str] | None = None) -> dict:
     test_episodes = evaluate.fixed_episodes(cfg, "test", cfg.test.episodes)
     untrained_acc = evaluate.evaluate(untrained, test_episodes, cfg.maml.test_inner_steps, cfg.maml.inner_lr,
                                       device, workers=cfg.data.workers, progress="untrained init",
-                                      zero_head=cfg.maml.zero_head)
+                                      zero_head=cfg.maml.zero_head, precision=cfg.precision,
+                                      parallel=cfg.test.parallel_episodes)
     write_test_episodes(cell_file(cfg, "untrained_test_episodes"), untrained_acc)
 
     best = train.run(cfg)

