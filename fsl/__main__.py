@@ -22,12 +22,15 @@ def main(argv: list[str] | None = None) -> int:
     test.add_argument("checkpoint", nargs="?", help="default: <work_dir>/<cell>/best_accuracy_mean.pth")
     test.add_argument("overrides", nargs="*")
 
-    data = commands.add_parser("data", help="prepare (download) or check a dataset")
-    data.add_argument("action", choices=["prepare", "check"])
+    data = commands.add_parser("data", help="prepare (download), check or cache (decode once) a dataset")
+    data.add_argument("action", choices=["prepare", "check", "cache"])
     data.add_argument("dataset", choices=["cub", "mini-imagenet", "tiered-imagenet", "glyphs"])
     data.add_argument("--root", help="dataset folder (default: data/<dataset>)")
     data.add_argument("--json", action="store_true", help="check: print one JSON object of counts per split")
     data.add_argument("--no-decode", action="store_true", help="check: skip decoding every image")
+    data.add_argument("--image-size", type=int, default=84, help="cache: the cell's data.image_size")
+    data.add_argument("--cache-dir", default="data/cache", help="cache: where the stores go (data.cache_dir)")
+    data.add_argument("--no-augment", action="store_true", help="cache: for data.train_augment=false")
 
     tables = commands.add_parser("tables", help="results tables and plots from results/*.csv")
     tables.add_argument("--results", default="results")
@@ -91,6 +94,16 @@ def data_command(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     root = Path(args.root or Path("data") / args.dataset)
+    if args.action == "cache":
+        from fsl.data import SPLITS, load_split
+        from fsl.data.store import open_store
+        for split in SPLITS:
+            kind = "train" if split == "train" and not args.no_augment else "eval"
+            store = open_store(load_split(args.dataset, root, split), args.dataset, split, kind, args.image_size,
+                               args.cache_dir)
+            print(f"{args.dataset} {split:5s} {kind:5s}: {len(store):7d} images {store.pixels.shape[1]}x"
+                  f"{store.pixels.shape[2]}, {store.path.stat().st_size / 2**20:8.1f} MB  {store.path}")
+        return 0
     if args.action == "prepare":
         from fsl.data.prepare import prepare
         prepare(args.dataset, root)

@@ -29,9 +29,9 @@ class DataConfig:
     image_size: int = 84            # square input size in pixels
     train_augment: bool = True      # protocol's RandomResizedCrop+flip+ColorJitter on training episodes
     bbox_crop: bool = False         # CUB only: crop images to bounding_boxes.txt
-    workers: int = 4                # DataLoader worker processes that load episodes
-    cache_images: bool = False      # keep each decoded+transformed image in memory after its first use (only
-                                    # where the transform is deterministic: evaluation, or train_augment=false)
+    workers: int = -1               # DataLoader processes that describe training episodes; -1: the CPU cores but
+                                    # one, at most 4 (fsl.episodes.default_workers)
+    cache_dir: str = "data/cache"   # decoded-image stores (fsl.data.store), built once per split and image size
 
 
 @dataclass
@@ -241,6 +241,9 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"data.dataset={cfg.data.dataset!r} is not one of {sorted(READERS)}")
     if cfg.model.arch not in BACKBONES:
         raise ConfigError(f"model.arch={cfg.model.arch!r} is not one of {sorted(BACKBONES)}")
+    if cfg.data.workers < -1:
+        raise ConfigError(f"data.workers={cfg.data.workers}; use -1 (automatic), 0 (in the training process) or "
+                          f"a number of processes")
     for key in ("train.tasks", "train.meta_batch", "train.val_every", "train.val_episodes", "train.checkpoint_every",
                 "train.log_every", "test.episodes", "train.ways", "test.ways", "test.shots", "train.queries",
                 "test.queries", "train.parallel_tasks", "test.parallel_episodes"):
@@ -267,6 +270,8 @@ def from_dict(tree: dict) -> Config:
     for key, value in _flatten(tree).items():
         if key == "tf32":  # before `precision`: a bool
             key, value = "precision", "tf32" if value else "fp32"
+        if key == "data.cache_images":  # before image stores: an in-memory cache, now always on disk
+            continue
         set_key(cfg, key, value)
     return cfg
 

@@ -27,7 +27,7 @@ def run(overrides: list[str] | None = None) -> dict:
     untrained = build_model(cfg.model.arch, cfg.test.ways, cfg.data.image_size, cfg.maml.zero_head).to(device)
     test_episodes = evaluate.fixed_episodes(cfg, "test", cfg.test.episodes)
     untrained_acc = evaluate.evaluate(untrained, test_episodes, cfg.maml.test_inner_steps, cfg.maml.inner_lr,
-                                      device, workers=cfg.data.workers, progress="untrained init",
+                                      device, progress="untrained init",
                                       zero_head=cfg.maml.zero_head, precision=cfg.precision,
                                       parallel=cfg.test.parallel_episodes)
     write_test_episodes(cell_file(cfg, "untrained_test_episodes"), untrained_acc)

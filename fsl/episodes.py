@@ -1,13 +1,17 @@
-"""N-way K-shot episodes built with learn2learn's task pipeline.
+"""N-way K-shot episodes: learn2learn's task pipeline picks the images, the training device builds the tensors.
 
 `MetaDataset` + `Taskset` (the TaskDataset of older releases) with `NWays`, `KShots(shots + queries)`,
 `LoadData`, `RemapLabels` (labels 0..N-1 in a random order per task, i.e. a random assignment of classes to head
-rows) and `ConsecutiveLabels` (items grouped by class), then split per class into `shots` support and `queries` query items.
+rows) and `ConsecutiveLabels` (items grouped by class) run over the split's labels only: an episode's description
+is its image indices, their labels and, for training, each image's augmentation parameters (`EpisodeSpec`, a few KB
+of numpy arrays). DataLoader workers compute descriptions and pass them back through a pipe, so nothing goes
+through shared memory (/dev/shm); the training process gathers the uint8 pixels from the memory-mapped image store
+(fsl.data.store) and augments and normalises the whole meta-batch on its device (`EpisodeMaker`).
 
 Episode `i` of an `EpisodeDataset` is a pure function of `(seed, i)`: the task description (learn2learn draws it
-with Python's `random`) and the image augmentations (torch's RNG) are drawn under a generator seeded from
-`(seed, i)`. So the same seed gives the same classes, images and crops in every run, with any number of DataLoader
-workers, in any order, and after resuming at any task; the caller's RNG state is left as it was.
+with Python's `random`) and the augmentation parameters (torch's CPU RNG, as torchvision draws them) are drawn under a
+generator seeded from `(seed, i)`. So the same seed gives the same classes, images and crops in every run, with any
+number of DataLoader workers, in any order, and after resuming at any task; the caller's RNG state is left as it was.
 """
 from __future__ import annotations
 
@@ -21,13 +25,15 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from fsl.data.augment import augment, draw_params, normalise
 from fsl.data.base import DatasetError, SplitDataset
+from fsl.data.store import ImageStore
 
 
 class Episode(NamedTuple):
     """support_x: (ways*shots, C, H, W); support_y: (ways*shots,) in 0..ways-1 (class-major order);
-    query_x: (ways*queries, C, H, W); query_y: (ways*queries,). A meta-batch from `episode_loader` has one more
-    leading dimension (tasks) on every field."""
+    query_x: (ways*queries, C, H, W); query_y: (ways*queries,). A meta-batch has one more leading dimension (tasks)
+    on every field."""
     support_x: torch.Tensor
     support_y: torch.Tensor
     query_x: torch.Tensor
@@ -36,9 +42,15 @@ class Episode(NamedTuple):
     def to(self, device: torch.device | str) -> "Episode":
         return Episode(*(t.to(device, non_blocking=True) for t in self))
 
-    def unbind(self) -> list["Episode"]:
-        """A meta-batch (leading task dimension) -> list of single episodes."""
-        return [Episode(*fields) for fields in zip(*(t.unbind(0) for t in self))]
+
+class EpisodeSpec(NamedTuple):
+    """What an episode is, before any pixel is read: indices (ways*(shots+queries),) into the split, grouped by
+    class (shots then queries within each class); labels (same shape) in 0..ways-1; params (same length,
+    len(fsl.data.augment.PARAMS)) augmentation parameters, or (0, 0) without augmentation. A batch from
+    `episode_loader` has a leading task dimension on every field."""
+    indices: np.ndarray
+    labels: np.ndarray
+    params: np.ndarray
 
 
 @contextmanager
@@ -49,12 +61,25 @@ def seeded(seed: int, index: int) -> Iterator[None]:
     with torch.random.fork_rng(devices=[]):
         random.seed(derived)
         # the CPU generator only: torch.manual_seed would also queue seeds for CUDA/XPU/MTIA, capturing a Python
-        # stack trace each time (~2 ms per episode, a third of a cached glyphs episode)
+        # stack trace each time (~2 ms per episode)
         torch.default_generator.manual_seed(derived)
         try:
             yield
         finally:
             random.setstate(python_state)
+
+
+class SplitLabels(Dataset):
+    """The split as learn2learn sees it: item i is (i, label of i); no image is touched."""
+
+    def __init__(self, labels: list[int]):
+        self.labels = labels
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int) -> tuple[int, int]:
+        return index, self.labels[index]
 
 
 def build_taskset(dataset: SplitDataset, ways: int, shots: int, queries: int) -> l2l.data.Taskset:
@@ -67,7 +92,7 @@ def build_taskset(dataset: SplitDataset, ways: int, shots: int, queries: int) ->
         raise DatasetError(f"{len(too_small)} class(es) have fewer images than shots + queries = {shots} + "
                            f"{queries}, e.g. {dict(list(too_small.items())[:3])}\n"
                            f"  fix: lower the queries, or remove these classes from the split")
-    meta = l2l.data.MetaDataset(dataset, indices_to_labels=dataset.indices_to_labels())
+    meta = l2l.data.MetaDataset(SplitLabels(dataset.labels), indices_to_labels=dataset.indices_to_labels())
     transforms = [
         l2l.data.transforms.NWays(meta, n=ways),
         l2l.data.transforms.KShots(meta, k=shots + queries),
@@ -79,33 +104,36 @@ def build_taskset(dataset: SplitDataset, ways: int, shots: int, queries: int) ->
 
 
 class EpisodeDataset(Dataset):
-    """Episodes `start .. start+count-1` of the stream defined by `seed` (see module docstring)."""
+    """Episodes `start .. start+count-1` of the stream defined by `seed` (see module docstring), as EpisodeSpecs.
+
+    `image_sizes` (N, 2): the (height, width) of each image of the split, for the augmentation parameters; None for
+    episodes without augmentation (validation, test, or data.train_augment=false)."""
 
     def __init__(self, dataset: SplitDataset, ways: int, shots: int, queries: int, seed: int,
-                 count: int, start: int = 0):
+                 count: int, start: int = 0, image_sizes: np.ndarray | None = None):
         self.taskset = build_taskset(dataset, ways, shots, queries)
         self.ways, self.shots, self.queries = ways, shots, queries
         self.seed, self.start, self.count = seed, start, count
+        self.image_sizes = image_sizes
 
     def __len__(self) -> int:
         return self.count
 
     def describe(self, i: int) -> list[int]:
         """Dataset indices of episode i's images, class by class (support first within each class)."""
-        with seeded(self.seed, self.start + i):
-            return [d.index for d in self.taskset.sample_task_description()]
+        return self[i].indices.tolist()
 
-    def __getitem__(self, i: int) -> Episode:
+    def __getitem__(self, i: int) -> EpisodeSpec:
         if not 0 <= i < self.count:
             raise IndexError(i)
         with seeded(self.seed, self.start + i):
-            x, y = self.taskset.get_task(self.taskset.sample_task_description())
-        per_class = self.shots + self.queries
-        x = x.view(self.ways, per_class, *x.shape[1:])  # (ways, shots+queries, C, H, W), grouped by ConsecutiveLabels
-        y = y.view(self.ways, per_class)
-        assert bool((y == y[:, :1]).all()), f"episode {i}: images are not grouped by class: {y.tolist()}"
-        return Episode(support_x=x[:, :self.shots].flatten(0, 1), support_y=y[:, :self.shots].flatten(),
-                       query_x=x[:, self.shots:].flatten(0, 1), query_y=y[:, self.shots:].flatten())
+            indices, labels = self.taskset.get_task(self.taskset.sample_task_description())
+            indices, labels = indices.numpy(), labels.numpy()
+            # drawn after the task, image after image in loading order, as the per-image v1 transforms drew them
+            params = draw_params(self.image_sizes[indices]) if self.image_sizes is not None else np.zeros((0, 0))
+        grouped = labels.reshape(self.ways, self.shots + self.queries)  # ConsecutiveLabels: one row per class
+        assert (grouped == grouped[:, :1]).all(), f"episode {i}: images are not grouped by class: {labels.tolist()}"
+        return EpisodeSpec(indices, labels, params)
 
 
 class RankShare(Dataset):
@@ -125,14 +153,15 @@ class RankShare(Dataset):
     def global_index(self, k: int) -> int:
         return (k // self.per_rank) * self.meta_batch + self.rank * self.per_rank + k % self.per_rank
 
-    def __getitem__(self, k: int) -> Episode:
+    def __getitem__(self, k: int):
         if not 0 <= k < len(self):
             raise IndexError(k)
         return self.episodes[self.global_index(k)]
 
 
-def _single_threaded_worker(_: int) -> None:
-    torch.set_num_threads(1)  # workers decode images; intra-op threads would only fight the training process
+def collate_specs(batch: list[EpisodeSpec]) -> EpisodeSpec:
+    """Stack specs field by field: (tasks, ...) numpy arrays (pickled through the worker's pipe, not shared memory)."""
+    return EpisodeSpec(*(np.stack(field) for field in zip(*batch)))
 
 
 def collate_episodes(batch: list[Episode]) -> Episode:
@@ -140,12 +169,49 @@ def collate_episodes(batch: list[Episode]) -> Episode:
     return Episode(*(torch.stack(field) for field in zip(*batch)))
 
 
-def episode_loader(episodes: Dataset, meta_batch: int = 1, workers: int = 0,
-                   pin_memory: bool = False) -> DataLoader:
-    """Yields Episodes whose fields have a leading dimension of `meta_batch` tasks, in episode order.
-    `workers` is capped at the number of CPU cores."""
-    workers = min(workers, os.cpu_count() or 1)
+def _single_threaded_worker(_: int) -> None:
+    torch.set_num_threads(1)  # workers run Python task sampling; intra-op threads would only fight the trainer
+
+
+def default_workers() -> int:
+    """Loader workers for `data.workers=-1`: one core is the training process's, the rest (up to 4) describe
+    episodes, ~0.2k training episodes/s per worker (benchmarks/episode_pipeline.py)."""
+    return max(0, min(4, (os.cpu_count() or 1) - 1))
+
+
+def episode_loader(episodes: Dataset, meta_batch: int = 1, workers: int = 0) -> DataLoader:
+    """Yields EpisodeSpec batches with a leading dimension of `meta_batch` tasks, in episode order. `workers`: -1 =
+    `default_workers()`; capped at the number of CPU cores."""
+    workers = default_workers() if workers < 0 else min(workers, os.cpu_count() or 1)
     return DataLoader(episodes, batch_size=meta_batch, shuffle=False, num_workers=workers,
-                      pin_memory=pin_memory, worker_init_fn=_single_threaded_worker,
-                      persistent_workers=False, prefetch_factor=4 if workers else None,
-                      collate_fn=collate_episodes)
+                      worker_init_fn=_single_threaded_worker, persistent_workers=False,
+                      prefetch_factor=4 if workers else None, collate_fn=collate_specs)
+
+
+class EpisodeMaker:
+    """EpisodeSpec batches -> Episode batches on `device`: gathers the uint8 images from `store`, augments them with
+    their parameters (training) or takes them as stored (evaluation kind), normalises, splits support and query.
+
+    images: from the store (T*n, S, S, 3) uint8 -> device -> (T, n, 3, image_size, image_size) float32."""
+
+    def __init__(self, store: ImageStore, ways: int, shots: int, queries: int, image_size: int,
+                 device: torch.device):
+        self.store, self.image_size, self.device = store, image_size, device
+        self.ways, self.shots, self.queries = ways, shots, queries
+
+    def __call__(self, specs: EpisodeSpec) -> Episode:
+        tasks, per_task = specs.indices.shape
+        pixels = torch.from_numpy(self.store.gather(specs.indices.reshape(-1)))          # (T*n, S, S, 3) uint8
+        images = pixels.to(self.device, non_blocking=True).permute(0, 3, 1, 2)          # (T*n, 3, S, S)
+        if specs.params.size:
+            sizes = torch.from_numpy(self.store.sizes[specs.indices.reshape(-1)])
+            x = augment(images, torch.from_numpy(specs.params.reshape(tasks * per_task, -1)), sizes,
+                        self.image_size)
+        else:
+            assert images.shape[-1] == self.image_size, (images.shape, self.image_size)
+            x = normalise(images)
+        x = x.view(tasks, self.ways, self.shots + self.queries, *x.shape[1:])            # (T, ways, K+Q, 3, s, s)
+        y = torch.from_numpy(specs.labels).to(self.device).view(tasks, self.ways, -1)
+        k = self.shots
+        return Episode(support_x=x[:, :, :k].flatten(1, 2), support_y=y[:, :, :k].flatten(1),
+                       query_x=x[:, :, k:].flatten(1, 2), query_y=y[:, :, k:].flatten(1))

@@ -8,19 +8,18 @@ import math
 import time
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Callable
+from typing import Iterator
 
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import Dataset, Subset
 from tqdm import tqdm
 
 from fsl import distributed, provenance
 from fsl.config import Config, config_files, from_dict
 from fsl.data import SplitDataset, load_split
-from fsl.data.transforms import eval_transform
-from fsl.episodes import EpisodeDataset, episode_loader
+from fsl.data.store import ImageStore, open_store
+from fsl.episodes import Episode, EpisodeDataset, EpisodeMaker, collate_specs
 from fsl.maml import evaluate_tasks
 from fsl.models import build_model
 from fsl.precision import apply_precision, autocast, describe_precision
@@ -35,39 +34,58 @@ def ci95(accuracies: np.ndarray) -> float:
     return float(1.96 * accuracies.std(ddof=0) / math.sqrt(len(accuracies)))
 
 
-def cell_split(cfg: Config, split: str, transform: Callable, deterministic: bool = True) -> SplitDataset:
-    """`split` of the cell's dataset under cfg.data_root, with the reader options the config sets
-    (`deterministic`: the transform has no randomness, so data.cache_images may keep its outputs)."""
-    dataset = load_split(cfg.data.dataset, cfg.data_root, split, transform,
-                         **({"bbox_crop": True} if cfg.data.bbox_crop else {}))
-    if cfg.data.cache_images and deterministic:
-        dataset.cache_transformed()
-    return dataset
+def cell_split(cfg: Config, split: str) -> SplitDataset:
+    """`split` of the cell's dataset under cfg.data_root, with the reader options the config sets."""
+    return load_split(cfg.data.dataset, cfg.data_root, split, **({"bbox_crop": True} if cfg.data.bbox_crop else {}))
 
 
-def fixed_episodes(cfg: Config, split: str, count: int) -> EpisodeDataset:
-    """The `count` fixed `split` episodes of the cell: test.ways/shots/queries, seeded by test.seed."""
-    dataset = cell_split(cfg, split, eval_transform(cfg.data.image_size))
-    return EpisodeDataset(dataset, cfg.test.ways, cfg.test.shots, cfg.test.queries, seed=cfg.test.seed, count=count)
+def cell_store(cfg: Config, dataset: SplitDataset, split: str, kind: str) -> ImageStore:
+    """The split's image store of `kind` under data.cache_dir (built on first use; fsl.data.store)."""
+    return open_store(dataset, cfg.data.dataset, split, kind, cfg.data.image_size, cfg.data.cache_dir,
+                      progress=distributed.is_main())
 
 
-def evaluate(model: nn.Module, episodes: Dataset, steps: int, inner_lr: float, device: torch.device,
-             workers: int = 0, progress: str | None = None, zero_head: bool = False, precision: str = "fp32",
+class FixedEpisodes:
+    """The `count` fixed `split` episodes of the cell (test.ways/shots/queries, seeded by test.seed): their
+    descriptions, drawn once, and the evaluation images they index (the store's eval kind)."""
+
+    def __init__(self, cfg: Config, split: str, count: int):
+        dataset = cell_split(cfg, split)
+        self.store = cell_store(cfg, dataset, split, "eval")
+        stream = EpisodeDataset(dataset, cfg.test.ways, cfg.test.shots, cfg.test.queries, seed=cfg.test.seed,
+                                count=count)
+        self.specs = [stream[i] for i in range(count)]
+        self.shape = (cfg.test.ways, cfg.test.shots, cfg.test.queries, cfg.data.image_size)
+
+    def __len__(self) -> int:
+        return len(self.specs)
+
+    def batches(self, indices: list[int], size: int, device: torch.device) -> Iterator[Episode]:
+        """Episodes `indices`, `size` at a time, as tensors on `device`."""
+        make = EpisodeMaker(self.store, *self.shape, device)
+        for start in range(0, len(indices), size):
+            yield make(collate_specs([self.specs[i] for i in indices[start:start + size]]))
+
+
+def fixed_episodes(cfg: Config, split: str, count: int) -> FixedEpisodes:
+    return FixedEpisodes(cfg, split, count)
+
+
+def evaluate(model: nn.Module, episodes: FixedEpisodes, steps: int, inner_lr: float, device: torch.device,
+             progress: str | None = None, zero_head: bool = False, precision: str = "fp32",
              parallel: int = 1) -> np.ndarray:
     """Per-episode query accuracy (%) of `model` adapted with `steps` SGD steps on each episode, in episode order;
     `parallel` episodes are adapted together (fsl.maml.evaluate_tasks).
 
     Under torchrun the episodes are dealt out round-robin across the processes (all of them must call this) and
     every process gets the full array, identical to a single-process run's."""
-    share = distributed.my_share(len(episodes))
+    share = list(distributed.my_share(len(episodes)))
     accuracies = []
-    loader = episode_loader(Subset(episodes, share), meta_batch=parallel, workers=workers,
-                            pin_memory=device.type == "cuda")
     with tqdm(total=len(share), desc=progress, unit="ep", leave=False,
               disable=progress is None or not distributed.is_main()) as bar:
-        for batch in loader:
+        for batch in episodes.batches(share, parallel, device):
             with autocast(precision, device):
-                accuracies += evaluate_tasks(model, batch.to(device), steps, inner_lr, zero_head).tolist()
+                accuracies += evaluate_tasks(model, batch, steps, inner_lr, zero_head).tolist()
             bar.update(len(batch.query_y))
     return np.asarray(distributed.gather_shares(accuracies, len(episodes)), dtype=np.float64)
 
@@ -101,7 +119,7 @@ def trained_tasks(checkpoint_path: Path, checkpoint: dict) -> int:
 
 
 def run(requested: Config, checkpoint_path: str | Path, config_path: str | Path | None = None,
-        episodes: EpisodeDataset | None = None) -> dict:
+        episodes: FixedEpisodes | None = None) -> dict:
     """Test `checkpoint_path` on the fixed test episodes; write the per-episode CSV and the summary row, which
     records where the result came from (fsl.provenance). Returns the summary row.
 
@@ -116,8 +134,8 @@ def run(requested: Config, checkpoint_path: str | Path, config_path: str | Path 
     episodes = episodes or fixed_episodes(cfg, "test", cfg.test.episodes)
     start = time.time()
     accuracies = evaluate(model, episodes, cfg.maml.test_inner_steps, cfg.maml.inner_lr, device,
-                          workers=cfg.data.workers, progress=f"test {cfg.run_name}", zero_head=cfg.maml.zero_head,
-                          precision=cfg.precision, parallel=cfg.test.parallel_episodes)
+                          progress=f"test {cfg.run_name}", zero_head=cfg.maml.zero_head, precision=cfg.precision,
+                          parallel=cfg.test.parallel_episodes)
     mean, half_width = float(accuracies.mean()), ci95(accuracies)
     train_tasks = trained_tasks(checkpoint_path, checkpoint)
     comparable, why = provenance.comparability(trained, cfg, train_tasks, checkpoint["tasks_done"],

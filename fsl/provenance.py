@@ -17,7 +17,7 @@ from fsl.config import Config, ConfigError, all_keys, flat_dict, load_config, se
 from fsl.reference import REFERENCE
 
 REPO = Path(__file__).resolve().parents[1]
-RUN_KEYS = ("device", "work_dir", "results_dir", "data.root", "data.workers", "data.cache_images",
+RUN_KEYS = ("device", "work_dir", "results_dir", "data.root", "data.workers", "data.cache_dir",
             "train.log_every", "train.checkpoint_every", "cudnn_benchmark", "train.parallel_tasks",
             "test.parallel_episodes")
 TEST_KEYS = tuple(k for k in all_keys() if k.startswith("test.")) + ("maml.test_inner_steps", "precision")

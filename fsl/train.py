@@ -23,9 +23,8 @@ from tqdm import tqdm
 
 from fsl import distributed
 from fsl.config import Config, ConfigError, dump_yaml, from_dict, to_dict
-from fsl.data.transforms import eval_transform, train_transform
-from fsl.episodes import EpisodeDataset, RankShare, episode_loader
-from fsl.evaluate import cell_split, ci95, evaluate, fixed_episodes
+from fsl.episodes import EpisodeDataset, EpisodeMaker, RankShare, episode_loader
+from fsl.evaluate import cell_split, cell_store, ci95, evaluate, fixed_episodes
 from fsl.maml import NonFiniteLossError, meta_parameters, meta_train_step
 from fsl.models import build_model
 from fsl.precision import apply_precision, autocast
@@ -148,15 +147,17 @@ def run(cfg: Config) -> Path:
             print(f"training already finished ({state['tasks_done']} tasks); best checkpoint: {best}")
         return best
 
-    train_set = cell_split(cfg, "train",
-                           (train_transform if cfg.data.train_augment else eval_transform)(cfg.data.image_size),
-                           deterministic=not cfg.data.train_augment)
+    train_split = cell_split(cfg, "train")
+    store = cell_store(cfg, train_split, "train", "train" if cfg.data.train_augment else "eval")
     val_episodes = fixed_episodes(cfg, "val", cfg.train.val_episodes)
-    train_episodes = EpisodeDataset(train_set, cfg.train.ways, cfg.train.shots, cfg.train.queries, seed=cfg.seed,
-                                    start=state["tasks_done"], count=cfg.train.tasks - state["tasks_done"])
+    train_episodes = EpisodeDataset(train_split, cfg.train.ways, cfg.train.shots, cfg.train.queries, seed=cfg.seed,
+                                    start=state["tasks_done"], count=cfg.train.tasks - state["tasks_done"],
+                                    image_sizes=store.sizes if cfg.data.train_augment else None)
     if world > 1:
         train_episodes = RankShare(train_episodes, cfg.train.meta_batch, distributed.rank(), world)
-    loader = episode_loader(train_episodes, local_batch, cfg.data.workers, pin_memory=device.type == "cuda")
+    loader = episode_loader(train_episodes, local_batch, cfg.data.workers)
+    make_episodes = EpisodeMaker(store, cfg.train.ways, cfg.train.shots, cfg.train.queries, cfg.data.image_size,
+                                 device)
 
     def checkpoint_now(path: Path = latest) -> None:
         if main:
@@ -170,8 +171,8 @@ def run(cfg: Config) -> Path:
                     dynamic_ncols=True, smoothing=0.05, disable=not main)
     window_start = step_start = time.time()
     with StopRequest() as stop:
-        for batch in loader:
-            episodes = batch.to(device)
+        for specs in loader:
+            episodes = make_episodes(specs)
             step_tasks = len(episodes.query_y) * world
             for group in optimizer.param_groups:
                 group["lr"] = meta_lr_at(cfg, state["tasks_done"])
@@ -216,8 +217,8 @@ def run(cfg: Config) -> Path:
             if crossed(done, step_tasks, cfg.train.val_every) or done == cfg.train.tasks:
                 start = time.time()
                 accuracies = evaluate(model, val_episodes, cfg.maml.test_inner_steps, cfg.maml.inner_lr, device,
-                                      workers=min(cfg.data.workers, 2), zero_head=cfg.maml.zero_head,
-                                      precision=cfg.precision, parallel=cfg.test.parallel_episodes)
+                                      zero_head=cfg.maml.zero_head, precision=cfg.precision,
+                                      parallel=cfg.test.parallel_episodes)
                 mean = float(np.mean(accuracies))
                 improved = mean > state["best_val_mean"]
                 if improved:

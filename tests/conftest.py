@@ -1,7 +1,10 @@
 """Shared test fixtures. The real-data fixtures live in ../shared/data (override with FSL_SHARED_DATA)."""
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -12,6 +15,9 @@ SHARED_DATA = Path(os.environ.get("FSL_SHARED_DATA", REPO.parent / "shared" / "d
 FIXTURES = {"mini-imagenet": "mini-imagenet-lite", "cub": "CUB_200_2011-lite", "tiered-imagenet": "tiered-imagenet-lite"}
 
 torch.set_num_threads(2)
+# decoded-image stores (fsl.data.store) shared by every test of the session, built on first use
+STORE_CACHE = Path(tempfile.mkdtemp(prefix="fsl-test-stores-"))
+atexit.register(shutil.rmtree, STORE_CACHE, ignore_errors=True)
 
 
 def fixture_root(name: str) -> Path:

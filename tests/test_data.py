@@ -61,56 +61,6 @@ def test_transform_outputs():
     assert abs(x.mean().item()) < 1.5  # normalised, not 0-255 or 0-1
 
 
-def test_training_episode_shapes_and_labels():
-    dataset = load_split("mini-imagenet", fixture_root("mini-imagenet"), "train", eval_transform(84))
-    episode = EpisodeDataset(dataset, ways=5, shots=5, queries=16, seed=0, count=2)[0]
-    assert episode.support_x.shape == (25, 3, 84, 84) and episode.query_x.shape == (80, 3, 84, 84)
-    assert sorted(episode.support_y.tolist()) == sorted(list(range(5)) * 5)
-    assert sorted(episode.query_y.tolist()) == sorted(list(range(5)) * 16)
-    # support and query of one class come from the same dataset class, and never share an image
-    indices = EpisodeDataset(dataset, 5, 5, 16, seed=0, count=2).describe(0)
-    assert len(set(indices)) == 105
-    for c in range(5):
-        labels = {dataset.labels[i] for i in indices[c * 21:(c + 1) * 21]}
-        assert len(labels) == 1
-
-
-def test_label_order_is_random_per_task():
-    dataset = load_split("mini-imagenet", fixture_root("mini-imagenet"), "val", eval_transform(28))
-    episodes = EpisodeDataset(dataset, 5, 1, 1, seed=0, count=20)
-    # support items come class by class in dataset-class order; the head row of the first class must vary
-    first_rows = {episodes[i].support_y[0].item() for i in range(20)}
-    assert len(first_rows) > 1
-
-
-def episodes_bytes(workers: int, root) -> tuple[list, bytes]:
-    dataset = load_split("mini-imagenet", root, "test", eval_transform(84))
-    episodes = EpisodeDataset(dataset, ways=5, shots=1, queries=15, seed=0, count=6)
-    descriptions = [episodes.describe(i) for i in range(len(episodes))]
-    tensors = b"".join(t.numpy().tobytes() for batch in episode_loader(episodes, 1, workers) for t in batch)
-    return descriptions, tensors
-
-
-def test_fixed_episodes_identical_across_runs_and_workers():
-    root = fixture_root("mini-imagenet")
-    a = episodes_bytes(0, root)
-    b = episodes_bytes(2, root)
-    c = episodes_bytes(0, root)
-    assert a[0] == b[0] == c[0]
-    assert a[1] == b[1] == c[1]
-
-
-def test_training_augmentation_is_a_function_of_the_task_index():
-    dataset = load_split("mini-imagenet", fixture_root("mini-imagenet"), "train", train_transform(84))
-    whole = EpisodeDataset(dataset, 5, 1, 2, seed=3, count=4)
-    resumed = EpisodeDataset(dataset, 5, 1, 2, seed=3, count=2, start=2)
-    torch.manual_seed(123)  # the caller's RNG must not matter, nor be changed
-    state = torch.get_rng_state()
-    assert torch.equal(whole[2].support_x, resumed[0].support_x)
-    assert torch.equal(torch.get_rng_state(), state)
-    assert not torch.equal(whole[0].support_x, whole[1].support_x)
-
-
 # ---- every data error, on corrupted temporary copies ----------------------------------------------------------
 
 def copy_fixture(name, tmp_path):
@@ -159,7 +109,7 @@ def test_truncated_image_and_small_class_and_overlap_are_reported(tmp_path):
     assert result.returncode != 0 and "truncated" in result.stderr
 
 
-def test_episode_needs_enough_images_per_class(tmp_path):
+def test_episode_needs_enough_images_per_class():
     dataset = load_split("tiered-imagenet", fixture_root("tiered-imagenet"), "val")
     with pytest.raises(DatasetError, match="fewer images than shots \\+ queries = 5 \\+ 36"):
         EpisodeDataset(dataset, 5, 5, 36, seed=0, count=1)
@@ -169,7 +119,7 @@ def test_html_page_saved_as_pickle(tmp_path):
     root = copy_fixture("tiered-imagenet", tmp_path)
     (root / "val_images_png.pkl").write_bytes(b"<!DOCTYPE html><html><body>Google Drive - quota exceeded")
     with pytest.raises(DatasetError, match="HTML page"):
-        load_split("tiered-imagenet", root, "val")
+        load_split("tiered-imagenet", root, "val").png_bytes  # read when the image store is built
 
 
 def test_cub_missing_file(tmp_path):
@@ -179,10 +129,11 @@ def test_cub_missing_file(tmp_path):
         load_split("cub", root, "train")
 
 
-def test_tiered_keeps_png_bytes_and_decodes_per_item():
+def test_tiered_reads_labels_only_until_an_image_is_decoded():
     dataset = load_split("tiered-imagenet", fixture_root("tiered-imagenet"), "train")
-    assert isinstance(dataset.png_bytes[0], (bytes, np.ndarray)) and len(dataset.png_bytes[0]) < 84 * 84 * 3
+    assert dataset._png_bytes is None and len(dataset.labels) == 1240  # the images pickle is not loaded
     assert dataset.load_image(0).size == (84, 84)
+    assert isinstance(dataset.png_bytes[0], (bytes, np.ndarray)) and len(dataset.png_bytes[0]) < 84 * 84 * 3
 
 
 def test_mini_imagenet_learn2learn_cache_layout(tmp_path):
@@ -228,16 +179,6 @@ def test_prepare_rejects_html_instead_of_archive(tmp_path, monkeypatch):
     with pytest.raises(DatasetError, match="HTML page instead of CUB_200_2011.tgz"):
         prepare.prepare("cub", tmp_path / "cub")
     assert not list((tmp_path / "cub").glob("*.tgz*"))
-
-
-def test_cached_images_are_the_transformed_images():
-    root = fixture_root("mini-imagenet")
-    plain = load_split("mini-imagenet", root, "test", eval_transform(28))
-    cached = load_split("mini-imagenet", root, "test", eval_transform(28))
-    cached.cache_transformed()
-    for index in (0, 7, 0, 7):  # second visit comes from the cache
-        assert torch.equal(cached[index][0], plain[index][0]) and cached[index][1] == plain[index][1]
-    assert sorted(cached.cache) == [0, 7]
 
 
 def test_cub_class_missing_before_later_classes_is_an_error(tmp_path):

@@ -10,7 +10,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from conftest import REPO, fixture_root
+from conftest import REPO, STORE_CACHE, fixture_root
 from fsl import distributed
 from fsl.episodes import Episode, RankShare, collate_episodes
 from fsl.maml import meta_train_step
@@ -24,9 +24,9 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1"}  # the same kernels in every proces
 
 def tiny(root, out, *extra):
     """Tiny but real: 28x28 mini-ImageNet-lite episodes, 2 queries, meta-batch 4 (2 tasks per process)."""
-    return [f"data.root={root}", "data.image_size=28", "data.workers=0", "device=cpu", "train.meta_batch=4",
-            "train.queries=2", "train.val_episodes=5", "train.val_every=8", "train.log_every=4",
-            "train.checkpoint_every=4", "test.episodes=6", f"work_dir={out / 'work'}",
+    return [f"data.root={root}", "data.image_size=28", "data.workers=0", f"data.cache_dir={STORE_CACHE}",
+            "device=cpu", "train.meta_batch=4", "train.queries=2", "train.val_episodes=5", "train.val_every=8",
+            "train.log_every=4", "train.checkpoint_every=4", "test.episodes=6", f"work_dir={out / 'work'}",
             f"results_dir={out / 'results'}", *extra]
 
 

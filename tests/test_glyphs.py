@@ -5,10 +5,12 @@ import json
 import subprocess
 import sys
 
+import torch
+
 from conftest import REPO
-from fsl.data import glyphs, load_split
+from fsl.data import glyphs, load_split, store
 from fsl.data.transforms import eval_transform
-from fsl.episodes import EpisodeDataset
+from fsl.episodes import EpisodeDataset, EpisodeMaker, collate_specs
 
 
 def digest(root) -> dict:
@@ -30,11 +32,16 @@ def test_splits_are_by_script(glyphs_root):
     assert len(rows) >= 1000 and len(scripts["train"]) >= 20
 
 
-def test_reader_and_episodes(glyphs_root):
-    dataset = load_split("glyphs", glyphs_root, "test", eval_transform(28))
+def test_reader_store_and_episodes(glyphs_root, tmp_path):
+    dataset = load_split("glyphs", glyphs_root, "test")
     assert len(dataset) == 20 * dataset.num_classes
-    episode = EpisodeDataset(dataset, 5, 1, 15, seed=0, count=1)[0]
-    assert episode.support_x.shape == (5, 3, 28, 28) and episode.query_x.shape == (75, 3, 28, 28)
+    images = store.open_store(dataset, "glyphs", "test", "eval", 20, tmp_path)
+    assert images.pixels.shape == (len(dataset), 20, 20, 3)
+    specs = collate_specs([EpisodeDataset(dataset, 5, 1, 15, seed=0, count=1)[0]])
+    episode = EpisodeMaker(images, 5, 1, 15, 20, torch.device("cpu"))(specs)
+    assert episode.support_x.shape == (1, 5, 3, 20, 20) and episode.query_x.shape == (1, 75, 3, 20, 20)
+    torch.testing.assert_close(episode.query_x[0, 3], eval_transform(20)(dataset.load_image(int(specs.indices[0, 4]))),
+                               rtol=0, atol=1e-5)
 
 
 def test_generation_is_reused(glyphs_root):

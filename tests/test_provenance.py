@@ -3,7 +3,7 @@ import pandas as pd
 import pytest
 import torch
 
-from conftest import REPO, fixture_root
+from conftest import REPO, STORE_CACHE, fixture_root
 from fsl import evaluate, provenance, train
 from fsl.config import ConfigError, load_config
 from fsl.provenance import check_resume, comparability, meta_test_config, meta_test_sha, train_sha
@@ -75,9 +75,10 @@ def test_comparability_names_every_reason():
 
 
 def tiny(tmp_path, *extra):
-    return [f"data.root={fixture_root('mini-imagenet')}", "data.image_size=28", "data.workers=0", "device=cpu",
-            "train.meta_batch=2", "train.queries=2", "train.val_episodes=2", "train.log_every=2",
-            "test.episodes=5", f"work_dir={tmp_path / 'work'}", f"results_dir={tmp_path / 'results'}", *extra]
+    return [f"data.root={fixture_root('mini-imagenet')}", "data.image_size=28", "data.workers=0",
+            f"data.cache_dir={STORE_CACHE}", "device=cpu", "train.meta_batch=2", "train.queries=2",
+            "train.val_episodes=2", "train.log_every=2", "test.episodes=5", f"work_dir={tmp_path / 'work'}",
+            f"results_dir={tmp_path / 'results'}", *extra]
 
 
 def test_short_run_is_recorded_as_such_and_not_done(tmp_path):

@@ -1,10 +1,11 @@
 """What every dataset reader returns: one split as a torch Dataset of (image, label) with a cheap label list."""
 from __future__ import annotations
 
+import hashlib
 import io
 from collections import Counter
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterable
 
 from PIL import Image
 from torch.utils.data import Dataset
@@ -28,11 +29,13 @@ class SplitDataset(Dataset):
 
     `labels[i]` is the class of item i in 0..num_classes-1, known without decoding any image, so that
     learn2learn's MetaDataset can index millions of items cheaply. `__getitem__(i)` decodes one image and returns
-    (transform(image), label); without a transform the image is an RGB `PIL.Image`.
-    Subclasses set `labels` and `class_names` and implement `load_image(i)` and `source(i)` (where item i is
-    stored, for error messages).
+    (transform(image), label); without a transform the image is an RGB `PIL.Image`. Training and evaluation read
+    the decoded images from an image store instead (fsl.data.store), which `load_image` fills once.
+    Subclasses set `root`, `labels` and `class_names` and implement `load_image(i)`, `source(i)` (where item i is
+    stored, for error messages), `image_size(i)` and `fingerprint()` (what the store checks it was built from).
     """
 
+    root: Path
     labels: list[int]
     class_names: list[str]
     # images a class needs per split: protocol training episodes take 5 shots + 16 queries, validation and test
@@ -41,12 +44,6 @@ class SplitDataset(Dataset):
 
     def __init__(self, transform: Callable | None = None):
         self.transform = transform
-        self.cache: dict | None = None  # index -> transformed image, once `cache_transformed()` is called
-
-    def cache_transformed(self) -> None:
-        """Keep every transformed image after its first load (each DataLoader worker keeps its own copy). Only
-        correct for a deterministic transform; worth it for small images seen many times (the glyphs demo)."""
-        self.cache = {}
 
     def load_image(self, index: int) -> Image.Image:
         raise NotImplementedError
@@ -54,17 +51,24 @@ class SplitDataset(Dataset):
     def source(self, index: int) -> str:
         raise NotImplementedError
 
+    def image_size(self, index: int) -> tuple[int, int]:
+        """(height, width) of image `index` as `load_image` returns it, read without decoding the pixels."""
+        raise NotImplementedError
+
+    def image_sizes(self) -> list[tuple[int, int]] | None:
+        """Every image's (height, width) at once where the reader knows them without reading each (else None)."""
+        return None
+
+    def fingerprint(self) -> str:
+        """A hash that changes when the files the images come from change (names, sizes, modification times)."""
+        raise NotImplementedError
+
     def __len__(self) -> int:
         return len(self.labels)
 
     def __getitem__(self, index: int):
-        if self.cache is not None and index in self.cache:
-            return self.cache[index], self.labels[index]
         image = self.load_image(index)
-        image = self.transform(image) if self.transform else image
-        if self.cache is not None:
-            self.cache[index] = image
-        return image, self.labels[index]
+        return (self.transform(image) if self.transform else image), self.labels[index]
 
     @property
     def num_classes(self) -> int:
@@ -77,6 +81,22 @@ class SplitDataset(Dataset):
     def indices_to_labels(self) -> dict[int, int]:
         """The bookkeeping learn2learn's MetaDataset would otherwise build by decoding every item."""
         return dict(enumerate(self.labels))
+
+
+def files_fingerprint(paths: Iterable[Path], *extra: str) -> str:
+    """Hash of each file's name, size and modification time (and `extra` strings); one stat per file."""
+    digest = hashlib.sha256("\n".join(extra).encode())
+    for path in paths:
+        stat = path.stat()
+        digest.update(f"{path}|{stat.st_size}|{stat.st_mtime_ns}\n".encode())
+    return digest.hexdigest()[:16]
+
+
+def header_size(path_or_bytes: Path | bytes) -> tuple[int, int]:
+    """(height, width) of an image file or encoded bytes, from its header (no pixel decoding)."""
+    source = io.BytesIO(path_or_bytes) if isinstance(path_or_bytes, bytes) else path_or_bytes
+    with Image.open(source) as image:
+        return image.height, image.width
 
 
 def open_rgb(path_or_bytes: Path | bytes) -> Image.Image:

@@ -13,7 +13,7 @@ from typing import Callable
 
 from PIL import Image
 
-from fsl.data.base import DatasetError, SplitDataset, open_rgb, require
+from fsl.data.base import DatasetError, SplitDataset, files_fingerprint, header_size, open_rgb, require
 
 LAYOUT = """expected layout under ROOT (the CUB_200_2011 folder of the official archive):
   ROOT/images/<NNN.Class>/<file>.jpg, ROOT/images.txt, ROOT/classes.txt, ROOT/image_class_labels.txt
@@ -41,7 +41,7 @@ def read_id_table(path: Path) -> dict[int, list[str]]:
 class CUB(SplitDataset):
     def __init__(self, root: str | Path, split: str, transform: Callable | None = None, bbox_crop: bool = False):
         super().__init__(transform)
-        root = Path(root)
+        root = self.root = Path(root)
         fix = f"run `python -m fsl data prepare cub --root {root}` or pass data.root=...\n{LAYOUT}"
         require(root, "CUB-200-2011 root folder", fix)
         images = read_id_table(require(root / "images.txt", "CUB images.txt", fix))
@@ -85,3 +85,13 @@ class CUB(SplitDataset):
 
     def source(self, index: int) -> str:
         return str(self.paths[index])
+
+    def image_size(self, index: int) -> tuple[int, int]:
+        if self.boxes[index] is None:
+            return header_size(self.paths[index])
+        x, y, width, height = self.boxes[index]
+        return int(y + height) - int(y), int(x + width) - int(x)
+
+    def fingerprint(self) -> str:
+        return files_fingerprint(self.paths, f"bbox_crop={self.boxes[0] is not None if self.boxes else False}",
+                                 *(str(box) for box in self.boxes if box))

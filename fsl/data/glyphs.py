@@ -29,7 +29,7 @@ import numpy as np
 from matplotlib import ft2font
 from PIL import Image
 
-from fsl.data.base import DatasetError, SplitDataset
+from fsl.data.base import DatasetError, SplitDataset, files_fingerprint
 
 VERSION = "glyphs-v2"
 IMAGE_SIZE = 32          # stored size; the test transform centre-crops 28 (32 = 28 * 96 / 84)
@@ -182,7 +182,7 @@ class Glyphs(SplitDataset):
 
     def __init__(self, root: str | Path, split: str, transform: Callable | None = None):
         super().__init__(transform)
-        root = Path(root)
+        root = self.root = Path(root)
         ensure_generated(root)
         with open(root / "classes.csv", newline="") as f:
             classes = [row for row in csv.DictReader(f) if row["split"] == split]
@@ -200,3 +200,13 @@ class Glyphs(SplitDataset):
 
     def source(self, index: int) -> str:
         return f"{self.root / 'images.npy'}[{self.indices[index]}]"
+
+    def image_size(self, index: int) -> tuple[int, int]:
+        return tuple(self.images.shape[1:3])
+
+    def image_sizes(self) -> list[tuple[int, int]] | None:
+        return [tuple(self.images.shape[1:3])] * len(self.indices)
+
+    def fingerprint(self) -> str:
+        return files_fingerprint([self.root / "images.npy", self.root / "classes.csv"],
+                                 (self.root / "VERSION").read_text())

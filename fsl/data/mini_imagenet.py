@@ -15,7 +15,7 @@ from typing import Callable
 
 from PIL import Image
 
-from fsl.data.base import DatasetError, SplitDataset, open_rgb, require
+from fsl.data.base import DatasetError, SplitDataset, files_fingerprint, header_size, open_rgb, require
 
 LAYOUT = """expected layout under ROOT (either one):
   ROOT/train.csv, ROOT/val.csv, ROOT/test.csv   (header `filename,label`, Ravi & Larochelle split)
@@ -46,7 +46,7 @@ def read_split_csv(path: Path) -> list[tuple[str, str]]:
 class MiniImageNet(SplitDataset):
     def __init__(self, root: str | Path, split: str, transform: Callable | None = None):
         super().__init__(transform)
-        root = Path(root)
+        root = self.root = Path(root)
         require(root, "mini-ImageNet root folder",
                 f"run `python -m fsl data prepare mini-imagenet --root {root}` or pass data.root=...\n{LAYOUT}")
         csv_path = root / f"{split}.csv"
@@ -90,6 +90,15 @@ class MiniImageNet(SplitDataset):
                 labels[index] = class_id
         self.labels = labels
         self.cache_path = path
+
+    def image_size(self, index: int) -> tuple[int, int]:
+        return tuple(self.array.shape[1:3]) if self.array is not None else header_size(self.paths[index])
+
+    def image_sizes(self) -> list[tuple[int, int]] | None:
+        return [tuple(self.array.shape[1:3])] * len(self.array) if self.array is not None else None
+
+    def fingerprint(self) -> str:
+        return files_fingerprint([self.cache_path] if self.array is not None else self.paths)
 
     def load_image(self, index: int) -> Image.Image:
         if self.array is not None:

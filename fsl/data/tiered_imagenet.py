@@ -3,7 +3,8 @@
 Reads Ren et al.'s release (also learn2learn's file names): `{split}_images_png.pkl`, an object array of
 PNG-encoded uint8 buffers, and `{split}_labels.pkl`, a dict with `label_specific` (per-image class index),
 `label_specific_str` (class names), `label_general` and `label_general_str` (super-categories).
-The PNG bytes are kept as they are and decoded per item: the full train split (~450k images) is ~12 GB decoded.
+Reading a split loads only the labels; the PNG bytes (~8.7 GB for the full train split) are loaded when an image is
+decoded, which happens once, when the image store is built (fsl.data.store): training reads the store.
 """
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from typing import Callable
 import numpy as np
 from PIL import Image
 
-from fsl.data.base import DatasetError, SplitDataset, open_rgb, require
+from fsl.data.base import DatasetError, SplitDataset, files_fingerprint, header_size, open_rgb, require
 
 LAYOUT = """expected layout under ROOT (Ren et al.'s release, or ROOT/tiered-imagenet/ as learn2learn stores it):
   ROOT/{train,val,test}_images_png.pkl   object array of PNG bytes
@@ -49,17 +50,24 @@ class TieredImageNet(SplitDataset):
         if not isinstance(labels, dict) or "label_specific" not in labels:
             raise DatasetError(f"{labels_path} has no 'label_specific' entry; found {type(labels).__name__} "
                                f"{sorted(labels) if isinstance(labels, dict) else ''}\n  fix: {LAYOUT}")
-        self.png_bytes = load_pickle(images_path)  # (N,) object array of encoded PNGs: no decoding here
+        self.root, self.images_path, self.labels_path, self._png_bytes = root, images_path, labels_path, None
         specific = np.asarray(labels["label_specific"]).astype(np.int64)
-        if len(specific) != len(self.png_bytes):
-            raise DatasetError(f"{labels_path} has {len(specific)} labels but {images_path} has "
-                               f"{len(self.png_bytes)} images\n  fix: the two files come from different releases")
         self.labels = specific.tolist()
         names = labels.get("label_specific_str")
         num_classes = int(specific.max()) + 1 if len(specific) else 0
         self.class_names = [str(n) for n in names] if names is not None and len(names) == num_classes \
             else [f"class_{i}" for i in range(num_classes)]
-        self.images_path = images_path
+
+    @property
+    def png_bytes(self) -> np.ndarray:
+        """(N,) object array of the encoded PNGs, loaded on first use (building the image store)."""
+        if self._png_bytes is None:
+            png_bytes = load_pickle(self.images_path)
+            if len(png_bytes) != len(self.labels):
+                raise DatasetError(f"{self.labels_path} has {len(self.labels)} labels but {self.images_path} has "
+                                   f"{len(png_bytes)} images\n  fix: the two files come from different releases")
+            self._png_bytes = png_bytes
+        return self._png_bytes
 
     def load_image(self, index: int) -> Image.Image:
         buffer = self.png_bytes[index]
@@ -67,3 +75,9 @@ class TieredImageNet(SplitDataset):
 
     def source(self, index: int) -> str:
         return f"{self.images_path}[{index}]"
+
+    def image_size(self, index: int) -> tuple[int, int]:
+        return header_size(bytes(self.png_bytes[index]))
+
+    def fingerprint(self) -> str:
+        return files_fingerprint([self.images_path, self.labels_path])

@@ -1,7 +1,10 @@
-"""Image transforms of the protocol (MMFewShot's MAML pipelines).
+"""Image transforms of the protocol (MMFewShot's MAML pipelines), as torchvision's per-image v1 transforms.
 
-Outputs are float32 tensors (3, size, size) normalised with ImageNet's mean/std on the 0-255 scale, so values lie
-roughly in [-2.2, 2.7].
+fsl does not run these per image during training: the image store (fsl.data.store) keeps `eval_resize_crop`'s output
+and the source images, and fsl.data.augment applies the training augmentation to whole batches on the training
+device, with parameters drawn exactly as `train_transform` draws them. These definitions are the reference the tests
+and benchmarks compare with. Outputs of the full transforms are float32 tensors (3, size, size) normalised with
+ImageNet's mean/std on the 0-255 scale, so values lie roughly in [-2.2, 2.7].
 """
 from __future__ import annotations
 
@@ -28,6 +31,11 @@ def train_transform(image_size: int = 84) -> T.Compose:
     ])
 
 
+def eval_resize_crop(image_size: int = 84) -> T.Compose:
+    """PIL -> PIL: resize the short side to 96/84 of `image_size` (96 for 84), keep the aspect, CenterCrop(size)."""
+    return T.Compose([T.Resize(round(image_size * 96 / 84)), T.CenterCrop(image_size)])
+
+
 def eval_transform(image_size: int = 84) -> T.Compose:
-    """Resize the short side to 96/84 of `image_size` (96 for 84), keep the aspect, then CenterCrop(image_size)."""
-    return T.Compose([T.Resize(round(image_size * 96 / 84)), T.CenterCrop(image_size), to_normalised_tensor()])
+    """`eval_resize_crop`, then normalise."""
+    return T.Compose([eval_resize_crop(image_size), to_normalised_tensor()])

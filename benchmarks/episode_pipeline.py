@@ -1,0 +1,229 @@
+"""Episode pipeline: training episodes per second, bytes in flight, and memory at tiered-ImageNet scale (#15).
+
+Part 1, throughput (mini-ImageNet-lite, protocol training episodes: 5-way, 5 shots + 16 queries, 84x84, augmented):
+    v1   the pipeline before #15: DataLoader workers decode each image with PIL and apply torchvision's per-image
+         transforms, float32 episodes through shared memory;
+    fsl  workers only describe episodes (indices, labels, augmentation parameters: numpy through a pipe); the
+         training process gathers uint8 pixels from the memory-mapped store and augments the meta-batch at once.
+Part 2, memory (a synthetic tiered-ImageNet train split in Ren et al.'s layout, --images images of 351 classes,
+random small PNGs): build the store, then draw 2,000 augmented training episodes with workers and report the
+resident memory of the main process and of each worker (private "anon" memory and shared file pages) at the start
+and the end, for this split and for one a tenth of its size.
+
+    python benchmarks/episode_pipeline.py [--episodes 400] [--images 100000] [--skip-memory]
+
+Writes benchmarks/results/episode-pipeline-<machine>.md (and prints it).
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import os
+import pickle
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import learn2learn as l2l  # noqa: E402
+from torch.utils.data import DataLoader  # noqa: E402
+
+from fsl.data import load_split  # noqa: E402
+from fsl.data.store import open_store  # noqa: E402
+from fsl.data.transforms import train_transform  # noqa: E402
+from fsl.episodes import EpisodeDataset, EpisodeMaker, episode_loader, seeded  # noqa: E402
+
+WAYS, SHOTS, QUERIES, SIZE, META_BATCH = 5, 5, 16, 84, 8
+
+
+class V1Episodes(torch.utils.data.Dataset):
+    """The pre-#15 pipeline: learn2learn loads transform(PIL image) per item; float32 (105, 3, 84, 84) per episode."""
+
+    def __init__(self, root: Path, count: int):
+        dataset = load_split("mini-imagenet", root, "train", train_transform(SIZE))
+        meta = l2l.data.MetaDataset(dataset, indices_to_labels=dataset.indices_to_labels())
+        self.taskset = l2l.data.Taskset(meta, task_transforms=[
+            l2l.data.transforms.NWays(meta, n=WAYS), l2l.data.transforms.KShots(meta, k=SHOTS + QUERIES),
+            l2l.data.transforms.LoadData(meta), l2l.data.transforms.RemapLabels(meta, shuffle=True),
+            l2l.data.transforms.ConsecutiveLabels(meta)])
+        self.count = count
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __getitem__(self, i: int):
+        with seeded(0, i):
+            return self.taskset.get_task(self.taskset.sample_task_description())
+
+
+def single_thread(_: int) -> None:
+    torch.set_num_threads(1)
+
+
+def rate_v1(root: Path, episodes: int, workers: int) -> tuple[float, float]:
+    loader = DataLoader(V1Episodes(root, episodes), batch_size=META_BATCH, num_workers=workers,
+                        worker_init_fn=single_thread, prefetch_factor=4 if workers else None)
+    start, nbytes = time.perf_counter(), 0
+    for x, y in loader:
+        nbytes = x.nbytes + y.nbytes
+    return episodes / (time.perf_counter() - start), nbytes
+
+
+def rate_fsl(root: Path, cache: Path, episodes: int, workers: int) -> tuple[float, float, dict]:
+    dataset = load_split("mini-imagenet", root, "train")
+    store = open_store(dataset, "mini-imagenet", "train", "train", SIZE, cache, progress=False)
+    stream = EpisodeDataset(dataset, WAYS, SHOTS, QUERIES, seed=0, count=episodes, image_sizes=store.sizes)
+    make = EpisodeMaker(store, WAYS, SHOTS, QUERIES, SIZE, torch.device("cpu"))
+    start, nbytes = time.perf_counter(), 0
+    for specs in episode_loader(stream, META_BATCH, workers):
+        nbytes = sum(f.nbytes for f in specs)
+        make(specs)
+    rate = episodes / (time.perf_counter() - start)
+    # where the time goes, per meta-batch of 8
+    specs = next(iter(episode_loader(stream, META_BATCH, 0)))
+    parts = {}
+    t = time.perf_counter()
+    [stream[i] for i in range(META_BATCH)]
+    parts["describe 8 episodes (one process)"] = time.perf_counter() - t
+    t = time.perf_counter()
+    store.gather(specs.indices.reshape(-1))
+    parts["gather 840 uint8 images"] = time.perf_counter() - t
+    t = time.perf_counter()
+    make(specs)
+    parts["gather + augment + normalise (CPU)"] = time.perf_counter() - t
+    return rate, nbytes, parts
+
+
+def synthetic_tiered(folder: Path, images: int, classes: int = 351) -> Path:
+    """Ren et al.'s train split layout with `images` random small PNGs (a solid colour and a random rectangle)."""
+    rng = np.random.default_rng(0)
+    labels = np.arange(images) % classes
+    png = np.empty(images, dtype=object)
+    for i in range(images):
+        pixels = np.empty((84, 84, 3), np.uint8)
+        pixels[:] = rng.integers(0, 256, 3, dtype=np.uint8)
+        top, left = rng.integers(0, 60, 2)
+        pixels[top:top + 24, left:left + 24] = rng.integers(0, 256, 3, dtype=np.uint8)
+        buffer = io.BytesIO()
+        Image.fromarray(pixels).save(buffer, format="PNG")
+        png[i] = np.frombuffer(buffer.getvalue(), dtype=np.uint8)
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / "train_images_png.pkl", "wb") as f:
+        pickle.dump(png, f, protocol=4)
+    with open(folder / "train_labels.pkl", "wb") as f:
+        pickle.dump({"label_specific": labels, "label_specific_str": [f"n{c:08d}" for c in range(classes)],
+                     "label_general": labels % 20, "label_general_str": [f"g{g}" for g in range(20)]}, f)
+    return folder
+
+
+def memory_mb(pid: int) -> dict:
+    """Resident memory of a process: private (RssAnon) and shared file pages (RssFile, the memory-mapped store)."""
+    fields = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        key, _, value = line.partition(":")
+        if key in ("RssAnon", "RssFile", "VmHWM"):
+            fields[key] = int(value.split()[0]) / 1024
+    return fields
+
+
+def memory_run(root: Path, cache: Path, episodes: int, workers: int) -> dict:
+    """Draw `episodes` augmented training episodes; sample every process's memory as it goes."""
+    before = memory_mb(os.getpid())
+    dataset = load_split("tiered-imagenet", root, "train")
+    store = open_store(dataset, "tiered-imagenet", "train", "train", SIZE, cache, progress=False)
+    stream = EpisodeDataset(dataset, WAYS, SHOTS, QUERIES, seed=0, count=episodes, image_sizes=store.sizes)
+    make = EpisodeMaker(store, WAYS, SHOTS, QUERIES, SIZE, torch.device("cpu"))
+    loader = iter(episode_loader(stream, META_BATCH, workers))
+    samples: dict[str, list[dict]] = {"main": []}
+    worker_pids = [w.pid for w in getattr(loader, "_workers", [])]
+    for step, specs in enumerate(loader):
+        make(specs)
+        if step % 25 == 0 or step == episodes // META_BATCH - 1:
+            samples["main"].append(memory_mb(os.getpid()))
+            for k, pid in enumerate(worker_pids):
+                samples.setdefault(f"worker {k}", []).append(memory_mb(pid))
+    return {"images": len(dataset), "store_mb": store.path.stat().st_size / 2**20, "main_before": before,
+            "samples": samples}
+
+
+def memory_child(queue, *args) -> None:
+    queue.put(memory_run(*args))
+
+
+def run_memory_in_child(root: Path, cache: Path, episodes: int, workers: int) -> dict:
+    """One split per fresh process, so that peak memory is this split's alone."""
+    import multiprocessing as mp
+    context = mp.get_context("spawn")
+    queue = context.Queue()
+    child = context.Process(target=memory_child, args=(queue, root, cache, episodes, workers))
+    child.start()
+    result = queue.get()
+    child.join()
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--episodes", type=int, default=400, help="part 1: training episodes per measurement")
+    parser.add_argument("--images", type=int, default=100_000, help="part 2: images of the synthetic split")
+    parser.add_argument("--memory-episodes", type=int, default=2000)
+    parser.add_argument("--skip-memory", action="store_true")
+    parser.add_argument("--data-root", default=str(Path(__file__).resolve().parents[2] / "shared/data/mini-imagenet-lite"))
+    args = parser.parse_args()
+    root = Path(args.data_root)
+    work = Path(tempfile.mkdtemp(prefix="fsl-pipeline-bench-"))
+    machine = f"cpu-x{os.cpu_count()}"
+    lines = [f"# Episode pipeline: {machine}", "",
+             f"`python benchmarks/episode_pipeline.py --episodes {args.episodes} --images {args.images}` on "
+             f"{os.cpu_count()} CPU cores, torch {torch.__version__}; training episodes 5-way, 5 + 16 images per "
+             f"class, 84x84, augmented, meta-batch 8, all on the CPU (no GPU).", "",
+             "| pipeline | loader workers | training episodes/s | bytes per meta-batch from the workers |",
+             "|---|---|---|---|"]
+    for workers in (0, 1, 2):
+        rate, nbytes = rate_v1(root, args.episodes, workers)
+        lines.append(f"| v1: PIL + torchvision per image in the workers | {workers} | {rate:.1f} | "
+                     f"{nbytes / 2**20:.1f} MB (float32, shared memory) |")
+        print(lines[-1], flush=True)
+    for workers in (0, 1, 2):
+        rate, nbytes, parts = rate_fsl(root, work / "cache", args.episodes, workers)
+        lines.append(f"| fsl: descriptions in the workers, store + batched augmentation in the trainer | {workers} | "
+                     f"{rate:.1f} | {nbytes / 1024:.1f} KB (numpy, pipe) |")
+        print(lines[-1], flush=True)
+    lines += ["", "Where the time goes in the training process (meta-batch of 8, CPU):", ""]
+    lines += [f"- {name}: {seconds * 1000:.1f} ms" for name, seconds in parts.items()]
+    if not args.skip_memory:
+        lines += ["", f"## tiered-ImageNet layout at scale: {args.memory_episodes} augmented training episodes, "
+                  f"2 loader workers", "",
+                  "| split images | store on disk | process | private memory start -> end (MB) | "
+                  "shared store pages end (MB) | peak RSS (MB) |", "|---|---|---|---|---|---|"]
+        for images in (args.images // 10, args.images):
+            t = time.perf_counter()
+            folder = synthetic_tiered(work / f"tiered-{images}", images)
+            made = time.perf_counter() - t
+            t = time.perf_counter()
+            open_store(load_split("tiered-imagenet", folder, "train"), "tiered-imagenet", "train", "train", SIZE,
+                       work / "cache", progress=False)
+            built = time.perf_counter() - t
+            result = run_memory_in_child(folder, work / "cache", args.memory_episodes, 2)
+            for process, samples in result["samples"].items():
+                lines.append(f"| {images:,} | {result['store_mb']:.0f} MB | {process} | "
+                             f"{samples[0]['RssAnon']:.0f} -> {samples[-1]['RssAnon']:.0f} | "
+                             f"{samples[-1]['RssFile']:.0f} | {max(s['VmHWM'] for s in samples):.0f} |")
+                print(lines[-1], flush=True)
+            lines.append(f"| | | (generating the split: {made:.0f} s; building its store: {built:.0f} s) | | | |")
+            for name in os.listdir(work / "cache"):
+                if name.startswith("tiered"):
+                    os.remove(work / "cache" / name)
+    out = Path(__file__).resolve().parent / "results" / f"episode-pipeline-{machine}.md"
+    out.write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    print(f"\nwritten: {out}")
+
+
+if __name__ == "__main__":
+    main()

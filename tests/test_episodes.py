@@ -1,0 +1,228 @@
+"""Image stores, batched augmentation and episodes (#15), on the real-data fixtures."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+from multiprocessing.reduction import ForkingPickler
+
+import learn2learn as l2l
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torchvision import transforms as T
+
+from conftest import REPO, fixture_root
+from fsl.data import DatasetError, load_split, store
+from fsl.data.augment import PARAMS
+from fsl.data.transforms import eval_resize_crop, eval_transform, train_transform
+from fsl.episodes import EpisodeDataset, EpisodeMaker, collate_specs, episode_loader, seeded
+
+
+@pytest.fixture(scope="module")
+def mini_train(tmp_path_factory):
+    """mini-ImageNet-lite's train split and its train-kind store (84x84 sources: stored as they are)."""
+    dataset = load_split("mini-imagenet", fixture_root("mini-imagenet"), "train")
+    return dataset, store.open_store(dataset, "mini-imagenet", "train", "train", 84, tmp_path_factory.mktemp("c"))
+
+
+def test_train_store_holds_the_decoded_images(mini_train):
+    dataset, images = mini_train
+    assert images.pixels.shape == (3840, 84, 84, 3) and images.pixels.dtype == np.uint8
+    assert isinstance(images.pixels, np.memmap)  # shared through the page cache, not copied into RAM
+    for i in (0, 1234, 3839):
+        assert np.array_equal(images.pixels[i], np.asarray(dataset.load_image(i)))
+    assert (images.sizes == 84).all()
+
+
+def test_eval_store_is_the_evaluation_transform(tmp_path):
+    dataset = load_split("cub", fixture_root("cub"), "test")
+    images = store.open_store(dataset, "cub", "test", "eval", 84, tmp_path)
+    assert images.pixels.shape == (685, 84, 84, 3)
+    for i in (0, 684):
+        assert np.array_equal(images.pixels[i], np.asarray(eval_resize_crop(84)(dataset.load_image(i))))
+    maker = EpisodeMaker(images, 5, 1, 15, 84, torch.device("cpu"))
+    specs = collate_specs([EpisodeDataset(dataset, 5, 1, 15, seed=0, count=1)[0]])
+    episode = maker(specs)
+    first = eval_transform(84)(dataset.load_image(int(specs.indices[0, 0])))
+    torch.testing.assert_close(episode.support_x[0, 0], first, rtol=0, atol=1e-5)  # as the v1 pipeline, to rounding
+
+
+def test_cub_train_store_keeps_what_the_crops_need(tmp_path):
+    """Variable-size originals: an S x S canvas, S = largest side capped at ceil(84 / sqrt(0.08)) = 297; original
+    sizes kept for the crop parameters."""
+    dataset = load_split("cub", fixture_root("cub"), "val")
+    images = store.open_store(dataset, "cub", "val", "train", 84, tmp_path)
+    sizes = store.read_sizes(dataset)
+    assert images.pixels.shape[1] == images.pixels.shape[2] == min(297, sizes.max())
+    assert np.array_equal(images.sizes, sizes) and len(set(map(tuple, sizes))) > 1
+
+
+def stamp_of(images) -> dict:
+    return json.loads(images.path.with_suffix(".json").read_text())
+
+
+def test_stale_truncated_and_old_stores_are_rebuilt(tmp_path):
+    root = tmp_path / "mini"
+    shutil.copytree(fixture_root("mini-imagenet"), root)
+    cache = tmp_path / "cache"
+    dataset = load_split("mini-imagenet", root, "val")
+    images = store.open_store(dataset, "mini-imagenet", "val", "eval", 84, cache)
+    expected = store.expected_stamp(dataset, "eval", 84)
+    base = images.path.with_suffix("")
+    assert store.problem(base, expected) is None
+    with open(images.path, "r+b") as f:  # truncated
+        f.truncate(images.path.stat().st_size - 100)
+    assert "truncated" in store.problem(base, expected)
+    store.open_store(dataset, "mini-imagenet", "val", "eval", 84, cache)
+    assert store.problem(base, expected) is None
+    stamp = stamp_of(images)
+    images.path.with_suffix(".json").write_text(json.dumps({**stamp, "format": "fsl-image-store-0"}))
+    assert "another fsl version" in store.problem(base, expected)
+    store.open_store(dataset, "mini-imagenet", "val", "eval", 84, cache)
+    image = root / "images" / load_split("mini-imagenet", root, "val").paths[5].name
+    Image.open(image).transpose(Image.FLIP_LEFT_RIGHT).save(image)  # the source changed
+    dataset = load_split("mini-imagenet", root, "val")
+    assert "source changed" in store.problem(base, store.expected_stamp(dataset, "eval", 84))
+    rebuilt = store.open_store(dataset, "mini-imagenet", "val", "eval", 84, cache)
+    assert np.array_equal(rebuilt.pixels[5], np.asarray(eval_resize_crop(84)(dataset.load_image(5))))
+
+
+def test_interrupted_build_leaves_nothing_and_a_bad_image_is_named(tmp_path, monkeypatch):
+    dataset = load_split("mini-imagenet", fixture_root("mini-imagenet"), "test")
+    real = type(dataset).load_image
+
+    def interrupted(self, index):
+        if index == 100:
+            raise KeyboardInterrupt
+        return real(self, index)
+    monkeypatch.setattr(type(dataset), "load_image", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        store.open_store(dataset, "mini-imagenet", "test", "eval", 84, tmp_path)
+    assert sorted(p.suffix for p in tmp_path.iterdir()) == [".lock"]  # no store, no temporary file
+
+    root = tmp_path / "mini"
+    shutil.copytree(fixture_root("mini-imagenet"), root)
+    monkeypatch.undo()
+    bad = root / "images" / load_split("mini-imagenet", root, "test").paths[7].name
+    bad.write_bytes(bad.read_bytes()[:400])
+    with pytest.raises(DatasetError, match=f"(?s)cannot decode image .*{bad.name}.*fix: replace the file"):
+        store.open_store(load_split("mini-imagenet", root, "test"), "mini-imagenet", "test", "eval", 84, tmp_path)
+
+
+def v1_taskset(dataset, transform):
+    """The per-image pipeline before #15: learn2learn loads transform(PIL image) item by item."""
+    dataset.transform = transform
+    meta = l2l.data.MetaDataset(dataset, indices_to_labels=dataset.indices_to_labels())
+    return l2l.data.Taskset(meta, task_transforms=[
+        l2l.data.transforms.NWays(meta, n=5), l2l.data.transforms.KShots(meta, k=5 + 16),
+        l2l.data.transforms.LoadData(meta), l2l.data.transforms.RemapLabels(meta, shuffle=True),
+        l2l.data.transforms.ConsecutiveLabels(meta)])
+
+
+def test_batched_augmentation_draws_the_v1_parameters_and_gives_its_pixels(mini_train, monkeypatch):
+    """A seeded training episode: the same images, crops, flips and colour factors as torchvision's per-image
+    pipeline with the same seed; pixels equal up to interpolation and rounding."""
+    dataset, images = mini_train
+    crops, jitters = [], []
+    crop_params, jitter_params = T.RandomResizedCrop.get_params, T.ColorJitter.get_params
+    monkeypatch.setattr(T.RandomResizedCrop, "get_params",
+                        staticmethod(lambda *a: crops.append(crop_params(*a)) or crops[-1]))
+    monkeypatch.setattr(T.ColorJitter, "get_params",
+                        staticmethod(lambda *a: jitters.append(jitter_params(*a)) or jitters[-1]))
+    with seeded(3, 2):
+        taskset = v1_taskset(load_split("mini-imagenet", fixture_root("mini-imagenet"), "train"), train_transform(84))
+        x_v1, y_v1 = taskset.get_task(taskset.sample_task_description())
+    v1_crops, v1_jitters = list(crops), list(jitters)
+    spec = EpisodeDataset(dataset, 5, 5, 16, seed=3, count=1, start=2, image_sizes=images.sizes)[0]
+    assert spec.params.shape == (105, len(PARAMS))
+    assert np.array_equal(spec.params[:, :4], np.asarray(v1_crops)) and np.array_equal(spec.labels, y_v1.numpy())
+    assert np.array_equal(spec.params[:, 5:9], np.stack([j[0].numpy() for j in v1_jitters]))
+    assert np.array_equal(spec.params[:, 9:], np.asarray([j[1:4] for j in v1_jitters]))
+    episode = EpisodeMaker(images, 5, 5, 16, 84, torch.device("cpu"))(collate_specs([spec]))
+    ours = torch.cat([episode.support_x[0].view(5, 5, 3, 84, 84), episode.query_x[0].view(5, 16, 3, 84, 84)], 1)
+    difference = (ours.flatten(0, 1) - x_v1).abs()  # normalised units: 1 ~ 57/255 of the pixel range
+    print(f"\nbatched vs per-image v1 augmentation: mean |difference| {difference.mean():.4f}, "
+          f"95th percentile {difference.quantile(0.95):.4f} (normalised units)")
+    assert difference.mean() < 0.03 and difference.quantile(0.95) < 0.1
+    flipped = spec.params[:, 4] == 1
+    assert 20 < flipped.sum() < 85  # ~half of the 105 images
+
+
+def test_episode_tensors_and_labels(mini_train):
+    dataset, images = mini_train
+    specs = collate_specs([EpisodeDataset(dataset, 5, 5, 16, seed=0, count=2, image_sizes=images.sizes)[i]
+                           for i in range(2)])
+    episode = EpisodeMaker(images, 5, 5, 16, 84, torch.device("cpu"))(specs)
+    assert episode.support_x.shape == (2, 25, 3, 84, 84) and episode.query_x.shape == (2, 80, 3, 84, 84)
+    assert episode.support_x.dtype == torch.float32 and -2.2 < episode.query_x.mean() < 2.7
+    for t in range(2):
+        assert sorted(episode.support_y[t].tolist()) == sorted(list(range(5)) * 5)
+        assert sorted(episode.query_y[t].tolist()) == sorted(list(range(5)) * 16)
+        indices = specs.indices[t]
+        assert len(set(indices.tolist())) == 105  # support and query never share an image
+        for c in range(5):  # each class block: one dataset class, one head row
+            assert len({dataset.labels[i] for i in indices[c * 21:(c + 1) * 21]}) == 1
+            assert len(set(specs.labels[t, c * 21:(c + 1) * 21].tolist())) == 1
+
+
+def test_label_order_is_random_per_task():
+    dataset = load_split("mini-imagenet", fixture_root("mini-imagenet"), "val")
+    episodes = EpisodeDataset(dataset, 5, 1, 1, seed=0, count=20)
+    # items come class by class in dataset-class order; the head row of the first class must vary
+    assert len({int(episodes[i].labels[0]) for i in range(20)}) > 1
+
+
+def test_episodes_are_a_function_of_seed_and_index(mini_train):
+    dataset, images = mini_train
+    whole = EpisodeDataset(dataset, 5, 1, 2, seed=3, count=4, image_sizes=images.sizes)
+    resumed = EpisodeDataset(dataset, 5, 1, 2, seed=3, count=2, start=2, image_sizes=images.sizes)
+    torch.manual_seed(123)  # the caller's RNG must not matter, nor be changed
+    state = torch.get_rng_state()
+    for a, b in zip(whole[2], resumed[0]):
+        assert np.array_equal(a, b)
+    assert torch.equal(torch.get_rng_state(), state)
+    assert not np.array_equal(whole[0].params, whole[1].params)
+    in_process = [np.concatenate([f.ravel() for f in batch]) for batch in episode_loader(whole, 2, workers=0)]
+    in_workers = [np.concatenate([f.ravel() for f in batch]) for batch in episode_loader(whole, 2, workers=2)]
+    assert all(np.array_equal(a, b) for a, b in zip(in_process, in_workers)) and len(in_workers) == 2
+
+
+def test_workers_send_no_tensor_through_shared_memory(mini_train, monkeypatch):
+    """Episode descriptions are numpy arrays pickled through the worker's pipe: a worker that tried to send a
+    torch tensor (which goes through /dev/shm) would fail here."""
+    def refuse(tensor):
+        raise RuntimeError("a tensor was sent through shared memory")
+    monkeypatch.setitem(ForkingPickler._extra_reducers, torch.Tensor, refuse)
+    dataset, images = mini_train
+    episodes = EpisodeDataset(dataset, 5, 5, 16, seed=0, count=4, image_sizes=images.sizes)
+    batches = list(episode_loader(episodes, 2, workers=2))
+    assert len(batches) == 2 and all(isinstance(f, np.ndarray) for batch in batches for f in batch)
+    assert sum(f.nbytes for f in batches[0]) < 30_000  # a meta-batch of 2 is a few KB, not 2 x 2.2 MB of pixels
+
+
+def test_data_cache_cli_builds_every_store(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "fsl", "data", "cache", "tiered-imagenet", "--root",
+                          str(fixture_root("tiered-imagenet")), "--cache-dir", str(tmp_path)],
+                         capture_output=True, text=True, cwd=REPO, env={**os.environ}, check=True).stdout
+    built = sorted(p.name for p in tmp_path.glob("*.npy") if not p.name.endswith(".sizes.npy"))
+    assert [name.split("-")[2] + "-" + name.split("-")[3] for name in built] == \
+        ["test-eval84", "train-train84", "val-eval84"]
+    assert "MB" in out
+
+
+def test_crops_of_variable_size_images_map_through_the_canvas(tmp_path):
+    """CUB: originals of many sizes stored on one square canvas; crops drawn for the original land on the same
+    content (compared with the per-image v1 pipeline on the original images)."""
+    dataset = load_split("cub", fixture_root("cub"), "val")
+    images = store.open_store(dataset, "cub", "val", "train", 84, tmp_path)
+    spec = EpisodeDataset(dataset, 5, 5, 16, seed=1, count=1, image_sizes=images.sizes)[0]
+    with seeded(1, 0):
+        taskset = v1_taskset(load_split("cub", fixture_root("cub"), "val"), train_transform(84))
+        x_v1, _ = taskset.get_task(taskset.sample_task_description())
+    episode = EpisodeMaker(images, 5, 5, 16, 84, torch.device("cpu"))(collate_specs([spec]))
+    ours = torch.cat([episode.support_x[0].view(5, 5, 3, 84, 84), episode.query_x[0].view(5, 16, 3, 84, 84)], 1)
+    difference = (ours.flatten(0, 1) - x_v1).abs()
+    print(f"\nCUB canvas: mean |difference| {difference.mean():.4f}, 95th percentile {difference.quantile(0.95):.4f}")
+    assert difference.mean() < 0.05
