@@ -4,6 +4,8 @@
 #   ARGS="key=value ..."  config overrides passed to train and test (e.g. ARGS="device=cpu data.root=/data/cub")
 #   QUICK=1               short sanity run (quick=true): few hundred tasks, 100 test episodes, rows marked quick
 #   GPUS=P                train and test with P processes on this node (torchrun; P must divide train.meta_batch)
+#   SEEDS=N               train and test seeds 0..N-1, each its own run (work dir <run>-seed<N>, summary row)
+# Variants of the inner loop (experiments/variants/<cell>-<variant>.yaml) are targets too: `make glyphs-conv4-1shot-anil`.
 
 SHELL := /bin/bash
 PYTHON_BIN ?= python3.11
@@ -14,23 +16,32 @@ STAMP := $(VENV)/.fsl-setup-stamp
 CONFIGS := $(filter-out experiments/_%,$(wildcard experiments/*.yaml))
 CELLS := $(patsubst experiments/%.yaml,%,$(CONFIGS))
 PAPER_CELLS := $(filter-out glyphs-%,$(CELLS))
+VARIANT_CONFIGS := $(wildcard experiments/variants/*.yaml)
+VARIANTS := $(patsubst experiments/variants/%.yaml,%,$(VARIANT_CONFIGS))
+GLYPHS_RUNS := $(filter glyphs-%,$(CELLS)) $(filter glyphs-%,$(VARIANTS))
 
 QUICK ?=
 ARGS ?=
 RUN_ARGS := $(ARGS) $(if $(QUICK),quick=true,)
 GPUS ?= 1
+SEEDS ?=
+SEED_ARGS := $(if $(SEEDS),$(foreach s,$(shell seq 0 $$(($(SEEDS) - 1))),seed=$(s)),_)
 FSL := $(if $(filter-out 1,$(GPUS)),$(VENV)/bin/torchrun --standalone --nproc_per_node $(GPUS) -m fsl,$(PY) -m fsl)
 
-.PHONY: help setup test demo all-tables tables bench data-cub data-mini-imagenet data-tiered-imagenet clean-venv $(CELLS)
+.PHONY: help setup test demo all-tables variants tables bench bench-data data-cub data-mini-imagenet \
+	data-tiered-imagenet clean-venv $(CELLS) $(VARIANTS)
 
 help:
 	@echo "make setup                 create .venv (Python 3.11) with the pinned stack"
 	@echo "make demo                  train + test + tables on the built-in glyphs data (minutes on a CPU)"
 	@echo "make test                  run the test suite"
-	@echo "make <cell> [GPUS=P]       train then test one cell (P processes via torchrun); cells: $(CELLS)"
+	@echo "make <cell> [GPUS=P] [SEEDS=N]  train then test one cell (P processes via torchrun; N seeds); cells: $(CELLS)"
+	@echo "make <cell>-<variant>      the same for a variant config of experiments/variants: $(VARIANTS)"
 	@echo "make all-tables            run every paper cell not yet done, then build the tables"
+	@echo "make variants              every glyphs variant not yet done (CPU, ~2 h), then results/tables/variants.md"
 	@echo "make tables                build results/tables and results/plots from results/*.csv"
 	@echo "make bench [QUICK=1]       meta-training speed and memory benchmark"
+	@echo "make bench-data            episode pipeline throughput and memory benchmark"
 	@echo "make data-cub|data-mini-imagenet|data-tiered-imagenet   download and lay out a dataset under data/"
 
 setup: $(STAMP)
@@ -47,14 +58,32 @@ test: $(STAMP)
 demo: $(STAMP)
 	$(PY) -m fsl demo $(ARGS)
 
+# one run per seed (SEEDS=N), or one run with the config's seed ("_" = no seed override)
+define train_and_test
+	@for seed in $(SEED_ARGS); do \
+	  extra=$$( [ "$$seed" = _ ] || echo $$seed ); \
+	  $(FSL) train $(1) $(RUN_ARGS) $$extra && $(FSL) test $(1) $(RUN_ARGS) $$extra || exit 1; \
+	done
+endef
+
 $(CELLS): %: $(STAMP)
-	$(FSL) train experiments/$@.yaml $(RUN_ARGS)
-	$(FSL) test experiments/$@.yaml $(RUN_ARGS)
+	$(call train_and_test,experiments/$@.yaml)
+
+$(VARIANTS): %: $(STAMP)
+	$(call train_and_test,experiments/variants/$@.yaml)
 
 all-tables: $(STAMP)
 	@for cell in $(PAPER_CELLS); do \
-	  if $(PY) -m fsl done experiments/$$cell.yaml $(RUN_ARGS); then echo "skip $$cell: result exists for this config and commit"; \
+	  if $(PY) -m fsl done experiments/$$cell.yaml $(RUN_ARGS); then echo "skip $$cell: comparable result exists for this config"; \
 	  else $(MAKE) --no-print-directory $$cell || exit 1; fi; \
+	done
+	$(PY) -m fsl tables
+
+variants: $(STAMP)
+	@for run in $(GLYPHS_RUNS); do \
+	  config=experiments/$$run.yaml; [ -f $$config ] || config=experiments/variants/$$run.yaml; \
+	  if $(PY) -m fsl done $$config $(RUN_ARGS); then echo "skip $$run: result exists for this config"; \
+	  else $(MAKE) --no-print-directory $$run || exit 1; fi; \
 	done
 	$(PY) -m fsl tables
 
@@ -63,6 +92,9 @@ tables: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/meta_train_speed.py $(if $(QUICK),--quick,)
+
+bench-data: $(STAMP)
+	$(PY) benchmarks/episode_pipeline.py
 
 data-cub data-mini-imagenet data-tiered-imagenet: data-%: $(STAMP)
 	$(PY) -m fsl data prepare $* --root data/$*

@@ -122,13 +122,14 @@ def synthetic_tiered(folder: Path, images: int, classes: int = 351) -> Path:
 
 
 def memory_mb(pid: int) -> dict:
-    """Resident memory of a process: private (RssAnon) and shared file pages (RssFile, the memory-mapped store)."""
+    """A process's memory from /proc/<pid>/smaps_rollup, MB: Rss (resident), Pss (resident, shared pages divided
+    among the processes sharing them), Private (pages this process alone holds: what it copied or allocated)."""
     fields = {}
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+    for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines()[1:]:
         key, _, value = line.partition(":")
-        if key in ("RssAnon", "RssFile", "VmHWM"):
-            fields[key] = int(value.split()[0]) / 1024
-    return fields
+        fields[key] = int(value.split()[0]) / 1024
+    return {"Rss": fields["Rss"], "Pss": fields["Pss"],
+            "Private": fields["Private_Clean"] + fields["Private_Dirty"]}
 
 
 def memory_run(root: Path, cache: Path, episodes: int, workers: int) -> dict:
@@ -143,7 +144,7 @@ def memory_run(root: Path, cache: Path, episodes: int, workers: int) -> dict:
     worker_pids = [w.pid for w in getattr(loader, "_workers", [])]
     for step, specs in enumerate(loader):
         make(specs)
-        if step % 25 == 0 or step == episodes // META_BATCH - 1:
+        if step in (0, episodes // META_BATCH - 1) or step % 25 == 0:
             samples["main"].append(memory_mb(os.getpid()))
             for k, pid in enumerate(worker_pids):
                 samples.setdefault(f"worker {k}", []).append(memory_mb(pid))
@@ -173,6 +174,7 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=100_000, help="part 2: images of the synthetic split")
     parser.add_argument("--memory-episodes", type=int, default=2000)
     parser.add_argument("--skip-memory", action="store_true")
+    parser.add_argument("--skip-throughput", action="store_true")
     parser.add_argument("--data-root", default=str(Path(__file__).resolve().parents[2] / "shared/data/mini-imagenet-lite"))
     args = parser.parse_args()
     root = Path(args.data_root)
@@ -184,12 +186,13 @@ def main() -> None:
              f"class, 84x84, augmented, meta-batch 8, all on the CPU (no GPU).", "",
              "| pipeline | loader workers | training episodes/s | bytes per meta-batch from the workers |",
              "|---|---|---|---|"]
-    for workers in (0, 1, 2):
+    for workers in () if args.skip_throughput else (0, 1, 2):
         rate, nbytes = rate_v1(root, args.episodes, workers)
         lines.append(f"| v1: PIL + torchvision per image in the workers | {workers} | {rate:.1f} | "
                      f"{nbytes / 2**20:.1f} MB (float32, shared memory) |")
         print(lines[-1], flush=True)
-    for workers in (0, 1, 2):
+    parts = {}
+    for workers in () if args.skip_throughput else (0, 1, 2):
         rate, nbytes, parts = rate_fsl(root, work / "cache", args.episodes, workers)
         lines.append(f"| fsl: descriptions in the workers, store + batched augmentation in the trainer | {workers} | "
                      f"{rate:.1f} | {nbytes / 1024:.1f} KB (numpy, pipe) |")
@@ -199,8 +202,8 @@ def main() -> None:
     if not args.skip_memory:
         lines += ["", f"## tiered-ImageNet layout at scale: {args.memory_episodes} augmented training episodes, "
                   f"2 loader workers", "",
-                  "| split images | store on disk | process | private memory start -> end (MB) | "
-                  "shared store pages end (MB) | peak RSS (MB) |", "|---|---|---|---|---|---|"]
+                  "| split images | store on disk | process | private MB, first batch -> last | PSS MB, first -> last | "
+                  "RSS MB, last |", "|---|---|---|---|---|---|"]
         for images in (args.images // 10, args.images):
             t = time.perf_counter()
             folder = synthetic_tiered(work / f"tiered-{images}", images)
@@ -212,8 +215,8 @@ def main() -> None:
             result = run_memory_in_child(folder, work / "cache", args.memory_episodes, 2)
             for process, samples in result["samples"].items():
                 lines.append(f"| {images:,} | {result['store_mb']:.0f} MB | {process} | "
-                             f"{samples[0]['RssAnon']:.0f} -> {samples[-1]['RssAnon']:.0f} | "
-                             f"{samples[-1]['RssFile']:.0f} | {max(s['VmHWM'] for s in samples):.0f} |")
+                             f"{samples[0]['Private']:.0f} -> {samples[-1]['Private']:.0f} | "
+                             f"{samples[0]['Pss']:.0f} -> {samples[-1]['Pss']:.0f} | {samples[-1]['Rss']:.0f} |")
                 print(lines[-1], flush=True)
             lines.append(f"| | | (generating the split: {made:.0f} s; building its store: {built:.0f} s) | | | |")
             for name in os.listdir(work / "cache"):

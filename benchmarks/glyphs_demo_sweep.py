@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from fsl.data.transforms import MEAN_255, STD_255
 from fsl.episodes import Episode, collate_episodes
-from fsl.maml import evaluate_episode, meta_train_step
+from fsl.maml import InnerLoop, evaluate_episode, meta_train_step
 from fsl.models import FewShotClassifier, conv4_features, init_weights
 
 name, args = sys.argv[1], dict(a.split("=") for a in sys.argv[2:])
@@ -66,7 +66,7 @@ def episode(split: str, rng: np.random.Generator, shots: int, queries: int) -> E
 
 def meta_test(model, split, n, steps, seed):
     rng = np.random.default_rng(seed)
-    acc = np.array([evaluate_episode(model, episode(split, rng, 1, 15), steps, cfg["lr"]) for _ in range(n)])
+    acc = np.array([evaluate_episode(model, episode(split, rng, 1, 15), InnerLoop(steps, cfg["lr"], True)) for _ in range(n)])
     return round(float(acc.mean()), 2), round(float(1.96 * acc.std(ddof=1) / np.sqrt(n)), 2)
 
 
@@ -83,7 +83,7 @@ start, done, train_time = time.time(), 0, 0.0
 while done < cfg["tasks"] and train_time < cfg["budget_s"]:
     t0 = time.time()
     batch = [episode("train", rng, 1, cfg["q"]) for _ in range(cfg["mb"])]
-    loss, acc = meta_train_step(model, opt, collate_episodes(batch), cfg["steps"], cfg["lr"], bool(cfg["fo"]))
+    loss, acc = meta_train_step(model, opt, collate_episodes(batch), InnerLoop(cfg["steps"], cfg["lr"], bool(cfg["fo"])))
     if device.type == "cuda":
         torch.cuda.synchronize()
     train_time += time.time() - t0

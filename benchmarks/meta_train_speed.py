@@ -36,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import learn2learn as l2l  # noqa: E402
 
 from fsl.episodes import Episode  # noqa: E402
-from fsl.maml import evaluate_tasks, meta_train_step  # noqa: E402
+from fsl.maml import InnerLoop, evaluate_tasks, meta_train_step  # noqa: E402
 from fsl.models import build_model  # noqa: E402
 from fsl.precision import apply_precision, autocast  # noqa: E402
 
@@ -59,11 +59,11 @@ def tasks_of(batch: Episode) -> list[Episode]:
 
 
 def fsl_loop(model, optimizer, batch, first_order):
-    meta_train_step(model, optimizer, batch, STEPS, LR, first_order, parallel_tasks=1)
+    meta_train_step(model, optimizer, batch, InnerLoop(STEPS, LR, first_order), parallel_tasks=1)
 
 
 def fsl_batched(model, optimizer, batch, first_order):
-    meta_train_step(model, optimizer, batch, STEPS, LR, first_order, parallel_tasks=len(batch.query_y))
+    meta_train_step(model, optimizer, batch, InnerLoop(STEPS, LR, first_order), parallel_tasks=len(batch.query_y))
 
 
 def l2l_step(model, optimizer, batch, first_order):
@@ -211,11 +211,11 @@ def time_meta_test(arch: str, device: torch.device, episodes: int, parallel: int
     torch.manual_seed(0)
     model = build_model(arch, WAYS, 84).to(device)
     batch = random_batch(parallel, 84, device, shots=1, queries=15)
-    evaluate_tasks(model, batch, 5, LR)
+    evaluate_tasks(model, batch, InnerLoop(5, LR, True))
     sync(device)
     start = time.perf_counter()
     for _ in range(max(1, episodes // parallel)):
-        evaluate_tasks(model, batch, 5, LR)
+        evaluate_tasks(model, batch, InnerLoop(5, LR, True))
     sync(device)
     return (time.perf_counter() - start) / (max(1, episodes // parallel) * parallel) * 100
 

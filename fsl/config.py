@@ -41,12 +41,41 @@ class ModelConfig:
 
 @dataclass
 class MAMLConfig:
-    inner_lr: float = 0.01          # SGD step size of the inner loop (train and test)
+    variant: str = "maml"           # a named setting of the keys below (VARIANTS): maml | fomaml | anil | metasgd |
+                                    # maml++; it sets its keys, tags the run's name, and is recorded in results
+    inner_lr: float = 0.01          # SGD step size of the inner loop (train and test; the initial value of learned
+                                    # rates)
     inner_steps: int = 2            # inner SGD steps during meta-training
     test_inner_steps: int = 5       # inner SGD steps at validation and test
-    first_order: bool = False       # first-order MAML (no back-propagation through the inner loop)
+    first_order: bool = False       # first-order MAML, FOMAML (no back-propagation through the inner gradients)
     zero_head: bool = False         # zeroing trick (Kao et al., ICLR 2022): the linear head is zero at the start of
                                     # every adaptation and is not meta-learned; false: the protocol's learned head
+    adapt: str = "all"              # what the inner loop adapts: all (MAML) | head (ANIL, Raghu et al., ICLR 2020:
+                                    # the body is meta-learned through the head's adaptation, never adapted)
+    learned_lr: str = "none"        # none: maml.inner_lr | per_element (Meta-SGD, Li et al. 2017: a learned rate per
+                                    # weight) | per_layer_per_step (MAML++ LSLR: a learned rate per parameter tensor
+                                    # and inner step); learned rates start at maml.inner_lr and are meta-learned
+    multi_step_loss: bool = False   # MAML++ MSL: the outer loss is a weighted sum of the query losses after every
+                                    # inner step, annealed towards the last step's alone
+    msl_fraction: float = 0.15      # share of the training tasks over which MSL anneals (MAML++ code: 15 of 100
+                                    # epochs); after it, the last step's query loss alone
+    per_step_bn: bool = False       # MAML++ BNWB: a BatchNorm weight and bias per inner step, meta-learned and not
+                                    # adapted (needs test_inner_steps <= inner_steps)
+    first_order_fraction: float = 0.0  # MAML++ derivative-order annealing: first order for this share of the
+                                       # training tasks, second order after
+
+
+VARIANTS: dict[str, dict[str, object]] = {
+    "maml": {},
+    "fomaml": {"maml.first_order": True},
+    "anil": {"maml.adapt": "head"},
+    "metasgd": {"maml.learned_lr": "per_element"},
+    # MAML++ (Antoniou et al., ICLR 2019): LSLR, MSL, BNWB, derivative-order annealing (the paper: first order for
+    # the first 50 of 150 epochs; its released template uses 80 of 150, its released configs none) and cosine
+    # annealing of the meta learning rate (to 0 here; the paper's code anneals to 1e-5 of 1e-3)
+    "maml++": {"maml.learned_lr": "per_layer_per_step", "maml.multi_step_loss": True, "maml.per_step_bn": True,
+               "maml.first_order_fraction": 1 / 3, "train.meta_lr_schedule": "cosine"},
+}
 
 
 @dataclass
@@ -89,7 +118,9 @@ class Config:
     precision: str = "fp32"         # fp32 (IEEE float32 everywhere) | tf32 (CUDA Ampere+: TF32 convolutions and
                                     # matmuls) | bf16 (autocast to bfloat16); see fsl.precision
     cudnn_benchmark: bool = False   # let cuDNN autotune convolution algorithms (faster, not bit-reproducible)
-    work_dir: str = "work_dirs"     # checkpoints and logs go to <work_dir>/<cell>
+    name: str = ""                  # the run's tag within its cell (work dir and summary row <cell>-<name>);
+                                    # default: maml.variant, if not maml
+    work_dir: str = "work_dirs"     # checkpoints and logs go to <work_dir>/<cell>[-<name>][-seed<N>][-quick]
     results_dir: str = "results"    # test CSVs and summary.csv
     quick: bool = False             # short sanity run: few hundred tasks, 100 test episodes; rows marked quick
 
@@ -104,8 +135,11 @@ class Config:
 
     @property
     def run_tag(self) -> str:
-        """What sets this run apart from the cell's default run: '-quick' for quick runs, else ''."""
-        return "-quick" if self.quick else ""
+        """What sets this run apart from the cell's protocol run: '-<name>' (`name`, or a named variant other than
+        maml), '-seed<N>' for seeds other than 0, '-quick' for quick runs; '' for the protocol run."""
+        name = self.name or (self.maml.variant if self.maml.variant != "maml" else "")
+        return (f"-{name}" if name else "") + (f"-seed{self.seed}" if self.seed != 0 else "") \
+            + ("-quick" if self.quick else "")
 
     @property
     def run_dir(self) -> Path:
@@ -204,22 +238,45 @@ def parse_overrides(overrides: list[str]) -> dict[str, str]:
     return parsed
 
 
-def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
-    """Read a cell's YAML (and its one base file), then apply `key=value` overrides, then `quick` limits."""
-    path = Path(path)
+def _read_chain(path: Path, depth: int = 0) -> dict[str, Any]:
+    """Flat values of a config file and of its bases (`base:`, relative to the file): a cell names the shared base,
+    a variant file may name a cell; no deeper."""
     tree = _read_yaml(path)
     base = tree.pop("base", None)
     values = {}
     if base is not None:
-        base_tree = _read_yaml(path.parent / base)
-        if "base" in base_tree:
-            raise ConfigError(f"{path.parent / base}: a base file cannot name another base (one level only)")
-        values.update(_flatten(base_tree))
+        if depth == 1 and "base" in _read_yaml(path.parent / base):
+            raise ConfigError(f"{path}: its base {base} names another base; at most two levels (a variant file on a "
+                              f"cell file on the shared base)")
+        values.update(_read_chain(path.parent / base, depth + 1))
     values.update(_flatten(tree))
-    values.update(parse_overrides(overrides or []))
+    return values
+
+
+def apply_variant(cfg: Config, overrides: dict[str, Any]) -> None:
+    """Set the keys of `maml.variant` (VARIANTS); a command-line override that contradicts one is refused."""
+    if cfg.maml.variant not in VARIANTS:
+        raise ConfigError(f"maml.variant={cfg.maml.variant!r} is not one of {', '.join(VARIANTS)}")
+    for key, value in VARIANTS[cfg.maml.variant].items():
+        if key in overrides:
+            probe = Config()
+            set_key(probe, key, overrides[key])
+            if flat_dict(probe)[key] != value:
+                raise ConfigError(f"maml.variant={cfg.maml.variant} means {key}={value}, but the command says "
+                                  f"{key}={overrides[key]}; fix: drop one of the two (without maml.variant, set the "
+                                  f"keys you want one by one)")
+        set_key(cfg, key, value)
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
+    """Read a config file (and its bases), apply `key=value` overrides, the variant's keys, then `quick` limits."""
+    values = _read_chain(Path(path))
+    parsed = parse_overrides(overrides or [])
+    values.update(parsed)
     cfg = Config()
     for key, value in values.items():
         set_key(cfg, key, value)
+    apply_variant(cfg, parsed)
     if cfg.quick:
         for key, limit in QUICK_LIMITS.items():
             section, name = key.split(".")
@@ -253,11 +310,63 @@ def validate(cfg: Config) -> None:
     if cfg.train.meta_lr_schedule not in META_LR_SCHEDULES:
         raise ConfigError(f"train.meta_lr_schedule={cfg.train.meta_lr_schedule!r}; choose "
                           f"{' or '.join(META_LR_SCHEDULES)}")
+    validate_variant(cfg)
     if cfg.precision not in PRECISIONS:
         raise ConfigError(f"precision={cfg.precision!r}; choose one of {', '.join(PRECISIONS)}")
     if cfg.train.ways != cfg.test.ways:
         raise ConfigError(f"train.ways={cfg.train.ways} and test.ways={cfg.test.ways} must match: "
                           f"the head has one row per way")
+
+
+ADAPT = ("all", "head")
+LEARNED_LR = ("none", "per_element", "per_layer_per_step")
+
+
+def validate_variant(cfg: Config) -> None:
+    """Refuse choices of the inner loop that fsl.maml cannot honour together, with the fix."""
+    m = cfg.maml
+    if m.variant not in VARIANTS:
+        raise ConfigError(f"maml.variant={m.variant!r} is not one of {', '.join(VARIANTS)}")
+    if m.adapt not in ADAPT:
+        raise ConfigError(f"maml.adapt={m.adapt!r}; choose {' or '.join(ADAPT)}")
+    if m.learned_lr not in LEARNED_LR:
+        raise ConfigError(f"maml.learned_lr={m.learned_lr!r}; choose one of {', '.join(LEARNED_LR)}")
+    for key in ("msl_fraction", "first_order_fraction"):
+        if not 0 <= getattr(m, key) <= 1:
+            raise ConfigError(f"maml.{key}={getattr(m, key)} is a share of the training tasks: between 0 and 1")
+    if m.inner_steps < 1 or m.test_inner_steps < 1:
+        raise ConfigError(f"maml.inner_steps={m.inner_steps} and maml.test_inner_steps={m.test_inner_steps} must be "
+                          f">= 1")
+    if m.zero_head and m.learned_lr != "none":
+        raise ConfigError(f"maml.zero_head with maml.learned_lr={m.learned_lr} is not supported (the zero-head step "
+                          f"uses maml.inner_lr); fix: maml.zero_head=false or maml.learned_lr=none")
+    if m.adapt == "head" and m.per_step_bn:
+        raise ConfigError("maml.per_step_bn with maml.adapt=head: ANIL never runs the body per inner step; fix: "
+                          "maml.per_step_bn=false")
+    stepwise = [k for k, on in (("maml.per_step_bn", m.per_step_bn),
+                                ("maml.learned_lr=per_layer_per_step", m.learned_lr == "per_layer_per_step")) if on]
+    if stepwise and m.test_inner_steps > m.inner_steps:
+        raise ConfigError(f"{' and '.join(stepwise)} learn one value per inner step of meta-training "
+                          f"(maml.inner_steps={m.inner_steps}), so meta-test cannot take more steps "
+                          f"(maml.test_inner_steps={m.test_inner_steps}); fix: maml.test_inner_steps="
+                          f"{m.inner_steps}, or maml.inner_steps={m.test_inner_steps} as MAML++ does")
+    if m.first_order and m.first_order_fraction > 0:
+        raise ConfigError("maml.first_order_fraction anneals from first to second order, but maml.first_order=true "
+                          "is first order throughout; fix: one of the two")
+
+
+def variant_label(cfg: Config) -> str:
+    """What the inner loop is, for tables: the named variant whose keys the config has, plus every other switch that
+    differs from protocol MAML (e.g. 'maml+zero_head+cosine', 'anil', 'maml++')."""
+    flat, default = flat_dict(cfg), flat_dict(Config())
+    switches = ["maml.first_order", "maml.zero_head", "maml.adapt", "maml.learned_lr", "maml.multi_step_loss",
+                "maml.per_step_bn", "maml.first_order_fraction", "train.meta_lr_schedule"]
+    matching = [name for name, keys in VARIANTS.items() if all(flat[k] == v for k, v in keys.items())]
+    name = max(matching, key=lambda n: len(VARIANTS[n]))
+    extra = [k for k in switches if flat[k] != default[k] and k not in VARIANTS[name]]
+    short = {"maml.zero_head": "zero_head", "train.meta_lr_schedule": flat["train.meta_lr_schedule"],
+             "maml.first_order": "first_order", "maml.multi_step_loss": "msl", "maml.per_step_bn": "per_step_bn"}
+    return "+".join([name] + [short.get(k, f"{k.split('.')[1]}={flat[k]}") for k in extra])
 
 
 def to_dict(cfg: Config) -> dict:

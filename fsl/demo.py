@@ -10,7 +10,7 @@ import time
 from fsl import evaluate, report, train
 from fsl.config import load_config
 from fsl.data import glyphs
-from fsl.models import build_model
+from fsl.maml import InnerLoop, build_learner
 from fsl.results import cell_file, write_test_episodes
 from fsl.utils import resolve_device, seed_everything
 
@@ -24,11 +24,10 @@ def run(overrides: list[str] | None = None) -> dict:
     device = resolve_device(cfg.device)
 
     seed_everything(cfg.seed)
-    untrained = build_model(cfg.model.arch, cfg.test.ways, cfg.data.image_size, cfg.maml.zero_head).to(device)
+    untrained, rates = build_learner(cfg, device)
     test_episodes = evaluate.fixed_episodes(cfg, "test", cfg.test.episodes)
-    untrained_acc = evaluate.evaluate(untrained, test_episodes, cfg.maml.test_inner_steps, cfg.maml.inner_lr,
-                                      device, progress="untrained init",
-                                      zero_head=cfg.maml.zero_head, precision=cfg.precision,
+    untrained_acc = evaluate.evaluate(untrained, test_episodes, InnerLoop.testing(cfg), device, rates=rates,
+                                      progress="untrained init", precision=cfg.precision,
                                       parallel=cfg.test.parallel_episodes)
     write_test_episodes(cell_file(cfg, "untrained_test_episodes"), untrained_acc)
 

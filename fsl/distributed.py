@@ -20,7 +20,6 @@ from typing import Any, Sequence
 
 import torch
 import torch.distributed as dist
-from torch import nn
 
 
 def launched_by_torchrun() -> bool:
@@ -81,12 +80,12 @@ def tasks_per_rank(meta_batch: int) -> int:
     return meta_batch // world
 
 
-def all_reduce_gradients(model: nn.Module) -> None:
+def all_reduce_gradients(parameters: list[torch.Tensor]) -> None:
     """Sum every parameter's .grad across ranks (one flat all-reduce). Each rank's gradient is already scaled by
     1/(global meta-batch), so the sum is the meta-batch mean."""
     if world_size() == 1:
         return
-    grads = [p.grad for p in model.parameters() if p.grad is not None]  # fsl.maml checks for missing ones
+    grads = [p.grad for p in parameters if p.grad is not None]  # fsl.maml checks for missing ones
     flat = torch.cat([g.reshape(-1) for g in grads])
     dist.all_reduce(flat)
     offset = 0

@@ -16,12 +16,11 @@ from torch import nn
 from tqdm import tqdm
 
 from fsl import distributed, provenance
-from fsl.config import Config, config_files, from_dict
+from fsl.config import Config, config_files, from_dict, variant_label
 from fsl.data import SplitDataset, load_split
 from fsl.data.store import ImageStore, open_store
 from fsl.episodes import Episode, EpisodeDataset, EpisodeMaker, collate_specs
-from fsl.maml import evaluate_tasks
-from fsl.models import build_model
+from fsl.maml import InnerLoop, InnerRates, build_learner, evaluate_tasks
 from fsl.precision import apply_precision, autocast, describe_precision
 from fsl.reference import REFERENCE
 from fsl.results import test_episodes_path, upsert_summary, write_test_episodes
@@ -71,11 +70,11 @@ def fixed_episodes(cfg: Config, split: str, count: int) -> FixedEpisodes:
     return FixedEpisodes(cfg, split, count)
 
 
-def evaluate(model: nn.Module, episodes: FixedEpisodes, steps: int, inner_lr: float, device: torch.device,
-             progress: str | None = None, zero_head: bool = False, precision: str = "fp32",
+def evaluate(model: nn.Module, episodes: FixedEpisodes, loop: InnerLoop, device: torch.device,
+             rates: InnerRates | None = None, progress: str | None = None, precision: str = "fp32",
              parallel: int = 1) -> np.ndarray:
-    """Per-episode query accuracy (%) of `model` adapted with `steps` SGD steps on each episode, in episode order;
-    `parallel` episodes are adapted together (fsl.maml.evaluate_tasks).
+    """Per-episode query accuracy (%) of `model` adapted by `loop` (with learned `rates`, if any) on each episode, in
+    episode order; `parallel` episodes are adapted together (fsl.maml.evaluate_tasks).
 
     Under torchrun the episodes are dealt out round-robin across the processes (all of them must call this) and
     every process gets the full array, identical to a single-process run's."""
@@ -85,7 +84,7 @@ def evaluate(model: nn.Module, episodes: FixedEpisodes, steps: int, inner_lr: fl
               disable=progress is None or not distributed.is_main()) as bar:
         for batch in episodes.batches(share, parallel, device):
             with autocast(precision, device):
-                accuracies += evaluate_tasks(model, batch, steps, inner_lr, zero_head).tolist()
+                accuracies += evaluate_tasks(model, batch, loop, rates).tolist()
             bar.update(len(batch.query_y))
     return np.asarray(distributed.gather_shares(accuracies, len(episodes)), dtype=np.float64)
 
@@ -98,15 +97,19 @@ def load_checkpoint(path: str | Path, device: torch.device) -> dict:
     return torch.load(path, map_location=device, weights_only=False)
 
 
-def load_checkpoint_model(path: str | Path, requested: Config, device: torch.device) -> tuple[nn.Module, dict, Config]:
-    """The model of a checkpoint written by `fsl train`, its checkpoint dict, and the config to test it with: the
-    checkpoint's own settings plus the test-time and run settings of `requested` (fsl.provenance.meta_test_config)."""
+def load_checkpoint_model(path: str | Path, requested: Config,
+                          device: torch.device) -> tuple[nn.Module, InnerRates | None, dict, Config]:
+    """The model and learned rates of a checkpoint written by `fsl train`, its checkpoint dict, and the config to
+    test it with: the checkpoint's own settings plus the test-time and run settings of `requested`
+    (fsl.provenance.meta_test_config)."""
     checkpoint = load_checkpoint(path, device)
     trained = from_dict(checkpoint["config"])
     cfg = provenance.meta_test_config(trained, requested, path)
-    model = build_model(cfg.model.arch, cfg.test.ways, cfg.data.image_size, cfg.maml.zero_head).to(device)
+    model, rates = build_learner(cfg, device)
     model.load_state_dict(checkpoint["model"])
-    return model, checkpoint, cfg
+    if rates is not None:
+        rates.load_state_dict(checkpoint["rates"])
+    return model, rates, checkpoint, cfg
 
 
 def trained_tasks(checkpoint_path: Path, checkpoint: dict) -> int:
@@ -128,13 +131,13 @@ def run(requested: Config, checkpoint_path: str | Path, config_path: str | Path 
     cfg.test.episodes)`)."""
     device = distributed.setup(requested.device)
     checkpoint_path = Path(checkpoint_path)
-    model, checkpoint, cfg = load_checkpoint_model(checkpoint_path, requested, device)
+    model, rates, checkpoint, cfg = load_checkpoint_model(checkpoint_path, requested, device)
     trained = from_dict(checkpoint["config"])
     apply_precision(cfg.precision, device, cfg.cudnn_benchmark)
     episodes = episodes or fixed_episodes(cfg, "test", cfg.test.episodes)
     start = time.time()
-    accuracies = evaluate(model, episodes, cfg.maml.test_inner_steps, cfg.maml.inner_lr, device,
-                          progress=f"test {cfg.run_name}", zero_head=cfg.maml.zero_head, precision=cfg.precision,
+    accuracies = evaluate(model, episodes, InnerLoop.testing(cfg), device, rates=rates,
+                          progress=f"test {cfg.run_name}", precision=cfg.precision,
                           parallel=cfg.test.parallel_episodes)
     mean, half_width = float(accuracies.mean()), ci95(accuracies)
     train_tasks = trained_tasks(checkpoint_path, checkpoint)
@@ -142,7 +145,8 @@ def run(requested: Config, checkpoint_path: str | Path, config_path: str | Path 
                                                checkpoint["best_val_tasks"])
     reference = REFERENCE.get((cfg.data.dataset, cfg.model.arch, cfg.test.shots), (None, None))
     row = {
-        "run": cfg.run_name, "cell": cfg.cell, "dataset": cfg.data.dataset, "arch": cfg.model.arch,
+        "run": cfg.run_name, "cell": cfg.cell, "variant": variant_label(cfg), "dataset": cfg.data.dataset,
+        "arch": cfg.model.arch,
         "ways": cfg.test.ways, "shots": cfg.test.shots, "image_size": cfg.data.image_size,
         "train_batch": cfg.train.ways * (cfg.train.shots + cfg.train.queries),
         "mean_acc": round(mean, 4), "ci95": round(half_width, 4), "episodes": len(accuracies),

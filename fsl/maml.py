@@ -1,16 +1,24 @@
-"""MAML (Finn et al., ICML 2017) with higher's differentiable SGD, on T tasks at once.
+"""MAML (Finn et al., ICML 2017) and its family, with higher's differentiable SGD, on T tasks at once.
 
-One inner loop, `adapt`, serves meta-training (second or first order), validation and test; only its `steps` and
-`first_order` arguments differ. It adapts T tasks together: the model (fsl.models) runs every task's images with
-that task's fast weights in one batched forward (grouped convolutions, per-task BatchNorm statistics), and the
-inner loss is the sum of the tasks' losses, so the gradient w.r.t. task t's fast weights is task t's alone. T = 1 is
-the classic one-task loop. Episodes are `fsl.episodes.Episode`s with a leading task dimension:
+One inner loop, `adapt_steps`, serves meta-training (second or first order), validation and test; an `InnerLoop`
+says how it runs. It adapts T tasks together: the model (fsl.models) runs every task's images with that task's fast
+weights in one batched forward (grouped convolutions, per-task BatchNorm statistics), and the inner loss is the sum
+of the tasks' losses, so the gradient w.r.t. task t's fast weights is task t's alone. T = 1 is the classic one-task
+loop. The variants of the config's `maml.*` keys are changes of this loop:
+    FOMAML      `first_order`: no back-propagation through the inner gradients
+    ANIL        `head_only`: only the head adapts (on features computed once), the body is learned through it
+    Meta-SGD    `InnerRates` kind per_element: a learned rate per weight, passed to higher as the step's lr
+    MAML++      LSLR (`InnerRates` per_layer_per_step), multi-step loss (`step_weights`), per-step BatchNorm
+                weights (`per_step_bn`, fsl.models), derivative-order annealing and cosine meta lr (fsl.train)
+Episodes are `fsl.episodes.Episode`s with a leading task dimension:
     support_x: (T, ways*shots, C, H, W)   support_y: (T, ways*shots) in 0..ways-1
     query_x:   (T, ways*queries, C, H, W) query_y:   (T, ways*queries)
 """
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import Iterator
 
 import higher
 import torch
@@ -18,11 +26,37 @@ import torch.nn.functional as F
 from torch import nn
 
 from fsl import distributed
+from fsl.config import Config
 from fsl.episodes import Episode
+from fsl.models import TaskBatchNorm2d, build_model
 
 
 class NonFiniteLossError(RuntimeError):
     """The meta-training loss or meta-gradient became NaN or infinite."""
+
+
+@dataclass(frozen=True)
+class InnerLoop:
+    """How one adaptation runs. `lr` is the fixed step size (ignored for parameters with learned rates)."""
+    steps: int
+    lr: float
+    first_order: bool = False
+    zero_head: bool = False      # maml.zero_head: the first step moves the (zero) head alone, exactly
+    head_only: bool = False      # ANIL: maml.adapt=head
+    per_step_bn: bool = False    # MAML++ BNWB: BatchNorm weights of step k at step k, not adapted
+
+    @classmethod
+    def training(cls, cfg: Config, first_order: bool | None = None) -> "InnerLoop":
+        """Meta-training's loop; `first_order` overrides maml.first_order (derivative-order annealing)."""
+        m = cfg.maml
+        return cls(m.inner_steps, m.inner_lr, m.first_order if first_order is None else first_order, m.zero_head,
+                   m.adapt == "head", m.per_step_bn)
+
+    @classmethod
+    def testing(cls, cfg: Config) -> "InnerLoop":
+        """Validation's and test's loop: maml.test_inner_steps, first order (no meta-gradient is taken)."""
+        m = cfg.maml
+        return cls(m.test_inner_steps, m.inner_lr, True, m.zero_head, m.adapt == "head", m.per_step_bn)
 
 
 def task_losses(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -35,17 +69,84 @@ def task_accuracies(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return (logits.argmax(-1) == labels).float().mean(1) * 100
 
 
-def adapt(model: nn.Module, support_x: torch.Tensor, support_y: torch.Tensor, steps: int, inner_lr: float,
-          first_order: bool = False, zero_head: bool = False) -> higher.patch._MonkeyPatchBase:
-    """Run `steps` SGD steps (lr `inner_lr`) on each task's whole support set, adapting every parameter.
+def is_head(name: str) -> bool:
+    """Whether parameter `name` belongs to the linear head (`FewShotClassifier.classifier`)."""
+    return name.startswith("classifier.")
 
-    support_x: (T, N, C, H, W), support_y: (T, N). Returns higher's functional copy of `model` holding the adapted
-    ("fast") weights, each with a leading task dimension T. With `first_order=False` the fast weights stay
-    differentiable functions of `model`'s parameters (second-order MAML); with `first_order=True` each step's
-    gradient is taken without a graph and the fast weights are fresh leaves (see `meta_gradient`). `model`'s own
-    parameters are never modified.
 
-    `zero_head=True` says `model.classifier` is zero (`maml.zero_head`). Then the first step's gradient w.r.t. the
+def norm_parameter_names(model: nn.Module) -> set[str]:
+    return {f"{module_name}.{name}" for module_name, module in model.named_modules()
+            if isinstance(module, TaskBatchNorm2d) for name, _ in module.named_parameters(recurse=False)}
+
+
+def adapted_mask(model: nn.Module, loop: InnerLoop) -> list[bool]:
+    """For each parameter of `model` (in order): does the inner loop adapt it?"""
+    norms = norm_parameter_names(model) if loop.per_step_bn else set()
+    return [is_head(name) if loop.head_only else name not in norms for name, _ in model.named_parameters()]
+
+
+class InnerRates(nn.Module):
+    """Learned inner-loop learning rates, one tensor per adapted parameter (model order), meta-learned with it.
+
+    kind per_element (Meta-SGD, Li et al. 2017): the parameter's shape, a rate per weight; per_layer_per_step (MAML++
+    LSLR, Antoniou et al. 2019): (steps,), a rate per parameter tensor and inner step. All start at `init`
+    (learn2learn's MetaSGD and MAML++'s code do; the Meta-SGD paper draws them from [0.005, 0.1] instead)."""
+
+    def __init__(self, model: nn.Module, loop: InnerLoop, kind: str, init: float):
+        super().__init__()
+        self.kind = kind
+        shapes = [p.shape if kind == "per_element" else (loop.steps,)
+                  for p, adapted in zip(model.parameters(), adapted_mask(model, loop)) if adapted]
+        self.rates = nn.ParameterList([nn.Parameter(torch.full(shape, init)) for shape in shapes])
+
+    def at(self, step: int) -> list[torch.Tensor]:
+        """The rate of every adapted parameter at inner step `step`."""
+        return [rate if self.kind == "per_element" else rate[step] for rate in self.rates]
+
+
+def build_learner(cfg: Config, device: torch.device | str = "cpu") -> tuple[nn.Module, InnerRates | None]:
+    """The run's model (fsl.models.build_model with the cell's settings) and its learned inner rates
+    (maml.learned_lr), or None, freshly initialised on `device`."""
+    model = build_model(cfg.model.arch, cfg.train.ways, cfg.data.image_size, cfg.maml.zero_head,
+                        cfg.maml.inner_steps if cfg.maml.per_step_bn else 0).to(device)
+    if cfg.maml.learned_lr == "none":
+        return model, None
+    return model, InnerRates(model, InnerLoop.training(cfg), cfg.maml.learned_lr, cfg.maml.inner_lr).to(device)
+
+
+def set_step(module: nn.Module, step: int) -> None:
+    """Tell per-step BatchNorm layers which inner step the next forward belongs to."""
+    for layer in module.modules():
+        if isinstance(layer, TaskBatchNorm2d):
+            layer.step = step
+
+
+class HeadAdapted:
+    """ANIL's adapted model: the meta-learned body, the adapted head (`fhead`, higher's functional head)."""
+
+    def __init__(self, model: nn.Module, fhead: higher.patch._MonkeyPatchBase):
+        self.model, self.fhead = model, fhead
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fhead(self.model.embed(x))
+
+    @property
+    def fast_params(self) -> list[torch.Tensor]:
+        """Aligned with model.parameters(): the body's own weights, the head's fast weights."""
+        return list(self.model.features.parameters()) + list(self.fhead.fast_params)
+
+
+def adapt_steps(model: nn.Module, support_x: torch.Tensor, support_y: torch.Tensor, loop: InnerLoop,
+                rates: InnerRates | None = None) -> Iterator[higher.patch._MonkeyPatchBase | HeadAdapted]:
+    """Run `loop.steps` SGD steps on each task's whole support set; yield the adapted model after every step.
+
+    support_x: (T, N, C, H, W), support_y: (T, N). The adapted model maps (T, N', C, H, W) to logits (T, N', ways)
+    with each task's fast weights (a leading task dimension T on every adapted weight). Second order: the fast
+    weights stay differentiable functions of `model`'s parameters (and of the learned rates). First order: each
+    step's gradient is a constant (FOMAML); with learned rates the update itself stays differentiable, so that the
+    rates still receive their gradient, as in MAML++'s code. `model`'s own parameters are never modified.
+
+    `loop.zero_head` says `model.classifier` is zero (`maml.zero_head`). Then the first step's gradient w.r.t. the
     backbone is exactly zero, and so is its derivative w.r.t. the backbone (every term carries the zero head:
     d loss / d features = W^T (softmax - onehot)), so the first step updates the head alone: the same fast weights
     and the same backbone meta-gradient without differentiating through the backbone twice (~1.4x faster meta-
@@ -53,23 +154,37 @@ def adapt(model: nn.Module, support_x: torch.Tensor, support_y: torch.Tensor, st
     head is not meta-learned.
     """
     tasks = support_x.shape[0]
-    fmodel = higher.monkeypatch(model, copy_initial_weights=False, track_higher_grads=not first_order)
-    fmodel.update_params([p.expand(tasks, *p.shape) for p in model.parameters()])  # one view of θ per task
-    inner_optimizer = higher.optim.DifferentiableSGD(torch.optim.SGD(model.parameters(), lr=inner_lr),
-                                                     model.parameters(), fmodel=fmodel,
-                                                     track_higher_grads=not first_order)
-    for step in range(steps):
-        loss = task_losses(fmodel(support_x), support_y).sum()  # tasks are independent: sum, not mean
-        if step == 0 and zero_head:
-            head_step(model, fmodel, loss, inner_lr, first_order)
+    track = not loop.first_order or rates is not None  # keep a graph through the updates
+    detach = (lambda grads: [None if g is None else g.detach() for g in grads]) if loop.first_order and track \
+        else None
+    adapted = model.classifier if loop.head_only else model
+    mask = [True] * len(list(adapted.parameters())) if loop.head_only else adapted_mask(model, loop)
+    params = list(adapted.parameters())
+    fmodel = higher.monkeypatch(adapted, copy_initial_weights=False, track_higher_grads=track)
+    fmodel.update_params([p.expand(tasks, *p.shape) for p in params])  # one view of θ per task
+    groups = [{"params": [p]} for p, adapts in zip(params, mask) if adapts]  # one group each: rates per tensor
+    inner_optimizer = higher.optim.DifferentiableSGD(torch.optim.SGD(groups, lr=loop.lr), params, fmodel=fmodel,
+                                                     track_higher_grads=track, grad_callback=detach)
+    if loop.head_only:
+        features = model.embed(support_x)  # (T, N, D): the body does not adapt, so once for all steps
+        result = HeadAdapted(model, fmodel)
+    for step in range(loop.steps):
+        set_step(fmodel, step)
+        logits = fmodel(features) if loop.head_only else fmodel(support_x)
+        loss = task_losses(logits, support_y).sum()  # tasks are independent: sum, not mean
+        if step == 0 and loop.zero_head and not loop.head_only:
+            head_step(model, fmodel, loss, loop.lr, loop.first_order)
         else:
-            inner_optimizer.step(loss)
-    return fmodel
+            inner_optimizer.step(loss, override={"lr": rates.at(step)} if rates is not None else None)
+        yield result if loop.head_only else fmodel
 
 
-def is_head(name: str) -> bool:
-    """Whether parameter `name` belongs to the linear head (`FewShotClassifier.classifier`)."""
-    return name.startswith("classifier.")
+def adapt(model: nn.Module, support_x: torch.Tensor, support_y: torch.Tensor, loop: InnerLoop,
+          rates: InnerRates | None = None):
+    """The model adapted by all of `loop`'s steps (see `adapt_steps`)."""
+    for adapted in adapt_steps(model, support_x, support_y, loop, rates):
+        pass
+    return adapted
 
 
 def head_step(model: nn.Module, fmodel: higher.patch._MonkeyPatchBase, loss: torch.Tensor, inner_lr: float,
@@ -87,26 +202,45 @@ def head_step(model: nn.Module, fmodel: higher.patch._MonkeyPatchBase, loss: tor
     fmodel.update_params([p.detach().requires_grad_() for p in fast] if first_order else fast)
 
 
-def task_meta_gradient(model: nn.Module, episodes: Episode, steps: int, inner_lr: float, first_order: bool,
-                       scale: float = 1.0, zero_head: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """Adapt the T tasks of `episodes` on their support sets, then add `scale` x d(sum of the T query losses) /
-    d(meta-parameters) into each `p.grad`.
+def msl_weights(steps: int, progress: float, anneal: float) -> list[float] | None:
+    """MAML++'s per-step loss weights (get_per_step_loss_importance_vector) at `progress` (share of the training
+    tasks done) when they anneal over the first `anneal` share: every step 1/steps at first, the non-final ones
+    falling linearly to 0.03/steps while the last rises; None once annealed (the last step's loss alone). MAML++
+    moves them once per epoch; here they move continuously."""
+    if progress >= anneal or steps == 1:
+        return None
+    done = progress / anneal  # MAML++: current_epoch / multi_step_loss_num_epochs
+    floor = 0.03 / steps
+    weights = [max(1 / steps - done / steps, floor)] * (steps - 1)
+    return weights + [min(1 / steps + done * (steps - 1) / steps, 1 - (steps - 1) * floor)]
 
-    Second order: back-propagates through the inner loop. First order (FOMAML): the gradient of the query losses at
-    the adapted weights is used as the meta-gradient (higher's `track_higher_grads=False` alone would leave the
-    meta-parameters without any gradient, so it is added by hand). Returns (query losses (T,), query accuracies %
-    (T,)), detached.
+
+def task_meta_gradient(model: nn.Module, episodes: Episode, loop: InnerLoop, scale: float = 1.0,
+                       rates: InnerRates | None = None,
+                       step_weights: list[float] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Adapt the T tasks of `episodes` on their support sets, then add `scale` x d(sum of the T query losses) /
+    d(meta-parameters) into each `p.grad` (of `model`, and of `rates`).
+
+    `step_weights` (MAML++ multi-step loss): the outer loss is sum_k w_k x (query loss after step k) instead of the
+    last step's alone. Second order back-propagates through the inner loop. First order without learned rates
+    (FOMAML): the gradient of the query losses at the adapted weights is the meta-gradient (higher's
+    `track_higher_grads=False` alone would leave the meta-parameters without any gradient, so it is added by hand).
+    Returns (last step's query losses (T,), query accuracies % (T,)), detached.
     """
-    fmodel = adapt(model, episodes.support_x, episodes.support_y, steps, inner_lr, first_order, zero_head)
-    logits = fmodel(episodes.query_x)
-    losses = task_losses(logits, episodes.query_y)
-    if first_order:
-        grads = torch.autograd.grad(losses.sum() * scale, fmodel.fast_params)
+    outer = 0.0
+    for step, fmodel in enumerate(adapt_steps(model, episodes.support_x, episodes.support_y, loop, rates)):
+        if step_weights is None and step < loop.steps - 1:
+            continue
+        logits = fmodel(episodes.query_x)  # per-step BatchNorm: the weights of this step
+        losses = task_losses(logits, episodes.query_y)
+        outer = outer + losses.sum() * (1.0 if step_weights is None else step_weights[step])
+    if loop.first_order and rates is None:
+        grads = torch.autograd.grad(outer * scale, fmodel.fast_params)
         for p, g in zip(model.parameters(), grads):
-            g = g.sum(0)  # (T, ...) -> the sum over tasks
+            g = g.sum(0) if g.dim() > p.dim() else g  # (T, ...) fast weights -> the sum over tasks
             p.grad = g if p.grad is None else p.grad + g
     else:
-        (losses.sum() * scale).backward()
+        (outer * scale).backward()
     return losses.detach(), task_accuracies(logits.detach(), episodes.query_y)
 
 
@@ -118,10 +252,16 @@ def meta_parameters(model: nn.Module, zero_head: bool = False) -> list[nn.Parame
     return [p for name, p in model.named_parameters() if not (zero_head and is_head(name))]
 
 
-def check_meta_gradients(model: nn.Module) -> None:
+def named_meta_parameters(model: nn.Module, rates: InnerRates | None) -> list[tuple[str, nn.Parameter]]:
+    """Every tensor that receives a meta-gradient: the model's parameters and the learned rates."""
+    return list(model.named_parameters()) + ([(f"rates.{name}", p) for name, p in rates.named_parameters()]
+                                             if rates is not None else [])
+
+
+def check_meta_gradients(named: list[tuple[str, torch.Tensor]] | nn.Module) -> None:
     """Every meta-parameter must have a gradient after the outer backward, and every gradient must be finite
     (NonFiniteLossError otherwise, before the optimizer step; one device sync for all of them)."""
-    named = list(model.named_parameters())
+    named = list(named.named_parameters()) if isinstance(named, nn.Module) else named
     missing = [name for name, p in named if p.grad is None]
     if missing:
         raise RuntimeError(f"meta-parameters without a gradient after the outer backward: {missing[:5]} "
@@ -138,8 +278,8 @@ def chunks(episodes: Episode, size: int) -> list[Episode]:
     return [Episode(*(t[start:start + size] for t in episodes)) for start in range(0, len(episodes.query_y), size)]
 
 
-def meta_train_step(model: nn.Module, meta_optimizer: torch.optim.Optimizer, episodes: Episode, inner_steps: int,
-                    inner_lr: float, first_order: bool = False, zero_head: bool = False,
+def meta_train_step(model: nn.Module, meta_optimizer: torch.optim.Optimizer, episodes: Episode, loop: InnerLoop,
+                    rates: InnerRates | None = None, step_weights: list[float] | None = None,
                     parallel_tasks: int = 1) -> tuple[float, float]:
     """One outer step over a meta-batch `episodes` (T tasks): mean query loss over the tasks, their gradients
     accumulated `parallel_tasks` tasks at a time (one batched adaptation per group; 1 = task by task, the least
@@ -152,34 +292,35 @@ def meta_train_step(model: nn.Module, meta_optimizer: torch.optim.Optimizer, epi
     step, so the weights stay at their last finite values.
     """
     meta_batch = len(episodes.query_y) * distributed.world_size()
-    model.zero_grad(set_to_none=True)  # also the zero head's gradients, which no optimizer clears
+    named = named_meta_parameters(model, rates)
+    for _, p in named:  # also the zero head's gradients, which no optimizer clears
+        p.grad = None
     losses, accuracies = [], []
     for group in chunks(episodes, parallel_tasks):
-        loss, acc = task_meta_gradient(model, group, inner_steps, inner_lr, first_order, 1 / meta_batch, zero_head)
+        loss, acc = task_meta_gradient(model, group, loop, 1 / meta_batch, rates, step_weights)
         losses.append(loss)
         accuracies.append(acc)
     sums = torch.stack([torch.cat(losses).sum(), torch.cat(accuracies).sum()])
     mean_loss, mean_accuracy = (distributed.all_reduce_sum(sums) / meta_batch).tolist()
     if not math.isfinite(mean_loss):
         raise NonFiniteLossError(f"meta-training query loss is {mean_loss}")
-    distributed.all_reduce_gradients(model)
-    check_meta_gradients(model)  # after the all-reduce: every rank sees the same gradients, and raises together
+    distributed.all_reduce_gradients([p for _, p in named])
+    check_meta_gradients(named)  # after the all-reduce: every rank sees the same gradients, and raises together
     meta_optimizer.step()
     return mean_loss, mean_accuracy
 
 
-def evaluate_tasks(model: nn.Module, episodes: Episode, steps: int, inner_lr: float,
-                   zero_head: bool = False) -> torch.Tensor:
-    """Meta-test T episodes at once: `steps` SGD steps from the meta-learned weights (head included), then classify
-    each whole query set in one batch (BatchNorm uses its statistics). Returns query accuracies % (T,), on the CPU.
-    `model`'s parameters are left untouched."""
+def evaluate_tasks(model: nn.Module, episodes: Episode, loop: InnerLoop,
+                   rates: InnerRates | None = None) -> torch.Tensor:
+    """Meta-test T episodes at once: `loop.steps` SGD steps from the meta-learned weights (head included), then
+    classify each whole query set in one batch (BatchNorm uses its statistics). Returns query accuracies % (T,), on
+    the CPU. `model`'s parameters are left untouched."""
     with torch.enable_grad():
-        fmodel = adapt(model, episodes.support_x, episodes.support_y, steps, inner_lr, True, zero_head)
+        fmodel = adapt(model, episodes.support_x, episodes.support_y, loop, rates)
     with torch.no_grad():
         return task_accuracies(fmodel(episodes.query_x), episodes.query_y).cpu()
 
 
-def evaluate_episode(model: nn.Module, episode: Episode, steps: int, inner_lr: float,
-                     zero_head: bool = False) -> float:
+def evaluate_episode(model: nn.Module, episode: Episode, loop: InnerLoop, rates: InnerRates | None = None) -> float:
     """Meta-test one episode (fields without the task dimension); query accuracy in %."""
-    return evaluate_tasks(model, Episode(*(t.unsqueeze(0) for t in episode)), steps, inner_lr, zero_head).item()
+    return evaluate_tasks(model, Episode(*(t.unsqueeze(0) for t in episode)), loop, rates).item()

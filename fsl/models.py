@@ -37,14 +37,24 @@ class TaskConv2d(nn.Conv2d):
 class TaskBatchNorm2d(nn.BatchNorm2d):
     """BatchNorm over task-stacked channels (N, T*C, H, W), always with the statistics of the batch it is given
     (no running statistics), so each task is normalised by its own statistics. weight/bias: (C,) shared or (T, C)
-    per task."""
+    per task. After `per_step(S)` (MAML++'s per-step BatchNorm weights and biases) they are (S, C) or (T, S, C) and
+    row `step` is used, `step` being set by the inner loop before each forward (fsl.maml.set_step)."""
 
     def __init__(self, channels: int):
         super().__init__(channels, track_running_stats=False)
+        self.steps, self.step = 0, 0
+
+    def per_step(self, steps: int) -> None:
+        """One weight and bias per inner step: (steps, C), initialised to 1 and 0."""
+        self.steps = steps
+        self.weight = nn.Parameter(torch.ones(steps, self.num_features))
+        self.bias = nn.Parameter(torch.zeros(steps, self.num_features))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         tasks = x.shape[1] // self.num_features
         weight, bias = self.weight, self.bias
+        if self.steps:
+            weight, bias = weight[..., self.step, :], bias[..., self.step, :]
         if weight.dim() == 1 and tasks > 1:
             weight, bias = weight.repeat(tasks), bias.repeat(tasks)
         return F.batch_norm(x, None, None, weight.flatten(), bias.flatten(), True, 0.0, self.eps)
@@ -77,13 +87,16 @@ class FewShotClassifier(nn.Module):
         self.feature_dim = feature_dim
         self.classifier = TaskLinear(feature_dim, ways)  # PyTorch default init, as in the protocol
 
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """Features of T tasks' images: (T, N, C, H, W) -> (T, N, feature_dim)."""
+        tasks, n = x.shape[:2]
+        stacked = x.transpose(0, 1).reshape(n, -1, *x.shape[3:])         # (N, T*C, H, W), task-major channels
+        return self.features(stacked).reshape(n, tasks, -1).transpose(0, 1)  # (T, N, feature_dim)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() == 4:
             return self.forward(x.unsqueeze(0)).squeeze(0)
-        tasks, n = x.shape[:2]
-        stacked = x.transpose(0, 1).reshape(n, -1, *x.shape[3:])         # (N, T*C, H, W), task-major channels
-        features = self.features(stacked).reshape(n, tasks, -1)            # (N, T, feature_dim)
-        return self.classifier(features.transpose(0, 1))                   # (T, N, ways)
+        return self.classifier(self.embed(x))                              # (T, N, ways)
 
 
 def conv4_features(channels: int = 64) -> nn.Sequential:
@@ -146,16 +159,22 @@ def init_weights(model: nn.Module) -> None:
             nn.init.zeros_(module.bias)
 
 
-def build_model(arch: str, ways: int, image_size: int = 84, zero_head: bool = False) -> FewShotClassifier:
+def build_model(arch: str, ways: int, image_size: int = 84, zero_head: bool = False,
+                per_step_bn: int = 0) -> FewShotClassifier:
     """Backbone `arch` with a `ways`-way linear head sized for `image_size` x `image_size` RGB inputs.
     `zero_head`: the head's weight and bias start at zero (`maml.zero_head`; fsl.maml.meta_parameters then leaves
-    them out of the meta-optimizer, so every adaptation starts from a zero head)."""
+    them out of the meta-optimizer, so every adaptation starts from a zero head). `per_step_bn`: that many
+    BatchNorm weights and biases per layer, one per inner step (MAML++ BNWB; 0 = one)."""
     if arch not in BACKBONES:
         raise ValueError(f"unknown arch {arch!r}; choose one of {sorted(BACKBONES)}")
     features = BACKBONES[arch]()
     with torch.no_grad():  # head width follows from the image size (conv4: 1600 at 84x84, 64 at 28x28)
         feature_dim = features(torch.zeros(2, 3, image_size, image_size)).flatten(1).shape[1]
     model = FewShotClassifier(features, feature_dim, ways)
+    if per_step_bn:
+        for module in model.modules():
+            if isinstance(module, TaskBatchNorm2d):
+                module.per_step(per_step_bn)
     init_weights(model)
     if zero_head:
         nn.init.zeros_(model.classifier.weight)

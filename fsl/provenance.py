@@ -17,7 +17,7 @@ from fsl.config import Config, ConfigError, all_keys, flat_dict, load_config, se
 from fsl.reference import REFERENCE
 
 REPO = Path(__file__).resolve().parents[1]
-RUN_KEYS = ("device", "work_dir", "results_dir", "data.root", "data.workers", "data.cache_dir",
+RUN_KEYS = ("device", "name", "work_dir", "results_dir", "data.root", "data.workers", "data.cache_dir",
             "train.log_every", "train.checkpoint_every", "cudnn_benchmark", "train.parallel_tasks",
             "test.parallel_episodes")
 TEST_KEYS = tuple(k for k in all_keys() if k.startswith("test.")) + ("maml.test_inner_steps", "precision")
@@ -130,10 +130,14 @@ def comparability(trained: Config, tested: Config, train_tasks: int | None, chec
 
 
 def is_done(cfg: Config) -> bool:
-    """Whether summary.csv holds this run's result for these settings: a comparable row (quick runs, which never
-    are, count when their settings match). `make all-tables` skips the cells for which this is true."""
+    """Whether summary.csv holds this run's result for these settings. For the protocol config of a reference cell
+    only a comparable row counts (a run stopped early, or testing other weights, is not done); for any other run
+    (variants, demo cells, quick runs) a row with the same settings does. `make all-tables` and `make variants` skip
+    the runs for which this is true."""
     from fsl.results import find_run, read_summary
 
     row = find_run(read_summary(cfg.results_dir), cfg.run_name)
-    return (row is not None and row["train_config_sha"] == train_sha(cfg)
-            and row["test_config_sha"] == meta_test_sha(cfg) and bool(row["comparable"] or cfg.quick))
+    if row is None or row["train_config_sha"] != train_sha(cfg) or row["test_config_sha"] != meta_test_sha(cfg):
+        return False
+    protocol_run = comparability(cfg, cfg, cfg.train.tasks, None, None)[0]
+    return bool(row["comparable"]) or not protocol_run

@@ -45,7 +45,7 @@ SUMMARY = _schema(
     Column("arch", str, required=True),
     Column("ways", int, required=True),
     Column("shots", int, required=True),
-    Column("variant", str, default="maml"),       # maml.variant of the run
+    Column("variant", str, default="maml"),       # the inner loop: fsl.config.variant_label, e.g. maml+zero_head
     Column("image_size", int, default=84),
     Column("train_batch", int),                   # images per training episode: ways * (shots + queries)
     Column("mean_acc", float, required=True),     # mean per-episode query accuracy, %

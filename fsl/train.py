@@ -25,8 +25,7 @@ from fsl import distributed
 from fsl.config import Config, ConfigError, dump_yaml, from_dict, to_dict
 from fsl.episodes import EpisodeDataset, EpisodeMaker, RankShare, episode_loader
 from fsl.evaluate import cell_split, cell_store, ci95, evaluate, fixed_episodes
-from fsl.maml import NonFiniteLossError, meta_parameters, meta_train_step
-from fsl.models import build_model
+from fsl.maml import InnerLoop, NonFiniteLossError, build_learner, meta_parameters, meta_train_step, msl_weights
 from fsl.precision import apply_precision, autocast
 from fsl.provenance import check_resume
 from fsl.results import TRAIN_LOG, train_log_path
@@ -39,9 +38,10 @@ class TrainingError(RuntimeError):
     """Training cannot go on (NaN loss, out of memory); the message says where and what to do."""
 
 
-def save_checkpoint(path: Path, model, optimizer, cfg: Config, state: dict) -> None:
-    checkpoint = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "config": to_dict(cfg),
-                  "rng": rng_states(), **state}
+def save_checkpoint(path: Path, model, rates, optimizer, cfg: Config, state: dict) -> None:
+    """Everything a resume or a test needs: weights, learned inner rates, optimizer, config, RNG states, counters."""
+    checkpoint = {"model": model.state_dict(), "rates": rates.state_dict() if rates is not None else None,
+                  "optimizer": optimizer.state_dict(), "config": to_dict(cfg), "rng": rng_states(), **state}
     write_atomic(path, lambda tmp: torch.save(checkpoint, tmp))
 
 
@@ -123,8 +123,9 @@ def run(cfg: Config) -> Path:
         write_text_atomic(run_dir / "config.yaml", dump_yaml(cfg))
 
     seed_everything(cfg.seed)
-    model = build_model(cfg.model.arch, cfg.train.ways, cfg.data.image_size, cfg.maml.zero_head).to(device)
-    optimizer = torch.optim.Adam(meta_parameters(model, cfg.maml.zero_head), lr=cfg.train.meta_lr)
+    model, rates = build_learner(cfg, device)
+    optimizer = torch.optim.Adam(meta_parameters(model, cfg.maml.zero_head)
+                                 + (list(rates.parameters()) if rates is not None else []), lr=cfg.train.meta_lr)
     state = {"tasks_done": 0, "best_val_mean": -1.0, "best_val_tasks": 0, "window": [0.0, 0.0, 0],
              "train_seconds": 0.0, "peak_memory_mb": None}
     # rank 0 reads the checkpoint and sends it to the others: identical start on every rank, no shared disk needed
@@ -133,6 +134,8 @@ def run(cfg: Config) -> Path:
     if checkpoint is not None:
         check_resume(from_dict(checkpoint["config"]), cfg, latest, checkpoint["tasks_done"])
         model.load_state_dict(checkpoint["model"])
+        if rates is not None:
+            rates.load_state_dict(checkpoint["rates"])
         optimizer.load_state_dict(checkpoint["optimizer"])
         set_rng_states(checkpoint["rng"])
         state.update({key: checkpoint[key] for key in state if key in checkpoint})
@@ -142,6 +145,8 @@ def run(cfg: Config) -> Path:
                   f"{state['best_val_mean']:.2f}% at task {state['best_val_tasks']})", flush=True)
     elif world > 1:
         model.load_state_dict(distributed.broadcast_from_main({k: v.cpu() for k, v in model.state_dict().items()}))
+        if rates is not None:
+            rates.load_state_dict(distributed.broadcast_from_main({k: v.cpu() for k, v in rates.state_dict().items()}))
     if state["tasks_done"] >= cfg.train.tasks:
         if main:
             print(f"training already finished ({state['tasks_done']} tasks); best checkpoint: {best}")
@@ -165,7 +170,7 @@ def run(cfg: Config) -> Path:
             if device.type == "cuda":
                 peak = torch.cuda.max_memory_allocated(device) / 2**20
                 state["peak_memory_mb"] = max(state["peak_memory_mb"] or 0.0, peak)
-            save_checkpoint(path, model, optimizer, cfg, state)
+            save_checkpoint(path, model, rates, optimizer, cfg, state)
 
     progress = tqdm(total=cfg.train.tasks, initial=state["tasks_done"], unit="task", desc=cfg.run_name,
                     dynamic_ncols=True, smoothing=0.05, disable=not main)
@@ -176,10 +181,14 @@ def run(cfg: Config) -> Path:
             step_tasks = len(episodes.query_y) * world
             for group in optimizer.param_groups:
                 group["lr"] = meta_lr_at(cfg, state["tasks_done"])
+            progress_share = state["tasks_done"] / cfg.train.tasks
+            loop = InnerLoop.training(cfg, first_order=cfg.maml.first_order
+                                      or progress_share < cfg.maml.first_order_fraction)
+            step_weights = msl_weights(loop.steps, progress_share, cfg.maml.msl_fraction) \
+                if cfg.maml.multi_step_loss else None
             try:
                 with autocast(cfg.precision, device):
-                    loss, accuracy = meta_train_step(model, optimizer, episodes, cfg.maml.inner_steps,
-                                                     cfg.maml.inner_lr, cfg.maml.first_order, cfg.maml.zero_head,
+                    loss, accuracy = meta_train_step(model, optimizer, episodes, loop, rates, step_weights,
                                                      cfg.train.parallel_tasks)
             except NonFiniteLossError as error:
                 raise TrainingError(
@@ -216,9 +225,8 @@ def run(cfg: Config) -> Path:
             state["train_seconds"], step_start = state["train_seconds"] + now - step_start, now
             if crossed(done, step_tasks, cfg.train.val_every) or done == cfg.train.tasks:
                 start = time.time()
-                accuracies = evaluate(model, val_episodes, cfg.maml.test_inner_steps, cfg.maml.inner_lr, device,
-                                      zero_head=cfg.maml.zero_head, precision=cfg.precision,
-                                      parallel=cfg.test.parallel_episodes)
+                accuracies = evaluate(model, val_episodes, InnerLoop.testing(cfg), device, rates=rates,
+                                      precision=cfg.precision, parallel=cfg.test.parallel_episodes)
                 mean = float(np.mean(accuracies))
                 improved = mean > state["best_val_mean"]
                 if improved:

@@ -13,7 +13,7 @@ import torch.multiprocessing as mp
 from conftest import REPO, STORE_CACHE, fixture_root
 from fsl import distributed
 from fsl.episodes import Episode, RankShare, collate_episodes
-from fsl.maml import meta_train_step
+from fsl.maml import InnerLoop, meta_train_step
 from fsl.models import build_model
 
 CONFIG = str(REPO / "experiments/mini-imagenet-conv4-1shot.yaml")
@@ -68,7 +68,7 @@ def adam_steps(meta_batches, initial, share=slice(None)):
     model.load_state_dict(initial)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
     for batch in meta_batches:
-        meta_train_step(model, optimizer, collate_episodes(batch[share]), inner_steps=1, inner_lr=0.4)
+        meta_train_step(model, optimizer, collate_episodes(batch[share]), InnerLoop(1, 0.4))
     return model.state_dict()
 
 

@@ -11,7 +11,7 @@ from torch import nn
 from torch.func import functional_call
 
 from fsl.episodes import Episode, collate_episodes
-from fsl.maml import (NonFiniteLossError, adapt, check_meta_gradients, evaluate_episode, evaluate_tasks,
+from fsl.maml import (InnerLoop, NonFiniteLossError, adapt, check_meta_gradients, evaluate_episode, evaluate_tasks,
                       meta_parameters, meta_train_step, task_meta_gradient)
 from fsl.models import TaskBatchNorm2d, TaskConv2d, TaskLinear, build_model
 
@@ -24,20 +24,20 @@ def make_episode(ways=3, shots=2, queries=3, size=16, seed=0) -> Episode:
 
 
 def plain_copy(model: nn.Module) -> nn.Module:
-    """The same network (same parameter objects) with torch.nn's own Conv2d/BatchNorm2d/Linear forwards instead of
-    fsl's task-batched ones: an independent reference for T = 1."""
-    plain = copy.copy(model)
-    plain._modules = dict(model._modules)
-    for name, module in list(plain.named_modules()):
-        if isinstance(module, (TaskConv2d, TaskBatchNorm2d, TaskLinear)):
-            twin = copy.copy(module)
-            twin.__class__ = type(module).__mro__[1]  # nn.Conv2d, nn.BatchNorm2d, nn.Linear
-            parent = plain.get_submodule(name.rpartition(".")[0]) if "." in name else plain
-            if parent is not plain and parent is model.get_submodule(name.rpartition(".")[0]):
-                parent = copy.copy(parent)
-                parent._modules = dict(parent._modules)
-            parent._modules[name.rpartition(".")[2]] = twin
+    """The same network (the same parameter tensors) with torch.nn's own Conv2d/BatchNorm2d/Linear forwards instead
+    of fsl's task-batched ones: an independent reference for T = 1."""
+    plain = copy.copy(model)  # shares the parameters
+    plain._modules = {name: plain_copy(child) for name, child in model._modules.items()}
+    if isinstance(model, (TaskConv2d, TaskBatchNorm2d, TaskLinear)):
+        plain.__class__ = type(model).__mro__[1]  # nn.Conv2d, nn.BatchNorm2d, nn.Linear
     return plain
+
+
+def test_plain_copy_uses_torch_nn_layers():
+    model = build_model("resnet12", ways=5, image_size=16)
+    classes = {type(m) for m in plain_copy(model).modules()}
+    assert not classes & {TaskConv2d, TaskBatchNorm2d, TaskLinear} and nn.Conv2d in classes
+    assert {type(m) for m in model.modules()} >= {TaskConv2d, TaskBatchNorm2d, TaskLinear}  # the model is untouched
 
 
 def batch_of(*episodes: Episode) -> Episode:
@@ -69,7 +69,7 @@ def meta_gradient_and_reference(arch: str, first_order: bool):
     torch.manual_seed(0)
     model = build_model(arch, ways=3, image_size=16).double()
     episode = make_episode(size=16)
-    task_meta_gradient(model, batch_of(episode), steps=2, inner_lr=0.01, first_order=first_order)
+    task_meta_gradient(model, batch_of(episode), InnerLoop(2, 0.01, first_order))
     params = dict(model.named_parameters())
     loss, fast = reference_query_loss(model, params, episode, 2, 0.01, create_graph=not first_order)
     return model, episode, loss, list((fast if first_order else params).values())
@@ -94,7 +94,7 @@ def test_first_order_meta_gradient_matches_its_reference():
     # and it really is different from the second-order gradient
     second = build_model("conv4", ways=3, image_size=16).double()
     second.load_state_dict(model.state_dict())
-    task_meta_gradient(second, batch_of(episode), steps=2, inner_lr=0.01, first_order=False)
+    task_meta_gradient(second, batch_of(episode), InnerLoop(2, 0.01))
     assert max_relative_error(second, reference) > 1e-6
 
 
@@ -102,7 +102,7 @@ def test_second_order_meta_gradient_matches_finite_differences():
     torch.manual_seed(0)
     model = build_model("conv4", ways=3, image_size=16).double()
     episode = make_episode()
-    task_meta_gradient(model, batch_of(episode), steps=2, inner_lr=0.1, first_order=False)
+    task_meta_gradient(model, batch_of(episode), InnerLoop(2, 0.1))
     direction = [torch.randn_like(p) for p in model.parameters()]
     analytic = sum((p.grad * d).sum() for p, d in zip(model.parameters(), direction)).item()
     eps = 1e-8  # small enough not to cross a ReLU/max-pool kink (1e-6 does on this input)
@@ -124,7 +124,7 @@ def test_meta_training_reduces_query_loss_on_a_fixed_task():
     model = build_model("conv4", ways=3, image_size=16)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
     episode = Episode(*(t.float() if t.is_floating_point() else t for t in make_episode()))
-    losses = [meta_train_step(model, optimizer, batch_of(episode, episode), inner_steps=2, inner_lr=0.01)[0]
+    losses = [meta_train_step(model, optimizer, batch_of(episode, episode), InnerLoop(2, 0.01))[0]
               for _ in range(15)]
     print(f"\nquery loss over 15 outer steps: {losses[0]:.3f} -> {losses[-1]:.3f}")
     assert losses[-1] < 0.5 * losses[0]
@@ -136,11 +136,11 @@ def test_meta_batch_gradient_is_the_mean_of_task_gradients():
     episodes = [make_episode(seed=s) for s in range(2)]
     optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
     before = copy.deepcopy(model)
-    meta_train_step(model, optimizer, batch_of(*episodes), inner_steps=1, inner_lr=0.01)  # SGD lr 1: -mean grad
+    meta_train_step(model, optimizer, batch_of(*episodes), InnerLoop(1, 0.01))  # SGD lr 1: -mean grad
     expected = [p.detach().clone() for p in before.parameters()]
     for episode in episodes:
         single = copy.deepcopy(before)
-        task_meta_gradient(single, batch_of(episode), 1, 0.01, False)
+        task_meta_gradient(single, batch_of(episode), InnerLoop(1, 0.01))
         for i, p in enumerate(single.parameters()):
             expected[i] -= p.grad / len(episodes)
     for p, e in zip(model.parameters(), expected):
@@ -152,7 +152,7 @@ def test_evaluation_leaves_meta_weights_bit_identical():
     model = build_model("conv4", ways=3, image_size=16)
     before = copy.deepcopy(model.state_dict())
     episode = Episode(*(t.float() if t.is_floating_point() else t for t in make_episode()))
-    accuracies = [evaluate_episode(model, episode, steps=5, inner_lr=0.01) for _ in range(20)]
+    accuracies = [evaluate_episode(model, episode, InnerLoop(5, 0.01, True)) for _ in range(20)]
     assert all(0 <= a <= 100 for a in accuracies) and len(set(accuracies)) == 1
     for name, value in model.state_dict().items():
         assert torch.equal(value, before[name]), name
@@ -174,7 +174,7 @@ def test_zero_head_adapts_to_the_closed_form_head_and_stays_zero_under_meta_trai
     assert {id(p) for p in meta_parameters(model, zero_head=True)} == \
         {id(p) for p in model.features.parameters()}
     episode = make_episode(ways=ways, shots=2)
-    fmodel = adapt(model, episode.support_x[None], episode.support_y[None], steps=1, inner_lr=lr)
+    fmodel = adapt(model, episode.support_x[None], episode.support_y[None], InnerLoop(1, lr))
     fast = dict(zip([name for name, _ in model.named_parameters()], (p[0] for p in fmodel.fast_params)))
     for name, p in model.features.named_parameters():
         torch.testing.assert_close(fast[f"features.{name}"], p, rtol=0, atol=0)
@@ -188,7 +188,7 @@ def test_zero_head_adapts_to_the_closed_form_head_and_stays_zero_under_meta_trai
     backbone_before = [p.detach().clone() for p in model.features.parameters()]
     optimizer = torch.optim.Adam(meta_parameters(model, zero_head=True), lr=1e-3)
     for _ in range(2):
-        meta_train_step(model, optimizer, batch_of(episode), inner_steps=1, inner_lr=lr)
+        meta_train_step(model, optimizer, batch_of(episode), InnerLoop(1, lr))
     assert model.classifier.weight.abs().max() == 0 and model.classifier.bias.abs().max() == 0
     moved = max((p - b).abs().max().item() for p, b in zip(model.features.parameters(), backbone_before))
     assert moved > 1e-4
@@ -203,14 +203,13 @@ def test_zero_head_shortcut_gives_the_full_inner_loop_backbone_meta_gradient(ste
     gradients = []
     for shortcut in (False, True):
         model.zero_grad(set_to_none=True)
-        task_meta_gradient(model, batch_of(episode), steps, inner_lr=0.4, first_order=first_order,
-                           zero_head=shortcut)
+        task_meta_gradient(model, batch_of(episode), InnerLoop(steps, 0.4, first_order, zero_head=shortcut))
         gradients.append(torch.cat([p.grad.flatten() for p in model.features.parameters()]))
     full, shortcut = gradients
     error = ((full - shortcut).norm() / full.norm()).item()
     print(f"\nsteps={steps} first_order={first_order}: backbone meta-gradient relative difference {error:.1e}")
     assert full.norm() > 0 and error <= 1e-12
-    accuracies = [evaluate_episode(model, episode, steps=5, inner_lr=0.4, zero_head=z) for z in (False, True)]
+    accuracies = [evaluate_episode(model, episode, InnerLoop(5, 0.4, True, zero_head=z)) for z in (False, True)]
     assert accuracies[0] == accuracies[1]
 
 
@@ -230,15 +229,15 @@ def test_nan_query_loss_stops_before_the_optimizer_step():
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
     episode = Episode(*(t.float() if t.is_floating_point() else t for t in make_episode()))
     with pytest.raises(NonFiniteLossError):
-        meta_train_step(model, optimizer, batch_of(episode), inner_steps=2, inner_lr=1e30)
+        meta_train_step(model, optimizer, batch_of(episode), InnerLoop(2, 1e30))
     assert all(torch.equal(value, before[name]) for name, value in model.state_dict().items())
 
 
-def meta_gradient(model: nn.Module, episodes: Episode, parallel_tasks: int, **kwargs) -> torch.Tensor:
+def meta_gradient(model: nn.Module, episodes: Episode, loop: InnerLoop, parallel_tasks: int) -> torch.Tensor:
     """fsl's meta-gradient of a meta-batch (a zero-lr optimizer leaves the weights where they are)."""
     model = copy.deepcopy(model)
-    meta_train_step(model, torch.optim.SGD(model.parameters(), lr=0.0), episodes, parallel_tasks=parallel_tasks,
-                    **kwargs)
+    meta_train_step(model, torch.optim.SGD(model.parameters(), lr=0.0), episodes, loop,
+                    parallel_tasks=parallel_tasks)
     return torch.cat([p.grad.flatten() for p in model.parameters()])
 
 
@@ -254,26 +253,26 @@ def test_task_batched_meta_gradient_equals_one_task_at_a_time(arch, first_order,
     if not zero_head:
         nn.init.normal_(model.classifier.weight, std=0.1)  # a head that matters in every step
     episodes = batch_of(*(make_episode(ways=3, shots=2, queries=4, seed=s) for s in range(3)))
-    kwargs = dict(inner_steps=2, inner_lr=0.1, first_order=first_order, zero_head=zero_head)
-    one_at_a_time = meta_gradient(model, episodes, parallel_tasks=1, **kwargs)
-    batched = meta_gradient(model, episodes, parallel_tasks=3, **kwargs)
+    loop = InnerLoop(2, 0.1, first_order, zero_head)
+    one_at_a_time = meta_gradient(model, episodes, loop, parallel_tasks=1)
+    batched = meta_gradient(model, episodes, loop, parallel_tasks=3)
     error = ((batched - one_at_a_time).norm() / one_at_a_time.norm()).item()
     print(f"\n{arch} {'first' if first_order else 'second'} order zero_head={zero_head}: batched vs one at a time "
           f"relative difference {error:.1e}")
     assert one_at_a_time.norm() > 0 and error <= 1e-10
     if arch == "conv4":  # uneven groups (2 + 1); resnet12 in float64 is slow, and the grouping code is shared
-        assert meta_gradient(model, episodes, parallel_tasks=2, **kwargs).sub(one_at_a_time).norm() \
+        assert meta_gradient(model, episodes, loop, parallel_tasks=2).sub(one_at_a_time).norm() \
             <= 1e-10 * one_at_a_time.norm()
-    together = evaluate_tasks(model, episodes, steps=3, inner_lr=0.5, zero_head=zero_head).tolist()
-    alone = [evaluate_tasks(model, Episode(*(t[i:i + 1] for t in episodes)), steps=3, inner_lr=0.5,
-                            zero_head=zero_head).item() for i in range(3)]
+    testing = InnerLoop(3, 0.5, True, zero_head)
+    together = evaluate_tasks(model, episodes, testing).tolist()
+    alone = [evaluate_tasks(model, Episode(*(t[i:i + 1] for t in episodes)), testing).item() for i in range(3)]
     assert together == alone
     if arch != "conv4":
         return
     # and the adapted query logits behind them
-    logits = adapt(model, episodes.support_x, episodes.support_y, 3, 0.5, True, zero_head)(episodes.query_x)
+    logits = adapt(model, episodes.support_x, episodes.support_y, testing)(episodes.query_x)
     for i in range(3):
-        alone = adapt(model, episodes.support_x[i:i + 1], episodes.support_y[i:i + 1], 3, 0.5, True, zero_head)
+        alone = adapt(model, episodes.support_x[i:i + 1], episodes.support_y[i:i + 1], testing)
         torch.testing.assert_close(logits[i:i + 1], alone(episodes.query_x[i:i + 1]), rtol=1e-10, atol=1e-12)
 
 

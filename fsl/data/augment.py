@@ -41,11 +41,12 @@ def draw_params(sizes: np.ndarray) -> np.ndarray:
     return rows
 
 
-def normalise(images: torch.Tensor) -> torch.Tensor:
-    """(B, 3, H, W) pixels on the 0-255 scale (uint8 or float) -> float32 (pixel - mean) / std, ImageNet's."""
-    mean = torch.tensor(MEAN_255, device=images.device).view(1, 3, 1, 1)
+def normalise(images: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+    """(B, 3, H, W) pixels on the 0-255 scale / `scale` (uint8 or float) -> float32 (pixel - mean) / std, ImageNet's.
+    """
     std = torch.tensor(STD_255, device=images.device).view(1, 3, 1, 1)
-    return (images.float() - mean) / std
+    shift = (torch.tensor(MEAN_255, device=images.device).view(1, 3, 1, 1) / std)
+    return torch.addcmul(-shift, images.float(), scale / std)
 
 
 def grayscale(images: torch.Tensor) -> torch.Tensor:
@@ -61,7 +62,7 @@ def blend(images: torch.Tensor, other: torch.Tensor, factor: torch.Tensor) -> to
 
 
 COLOUR_OPS = {
-    0: lambda x, f: blend(x, torch.zeros_like(x), f),                                       # brightness
+    0: lambda x, f: (f.view(-1, 1, 1, 1) * x).clamp_(0, 1),                                 # brightness
     1: lambda x, f: blend(x, grayscale(x).mean(dim=(1, 2, 3), keepdim=True), f),           # contrast
     2: lambda x, f: blend(x, grayscale(x), f),                                              # saturation
 }
@@ -83,12 +84,12 @@ def augment(images: torch.Tensor, params: torch.Tensor, sizes: torch.Tensor, out
     # sampling_ratio=-1: ceil(box side / out_size) bilinear samples per output pixel and axis, averaged, so a
     # downscaling crop averages every source pixel it covers (antialiasing), an upscaling one is plain bilinear
     x = roi_align(images.float().div_(255), boxes, out_size, spatial_scale=1.0, sampling_ratio=-1, aligned=True)
-    flip = params[:, 4].bool()
-    x = torch.where(flip.view(-1, 1, 1, 1), x.flip(-1), x)
+    flipped = params[:, 4].nonzero().squeeze(1)
+    x[flipped] = x[flipped].flip(-1)
     for position in range(4):  # ColorJitter applies its operations in a random order per image
         op_ids = params[:, 5 + position].long()
         for op, apply in COLOUR_OPS.items():
             chosen = (op_ids == op).nonzero().squeeze(1)
             if len(chosen):
                 x[chosen] = apply(x[chosen], params[chosen, 9 + op])
-    return normalise(x * 255)
+    return normalise(x, scale=255.0)
