@@ -5,6 +5,7 @@
 #   QUICK=1               short sanity run (quick=true): few hundred tasks, 100 test episodes, rows marked quick
 #   GPUS=P                train and test with P processes on this node (torchrun; P must divide train.meta_batch)
 #   SEEDS=N               train and test seeds 0..N-1, each its own run (work dir <run>-seed<N>, summary row)
+#   GPUS_PER_CELL=K       all-tables/slurm: run cells concurrently on groups of K GPUs (fsl sweep / a job array)
 # Variants of the inner loop (experiments/variants/<cell>-<variant>.yaml) are targets too: `make glyphs-conv4-1shot-anil`.
 
 SHELL := /bin/bash
@@ -28,16 +29,18 @@ SEEDS ?=
 SEED_ARGS := $(if $(SEEDS),$(foreach s,$(shell seq 0 $$(($(SEEDS) - 1))),seed=$(s)),_)
 FSL := $(if $(filter-out 1,$(GPUS)),$(VENV)/bin/torchrun --standalone --nproc_per_node $(GPUS) -m fsl,$(PY) -m fsl)
 
-.PHONY: help setup test demo all-tables variants tables bench bench-data data-cub data-mini-imagenet \
+.PHONY: help setup test demo all-tables slurm variants tables bench bench-data data-cub data-mini-imagenet \
 	data-tiered-imagenet clean-venv $(CELLS) $(VARIANTS)
 
 help:
-	@echo "make setup                 create .venv (Python 3.11) with the pinned stack"
+	@echo "make setup                 create .venv (Python 3.11) with the pinned stack and the fsl command"
 	@echo "make demo                  train + test + tables on the built-in glyphs data (minutes on a CPU)"
 	@echo "make test                  run the test suite"
 	@echo "make <cell> [GPUS=P] [SEEDS=N]  train then test one cell (P processes via torchrun; N seeds); cells: $(CELLS)"
 	@echo "make <cell>-<variant>      the same for a variant config of experiments/variants: $(VARIANTS)"
 	@echo "make all-tables            run every paper cell not yet done, then build the tables"
+	@echo "make all-tables GPUS_PER_CELL=K  the same, cells concurrently on groups of K visible GPUs (fsl sweep)"
+	@echo "make slurm PARTITION=p ACCOUNT=a TIME=hh:mm:ss [GPUS_PER_CELL=K] [SUBMIT=1]  Slurm job array of them"
 	@echo "make variants              every glyphs variant not yet done (CPU, ~2 h), then results/tables/variants.md"
 	@echo "make tables                build results/tables and results/plots from results/*.csv"
 	@echo "make bench [QUICK=1]       meta-training speed and memory benchmark"
@@ -46,10 +49,11 @@ help:
 
 setup: $(STAMP)
 
-$(STAMP): requirements.txt requirements-dev.txt scripts/install_learn2learn.sh
+$(STAMP): requirements.txt requirements-dev.txt scripts/install_learn2learn.sh pyproject.toml
 	test -x $(PY) || $(PYTHON_BIN) -m venv $(VENV)
 	$(PY) -m pip install -q -r requirements.txt -r requirements-dev.txt
 	bash scripts/install_learn2learn.sh $(PY)
+	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
 	touch $@
 
 test: $(STAMP)
@@ -73,11 +77,20 @@ $(VARIANTS): %: $(STAMP)
 	$(call train_and_test,experiments/variants/$@.yaml)
 
 all-tables: $(STAMP)
+ifdef GPUS_PER_CELL
+	$(PY) -m fsl sweep $(addprefix experiments/,$(addsuffix .yaml,$(PAPER_CELLS))) $(RUN_ARGS) --gpus-per-cell $(GPUS_PER_CELL)
+else
 	@for cell in $(PAPER_CELLS); do \
 	  if $(PY) -m fsl done experiments/$$cell.yaml $(RUN_ARGS); then echo "skip $$cell: comparable result exists for this config"; \
 	  else $(MAKE) --no-print-directory $$cell || exit 1; fi; \
 	done
 	$(PY) -m fsl tables
+endif
+
+slurm: $(STAMP)
+	$(PY) -m fsl slurm $(addprefix experiments/,$(addsuffix .yaml,$(PAPER_CELLS))) $(RUN_ARGS) \
+	  $(if $(PARTITION),--partition $(PARTITION)) $(if $(ACCOUNT),--account $(ACCOUNT)) \
+	  $(if $(TIME),--time $(TIME)) $(if $(GPUS_PER_CELL),--gpus $(GPUS_PER_CELL)) $(if $(SUBMIT),--submit)
 
 variants: $(STAMP)
 	@for run in $(GLYPHS_RUNS); do \

@@ -2,4 +2,4 @@
 
 data -> episodes -> models -> maml (inner loop) -> train / evaluate -> results / report
 """
-__version__ = "0.1.0"
+__version__ = "0.2.0"

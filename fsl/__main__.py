@@ -1,4 +1,5 @@
-"""Command line: `python -m fsl {train,test,data,tables,demo,done} ...`. Only parses arguments and calls run()s."""
+"""Command line: `fsl {train,test,data,tables,demo,sweep,slurm,done} ...` (or `python -m fsl ...`). Only parses
+arguments and calls run()s."""
 from __future__ import annotations
 
 import argparse
@@ -10,7 +11,7 @@ from fsl.data.base import DatasetError
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m fsl", description="MAML few-shot classification suite")
+    parser = argparse.ArgumentParser(prog="fsl", description="MAML few-shot classification suite (also: python -m fsl)")
     commands = parser.add_subparsers(dest="command", required=True)
 
     train = commands.add_parser("train", help="meta-train a cell (resumes from latest.pth)")
@@ -37,6 +38,20 @@ def main(argv: list[str] | None = None) -> int:
 
     demo = commands.add_parser("demo", help="train, test and tabulate the glyphs 5-way 1-shot cell")
     demo.add_argument("overrides", nargs="*")
+
+    sweep = commands.add_parser("sweep", help="run the cells that are not done concurrently, one per GPU group")
+    sweep.add_argument("items", nargs="*", help="configs (default: the 12 paper cells) and key=value overrides")
+    sweep.add_argument("--gpus-per-cell", type=int, default=1)
+    sweep.add_argument("--devices", help="comma-separated GPU ids (default: the visible ones) or cpu,cpu,...")
+
+    slurm = commands.add_parser("slurm", help="write (and --submit) a Slurm job array of the runs that are not done")
+    slurm.add_argument("items", nargs="*", help="configs (default: the 12 paper cells) and key=value overrides")
+    slurm.add_argument("--time", default="24:00:00", help="time limit per array task (Slurm format)")
+    slurm.add_argument("--gpus", type=int, default=1, help="GPUs per array task (>1: torchrun)")
+    slurm.add_argument("--cpus", type=int, default=8, help="CPU cores per array task (episode workers)")
+    slurm.add_argument("--partition")
+    slurm.add_argument("--account")
+    slurm.add_argument("--submit", action="store_true", help="run sbatch on the script")
 
     done = commands.add_parser("done", help="exit 0 if summary.csv holds this run's comparable result for this config")
     done.add_argument("config")
@@ -84,10 +99,26 @@ def run_command(args: argparse.Namespace) -> int:
     elif args.command == "demo":
         from fsl import demo
         demo.run(args.overrides)
+    elif args.command in ("sweep", "slurm"):
+        configs = [item for item in args.items if "=" not in item] or paper_cells()
+        overrides = [item for item in args.items if "=" in item]
+        if args.command == "sweep":
+            from fsl import sweep
+            devices = args.devices.split(",") if args.devices else None
+            return 1 if sweep.run(configs, overrides, devices, args.gpus_per_cell) else 0
+        from fsl import slurm
+        slurm.run(configs, overrides, args.time, args.gpus, args.cpus, args.partition, args.account, args.submit)
     elif args.command == "done":
         from fsl.provenance import is_done
         return 0 if is_done(load_config(args.config, args.overrides)) else 1
     return 0
+
+
+def paper_cells() -> list[str]:
+    """The 12 reference cells' configs, from the checkout's experiments/ folder."""
+    from fsl.provenance import REPO
+    from fsl.reference import REFERENCE
+    return [str(REPO / "experiments" / f"{d}-{a}-{k}shot.yaml") for d, a, k in REFERENCE]
 
 
 def data_command(args: argparse.Namespace) -> int:

@@ -91,6 +91,7 @@ class TrainConfig:
     val_episodes: int = 100         # fixed validation episodes (ways/shots/queries of `test`)
     checkpoint_every: int = 4_000   # write latest.pth every this many tasks (also at validation and on SIGINT)
     log_every: int = 200            # write a training row to log.csv every this many tasks
+    tensorboard: bool = True        # also write log.csv's numbers as TensorBoard scalars to <run dir>/tb
     parallel_tasks: int = 1         # tasks of a meta-batch adapted together in one batched forward (fsl.maml): more
                                     # is faster on a GPU and costs memory (each group's graph lives until its
                                     # backward); 1 = task by task. Same meta-gradient up to float rounding

@@ -4,11 +4,14 @@ Reads  results/summary.csv, results/<cell>/test_episodes*.csv, results/<cell>/tr
 Writes results/tables/<dataset>.md         MMFewShot's README format (its "std" column is our ci95), every run
        results/tables/comparison.md        each of the 12 reference cells: our comparable result beside the reference
        results/tables/not_comparable.md    every other row, with why it is not the reference's protocol
+       results/tables/variants.md          cells run under several inner-loop variants, side by side (#17)
+       results/tables/seeds.md             runs under several training seeds: across-seed mean and std
        results/plots/*.png                 bar chart vs the reference, learning curves, per-episode histograms
 Same CSVs in, same bytes out.
 """
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import matplotlib
@@ -138,6 +141,85 @@ def plot_histogram(accuracies: pd.Series, cell: str, path: Path) -> None:
     save_figure(fig, path)
 
 
+def run_group(run: str) -> str:
+    """The run name without its seed tag: the runs of one experiment under several seeds."""
+    return re.sub(r"-seed\d+", "", run)
+
+
+def seed_statistics(summary: pd.DataFrame) -> pd.DataFrame:
+    """Per experiment run under 2+ seeds (non-quick rows): group, seeds, across-seed mean and standard deviation
+    (ddof=1) of the mean accuracy."""
+    rows = summary[~summary["quick"]].assign(group=lambda f: f["run"].map(run_group))
+    stats = rows.groupby("group", sort=True).agg(seeds=("seed", "count"), seed_list=("seed", lambda s: sorted(s)),
+                                                 mean=("mean_acc", "mean"), std=("mean_acc", "std"))
+    return stats[stats["seeds"] >= 2].reset_index()
+
+
+def seeds_table(summary: pd.DataFrame) -> str:
+    stats = seed_statistics(summary)
+    rows = summary.assign(group=summary["run"].map(run_group))
+    lines = ["| run | seeds | per seed: mean ± ci95 (test episodes) | across seeds: mean ± std |", "|---|---|---|---|"]
+    for stat in stats.itertuples():
+        per_seed = rows[(rows["group"] == stat.group) & ~rows["quick"]].sort_values("seed")
+        listing = ", ".join(f"seed {r.seed}: {fmt(r.mean_acc, r.ci95)}" for r in per_seed.itertuples())
+        lines.append(f"| {stat.group} | {stat.seeds} | {listing} | {fmt(stat.mean, stat.std)} |")
+    return "\n".join(lines) + "\n"
+
+
+VARIANT_ORDER = ["maml", "fomaml", "anil", "metasgd", "maml++"]
+
+
+def variant_rows(summary: pd.DataFrame) -> pd.DataFrame:
+    """Non-quick rows of the cells run under two or more inner-loop variants, cell by cell, MAML first."""
+    rows = summary[~summary["quick"]]
+    counts = rows.groupby("cell")["variant"].nunique()
+    rows = rows[rows["cell"].isin(counts[counts >= 2].index)]
+    base = rows["variant"].str.split("+").str[0]
+    order = base.map(lambda v: VARIANT_ORDER.index(v) if v in VARIANT_ORDER else len(VARIANT_ORDER))
+    return rows.assign(order=order).sort_values(["cell", "order", "variant", "seed"], kind="stable")
+
+
+def variants_table(summary: pd.DataFrame) -> str:
+    """Variant x cell: mean ± ci95, speed and memory of meta-training, and the test-config hash (equal within a
+    cell = the same test episodes and adaptation); across-seed statistics where a run has several seeds."""
+    stats = {s.group: s for s in seed_statistics(summary).itertuples()}
+    lines = ["| cell | variant | run | mean ± ci95 | across seeds (mean ± std, n) | train tasks | tasks/s | "
+             "peak GPU MB | device | test config |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for row in variant_rows(summary).itertuples():
+        stat = stats.get(run_group(row.run))
+        seeds = f"{fmt(stat.mean, stat.std)}, {stat.seeds}" if stat is not None else ""
+        speed = "" if pd.isna(row.tasks_per_s) else f"{row.tasks_per_s:.1f}"
+        memory = "" if pd.isna(row.peak_memory_mb) else f"{row.peak_memory_mb:.0f}"
+        lines.append(f"| {row.cell} | {row.variant} | {row.run} | {fmt(row.mean_acc, row.ci95)} | {seeds} | "
+                     f"{optional_int(row.train_tasks)} | {speed} | {memory} | {row.device} | "
+                     f"{row.test_config_sha} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_variants(summary: pd.DataFrame, path: Path) -> None:
+    """Grouped bars: for each cell run under several variants, every variant's mean ± ci95."""
+    rows = variant_rows(summary)
+    rows = rows[rows["seed"] == rows.groupby("run")["seed"].transform("min")]  # one bar per run: its first seed
+    cells = list(dict.fromkeys(rows["cell"]))
+    variants = list(dict.fromkeys(rows["variant"]))
+    width = 0.8 / max(1, len(variants))
+    fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(cells) * max(1, len(variants)) / 3 + 2), 4.5))
+    for k, variant in enumerate(variants):
+        of = rows[rows["variant"] == variant].drop_duplicates("cell").set_index("cell")
+        means = [of["mean_acc"].get(c, np.nan) for c in cells]
+        cis = [of["ci95"].get(c, np.nan) for c in cells]
+        ax.bar(np.arange(len(cells)) + (k - (len(variants) - 1) / 2) * width, means, width, yerr=cis, capsize=2,
+               label=variant)
+    ax.set_xticks(np.arange(len(cells)), cells)
+    ax.set_ylabel("test accuracy (%) ± 95% CI")
+    low = np.nanmin(rows["mean_acc"] - rows["ci95"]) if len(rows) else 0
+    ax.set_ylim(max(0, np.floor(low / 10) * 10 - 10), 100)
+    ax.set_title("MAML variants on the same tasks and test episodes")
+    ax.legend(fontsize=7, ncol=3, loc="lower right")
+    fig.tight_layout()
+    save_figure(fig, path)
+
+
 def tables(summary: pd.DataFrame) -> dict[str, str]:
     """{file name: markdown} of every table the summary allows (what `run` writes under results/tables)."""
     written = {}
@@ -152,6 +234,17 @@ def tables(summary: pd.DataFrame) -> dict[str, str]:
     if (~summary["comparable"]).any():
         written["not_comparable.md"] = ("# Results not comparable to the reference\n\n"
                                         + not_comparable_table(summary))
+    if len(variant_rows(summary)):
+        written["variants.md"] = ("# The MAML family on one protocol\n\nEach cell's runs share its tasks, seed, "
+                                  "schedule and test episodes (same test config hash = same test episodes and "
+                                  "adaptation); only the inner loop differs. ci95: 95% half-width over the test "
+                                  "episodes of one trained model; across seeds: the spread of the mean over "
+                                  "training seeds (`make <run> SEEDS=3`). tasks/s: meta-training, validation "
+                                  "excluded. Plot: plots/variants.png\n\n" + variants_table(summary))
+    if len(seed_statistics(summary)):
+        written["seeds.md"] = ("# Runs under several seeds\n\nci95 is the 95% half-width over one model's test "
+                               "episodes; std the standard deviation of the mean over training seeds (ddof 1).\n\n"
+                               + seeds_table(summary))
     return written
 
 
@@ -166,6 +259,9 @@ def run(results_dir: str | Path = "results") -> list[Path]:
     plots = results / "plots"
     plot_cells_vs_reference(summary, plots / "cells_vs_reference.png")
     written.append(plots / "cells_vs_reference.png")
+    if len(variant_rows(summary)):
+        plot_variants(summary, plots / "variants.png")
+        written.append(plots / "variants.png")
     for row in summary.itertuples():
         episodes_csv = results_io.run_file(results, row.cell, row.run, "test_episodes")
         if episodes_csv.exists():

@@ -10,6 +10,7 @@ columns a file lacks get their defaults; columns the schema does not know are ke
 """
 from __future__ import annotations
 
+import fcntl
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -180,12 +181,17 @@ def read_summary(results_dir: str | Path, must_exist: bool = False) -> pd.DataFr
 
 
 def upsert_summary(results_dir: str | Path, row: dict) -> Path:
-    """Add `row` to summary.csv, replacing the row of the same run; rows sorted by quick flag, then run."""
-    summary = read_summary(results_dir)
-    summary = summary[summary["run"] != row["run"]]
-    rows = summary.astype(object).where(summary.notna(), None).to_dict("records") + [row]
-    rows.sort(key=lambda r: (bool(r.get("quick")), str(r["run"])))
-    return write_csv(rows, summary_path(results_dir), SUMMARY)
+    """Add `row` to summary.csv, replacing the row of the same run; rows sorted by quick flag, then run. Holds a lock
+    on summary.csv.lock while reading and writing, so concurrent tests (fsl sweep, job arrays) lose no row."""
+    path = summary_path(results_dir)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_name("summary.csv.lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        summary = read_summary(results_dir)
+        summary = summary[summary["run"] != row["run"]]
+        rows = summary.astype(object).where(summary.notna(), None).to_dict("records") + [row]
+        rows.sort(key=lambda r: (bool(r.get("quick")), str(r["run"])))
+        return write_csv(rows, path, SUMMARY)
 
 
 def find_run(summary: pd.DataFrame, run: str) -> pd.Series | None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import csv
 import math
+from contextlib import closing, nullcontext
 import shutil
 import signal
 import time
@@ -45,28 +46,52 @@ def save_checkpoint(path: Path, model, rates, optimizer, cfg: Config, state: dic
     write_atomic(path, lambda tmp: torch.save(checkpoint, tmp))
 
 
-def append_log(path: Path, row: dict) -> None:
-    new = not path.exists()
-    with open(path, "a", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=LOG_COLUMNS)
-        if new:
-            writer.writeheader()
-        writer.writerow(row)
+class RunLog:
+    """<run_dir>/log.csv, one row per training window and per validation (LOG_COLUMNS), and, with
+    train.tensorboard, the same numbers as TensorBoard scalars in <run_dir>/tb at step = tasks done:
+    train/loss, train/accuracy, train/tasks_per_s, val/accuracy, val/ci95.
 
+    Resuming at task t drops what was logged after t (rows of the interrupted run that will be written again)."""
 
-def truncate_log(path: Path, tasks_done: int) -> None:
-    """Drop log rows written after the checkpoint we resume from (they will be written again)."""
-    if not path.exists():
-        return
-    with open(path, newline="") as f:
-        rows = [row for row in csv.DictReader(f) if int(row["tasks"]) <= tasks_done]
+    SCALARS = {"train": ("loss", "accuracy", "tasks_per_s"), "val": ("accuracy", "ci95")}
 
-    def write(tmp: str) -> None:
-        with open(tmp, "w", newline="") as f:
+    def __init__(self, run_dir: Path, tensorboard: bool, resume_at: int = 0):
+        self.path = run_dir / "log.csv"
+        if resume_at:
+            self.truncate(resume_at)
+        self.writer = None
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter  # imported here: tensorboard is only needed for it
+            self.writer = SummaryWriter(str(run_dir / "tb"), purge_step=resume_at + 1 if resume_at else None)
+
+    def write(self, row: dict) -> None:
+        new = not self.path.exists()
+        with open(self.path, "a", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=LOG_COLUMNS)
-            writer.writeheader()
-            writer.writerows(rows)
-    write_atomic(path, write)
+            if new:
+                writer.writeheader()
+            writer.writerow(row)
+        if self.writer is not None:
+            for name in self.SCALARS[row["split"]]:
+                self.writer.add_scalar(f"{row['split']}/{name}", row[name], row["tasks"])
+            self.writer.flush()
+
+    def truncate(self, tasks_done: int) -> None:
+        if not self.path.exists():
+            return
+        with open(self.path, newline="") as f:
+            rows = [row for row in csv.DictReader(f) if int(row["tasks"]) <= tasks_done]
+
+        def write(tmp: str) -> None:
+            with open(tmp, "w", newline="") as f:
+                writer = csv.DictWriter(f, fieldnames=LOG_COLUMNS)
+                writer.writeheader()
+                writer.writerows(rows)
+        write_atomic(self.path, write)
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
 
 
 class StopRequest:
@@ -115,7 +140,7 @@ def run(cfg: Config) -> Path:
                           f"meta-batch. Fix: train.tasks={cfg.train.tasks // cfg.train.meta_batch * cfg.train.meta_batch}")
     apply_precision(cfg.precision, device, cfg.cudnn_benchmark)
     run_dir = cfg.run_dir
-    latest, best, log_path = run_dir / "latest.pth", run_dir / "best_accuracy_mean.pth", run_dir / "log.csv"
+    latest, best = run_dir / "latest.pth", run_dir / "best_accuracy_mean.pth"
     if main:
         run_dir.mkdir(parents=True, exist_ok=True)
         processes = f" x {world} processes ({local_batch} tasks of each meta-batch per process)" if world > 1 else ""
@@ -140,7 +165,6 @@ def run(cfg: Config) -> Path:
         set_rng_states(checkpoint["rng"])
         state.update({key: checkpoint[key] for key in state if key in checkpoint})
         if main:
-            truncate_log(log_path, state["tasks_done"])
             print(f"resuming from {latest} at task {state['tasks_done']} (best validation "
                   f"{state['best_val_mean']:.2f}% at task {state['best_val_tasks']})", flush=True)
     elif world > 1:
@@ -174,8 +198,9 @@ def run(cfg: Config) -> Path:
 
     progress = tqdm(total=cfg.train.tasks, initial=state["tasks_done"], unit="task", desc=cfg.run_name,
                     dynamic_ncols=True, smoothing=0.05, disable=not main)
+    log = RunLog(run_dir, cfg.train.tensorboard, state["tasks_done"]) if main else None
     window_start = step_start = time.time()
-    with StopRequest() as stop:
+    with StopRequest() as stop, (closing(log) if log is not None else nullcontext()):
         for specs in loader:
             episodes = make_episodes(specs)
             step_tasks = len(episodes.query_y) * world
@@ -215,10 +240,9 @@ def run(cfg: Config) -> Path:
 
             if (crossed(done, step_tasks, cfg.train.log_every) or done == cfg.train.tasks) and main:
                 seconds = time.time() - window_start
-                append_log(log_path, {"cell": cfg.cell, "seed": cfg.seed, "tasks": done, "split": "train",
-                                      "loss": window[0] / window[2], "accuracy": window[1] / window[2],
-                                      "ci95": "", "tasks_per_s": round(window[2] / seconds, 3),
-                                      "seconds": round(seconds, 2)})
+                log.write({"cell": cfg.cell, "seed": cfg.seed, "tasks": done, "split": "train",
+                           "loss": window[0] / window[2], "accuracy": window[1] / window[2], "ci95": "",
+                           "tasks_per_s": round(window[2] / seconds, 3), "seconds": round(seconds, 2)})
                 state["window"], window_start = [0.0, 0.0, 0], time.time()
 
             now = time.time()
@@ -234,12 +258,12 @@ def run(cfg: Config) -> Path:
                     checkpoint_now(best)
                 checkpoint_now()
                 if main:
-                    append_log(log_path, {"cell": cfg.cell, "seed": cfg.seed, "tasks": done, "split": "val",
-                                          "loss": "", "accuracy": mean, "ci95": ci95(accuracies),
-                                          "tasks_per_s": "", "seconds": round(time.time() - start, 2)})
+                    log.write({"cell": cfg.cell, "seed": cfg.seed, "tasks": done, "split": "val", "loss": "",
+                               "accuracy": mean, "ci95": ci95(accuracies), "tasks_per_s": "",
+                               "seconds": round(time.time() - start, 2)})
                     progress.write(f"task {done}: validation {mean:.2f} ± {ci95(accuracies):.2f}% "
                                    f"{'(best so far)' if improved else ''}")
-                    write_atomic(train_log_path(cfg), lambda tmp: shutil.copyfile(log_path, tmp))
+                    write_atomic(train_log_path(cfg), lambda tmp: shutil.copyfile(log.path, tmp))
                 window_start += time.time() - start  # validation time does not count in training tasks/s
                 step_start = time.time()
             elif crossed(done, step_tasks, cfg.train.checkpoint_every) or stopping:

@@ -147,3 +147,38 @@ def test_notebook_executes(tmp_path, monkeypatch):
     report.run(results)
     outputs = run_notebook(results, monkeypatch)
     assert "47.10 ± 0.41" in outputs and "training stopped at 2000 of 100000 tasks" in outputs
+
+
+def test_variants_and_seeds_tables(tmp_path):
+    """Cells run under several variants go side by side; runs under several seeds get across-seed statistics."""
+    common = {"cell": "glyphs-conv4-1shot", "dataset": "glyphs", "arch": "conv4", "ways": 5, "shots": 1,
+              "image_size": 20, "episodes": 300, "train_tasks": 9600, "quick": False, "comparable": False,
+              "not_comparable_why": "no reference number for this cell", "device": "cpu x2",
+              "test_config_sha": "abc"}
+    rows = [
+        {**common, "run": "glyphs-conv4-1shot", "variant": "maml+zero_head+cosine", "seed": 0, "mean_acc": 90.0,
+         "ci95": 0.9, "tasks_per_s": 21.0},
+        {**common, "run": "glyphs-conv4-1shot-anil", "variant": "anil+cosine", "seed": 0, "mean_acc": 85.0,
+         "ci95": 1.0, "tasks_per_s": 60.5},
+        {**common, "run": "glyphs-conv4-1shot-anil-seed1", "variant": "anil+cosine", "seed": 1, "mean_acc": 87.0,
+         "ci95": 1.1, "tasks_per_s": 60.0},
+        {**common, "run": "glyphs-conv4-1shot-anil-seed2", "variant": "anil+cosine", "seed": 2, "mean_acc": 86.0,
+         "ci95": 1.2, "tasks_per_s": 59.0},
+        {**common, "run": "glyphs-conv4-5shot", "cell": "glyphs-conv4-5shot", "shots": 5, "variant": "maml",
+         "seed": 0, "mean_acc": 95.0, "ci95": 0.5},
+    ]
+    results = tmp_path / "results"
+    results.mkdir()
+    write_csv(rows, results / "summary.csv", SUMMARY)
+    written = {p.name for p in report.run(results)}
+    assert {"variants.md", "seeds.md", "variants.png"} <= written
+    variants = (results / "tables/variants.md").read_text()
+    lines = [line for line in variants.splitlines() if line.startswith("| glyphs")]
+    assert [line.split(" | ")[2] for line in lines] == ["glyphs-conv4-1shot", "glyphs-conv4-1shot-anil",
+                                                        "glyphs-conv4-1shot-anil-seed1",
+                                                        "glyphs-conv4-1shot-anil-seed2"]  # 5-shot: one variant
+    assert "| glyphs-conv4-1shot | anil+cosine | glyphs-conv4-1shot-anil | 85.00 ± 1.00 | 86.00 ± 1.00, 3 | 9600 " \
+           "| 60.5 |  | cpu x2 | abc |" in variants
+    seeds = (results / "tables/seeds.md").read_text()
+    assert "| glyphs-conv4-1shot-anil | 3 | seed 0: 85.00 ± 1.00, seed 1: 87.00 ± 1.10, seed 2: 86.00 ± 1.20 | " \
+           "86.00 ± 1.00 |" in seeds

@@ -142,3 +142,20 @@ def test_zero_head_training_keeps_the_head_at_zero_and_testing_must_agree(tmp_pa
                                         "maml.inner_steps=1"))
     with pytest.raises(ConfigError, match="maml.zero_head: trained with True, requested False"):
         evaluate.run(protocol, cfg.run_dir / "best_accuracy_mean.pth")
+
+
+def test_tensorboard_holds_the_numbers_of_log_csv(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    cfg = load_config(CONFIG, tiny(fixture_root("mini-imagenet"), tmp_path, "train.tasks=8", "train.val_every=4"))
+    train.run(cfg)
+    log = pd.read_csv(cfg.run_dir / "log.csv")
+    events = EventAccumulator(str(cfg.run_dir / "tb"))
+    events.Reload()
+    for split, names in train.RunLog.SCALARS.items():
+        rows = log[log.split == split]
+        for name in names:
+            scalars = events.Scalars(f"{split}/{name}")
+            assert [s.step for s in scalars] == list(rows.tasks), (split, name)
+            assert [s.value for s in scalars] == pytest.approx(list(rows[name]), rel=1e-6), (split, name)
+    assert len(log[log.split == "train"]) == 4 and len(log[log.split == "val"]) == 2
