@@ -99,6 +99,28 @@ def rate_fsl(root: Path, cache: Path, episodes: int, workers: int) -> tuple[floa
     return rate, nbytes, parts
 
 
+# images per split of the full releases (mini: Ravi & Larochelle; tiered: Ren et al.; CUB: 11,788 images, the train
+# half of the classes holding about half of them) and the largest original side (CUB's images are up to 500 px)
+FULL_SPLITS = {"mini-imagenet": ((38_400, 84), (9_600, 84), (12_000, 84)),
+               "tiered-imagenet": ((448_695, 84), (124_261, 84), (206_209, 84)),
+               "cub (about)": ((5_894, 500), (2_947, 500), (2_947, 500))}
+
+
+def full_scale_sizes() -> list[str]:
+    """Disk use of the image stores of the full datasets at 84x84 (fsl.data.store): train kind for the train split
+    (S x S canvases, S = min(largest side, 297)), eval kind (84 x 84) for validation and test."""
+    from fsl.data.store import canvas_side
+
+    lines = ["| dataset | train store | val store | test store | all |", "|---|---|---|---|---|"]
+    for dataset, splits in FULL_SPLITS.items():
+        sizes = [count * canvas_side(np.array([side]), SIZE) ** 2 * 3 if k == 0 else count * SIZE * SIZE * 3
+                 for k, (count, side) in enumerate(splits)]
+        cells = [f"{n:,} x {canvas_side(np.array([splits[0][1]]), SIZE) if k == 0 else SIZE}^2 x 3 = {b / 1e9:.2f} GB"
+                 for k, ((n, _), b) in enumerate(zip(splits, sizes))]
+        lines.append(f"| {dataset} | " + " | ".join(cells) + f" | {sum(sizes) / 1e9:.2f} GB |")
+    return lines
+
+
 def synthetic_tiered(folder: Path, images: int, classes: int = 351) -> Path:
     """Ren et al.'s train split layout with `images` random small PNGs (a solid colour and a random rectangle)."""
     rng = np.random.default_rng(0)
@@ -175,15 +197,17 @@ def main() -> None:
     parser.add_argument("--memory-episodes", type=int, default=2000)
     parser.add_argument("--skip-memory", action="store_true")
     parser.add_argument("--skip-throughput", action="store_true")
-    parser.add_argument("--data-root", default=str(Path(__file__).resolve().parents[2] / "shared/data/mini-imagenet-lite"))
+    parser.add_argument("--data-root",
+                        default=str(Path(__file__).resolve().parents[2] / "shared/data/mini-imagenet-lite"))
     args = parser.parse_args()
     root = Path(args.data_root)
     work = Path(tempfile.mkdtemp(prefix="fsl-pipeline-bench-"))
     machine = f"cpu-x{os.cpu_count()}"
-    lines = [f"# Episode pipeline: {machine}", "",
+    lines = [f"# Episode pipeline: {machine}", "", "## Image stores of the full datasets (computed, not measured)", "",
+             *full_scale_sizes(), "",
              f"`python benchmarks/episode_pipeline.py --episodes {args.episodes} --images {args.images}` on "
              f"{os.cpu_count()} CPU cores, torch {torch.__version__}; training episodes 5-way, 5 + 16 images per "
-             f"class, 84x84, augmented, meta-batch 8, all on the CPU (no GPU).", "",
+             f"class, 84x84, augmented, meta-batch 8, all on the CPU (no GPU).", "", "## Throughput", "",
              "| pipeline | loader workers | training episodes/s | bytes per meta-batch from the workers |",
              "|---|---|---|---|"]
     for workers in () if args.skip_throughput else (0, 1, 2):
@@ -202,8 +226,8 @@ def main() -> None:
     if not args.skip_memory:
         lines += ["", f"## tiered-ImageNet layout at scale: {args.memory_episodes} augmented training episodes, "
                   f"2 loader workers", "",
-                  "| split images | store on disk | process | private MB, first batch -> last | PSS MB, first -> last | "
-                  "RSS MB, last |", "|---|---|---|---|---|---|"]
+                  "| split images | store on disk | process | private MB, first batch -> last | "
+                  "PSS MB, first -> last | RSS MB, last |", "|---|---|---|---|---|---|"]
         for images in (args.images // 10, args.images):
             t = time.perf_counter()
             folder = synthetic_tiered(work / f"tiered-{images}", images)

@@ -66,7 +66,8 @@ def episode(split: str, rng: np.random.Generator, shots: int, queries: int) -> E
 
 def meta_test(model, split, n, steps, seed):
     rng = np.random.default_rng(seed)
-    acc = np.array([evaluate_episode(model, episode(split, rng, 1, 15), InnerLoop(steps, cfg["lr"], True)) for _ in range(n)])
+    loop = InnerLoop(steps, cfg["lr"], True)
+    acc = np.array([evaluate_episode(model, episode(split, rng, 1, 15), loop) for _ in range(n)])
     return round(float(acc.mean()), 2), round(float(1.96 * acc.std(ddof=1) / np.sqrt(n)), 2)
 
 
@@ -83,7 +84,8 @@ start, done, train_time = time.time(), 0, 0.0
 while done < cfg["tasks"] and train_time < cfg["budget_s"]:
     t0 = time.time()
     batch = [episode("train", rng, 1, cfg["q"]) for _ in range(cfg["mb"])]
-    loss, acc = meta_train_step(model, opt, collate_episodes(batch), InnerLoop(cfg["steps"], cfg["lr"], bool(cfg["fo"])))
+    loop = InnerLoop(cfg["steps"], cfg["lr"], bool(cfg["fo"]))
+    loss, acc = meta_train_step(model, opt, collate_episodes(batch), loop)
     if device.type == "cuda":
         torch.cuda.synchronize()
     train_time += time.time() - t0

@@ -38,7 +38,7 @@ import learn2learn as l2l  # noqa: E402
 from fsl.episodes import Episode  # noqa: E402
 from fsl.maml import InnerLoop, evaluate_tasks, meta_train_step  # noqa: E402
 from fsl.models import build_model  # noqa: E402
-from fsl.precision import apply_precision, autocast  # noqa: E402
+from fsl.precision import apply_precision, autocast, honoured_precisions  # noqa: E402
 
 WAYS, SHOTS, QUERIES, STEPS, LR = 5, 5, 16, 2, 0.01
 GRAD_TOLERANCE = {"fp32": 1e-2, "tf32": 0.5, "bf16": 0.5}  # relative L2 difference to fsl loop in fp32
@@ -244,14 +244,8 @@ def machine(device: torch.device) -> str:
     except (OSError, StopIteration):
         pass
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "none"
-    return f"CPU {cpu} x{os.cpu_count()} (torch threads {torch.get_num_threads()}); GPU {gpu}; torch {torch.__version__}"
-
-
-def device_precisions(device: torch.device) -> list[str]:
-    if device.type != "cuda":
-        return ["fp32"]
-    major, _ = torch.cuda.get_device_capability(device)
-    return ["fp32"] + (["tf32"] if major >= 8 else []) + (["bf16"] if torch.cuda.is_bf16_supported() else [])
+    return (f"CPU {cpu} x{os.cpu_count()} (torch threads {torch.get_num_threads()}); GPU {gpu}; "
+            f"torch {torch.__version__}")
 
 
 def main() -> None:
@@ -268,7 +262,7 @@ def main() -> None:
     archs = args.archs or (["conv4"] if args.quick else ["conv4", "resnet12"])
     meta_batch = args.meta_batch or (2 if args.quick else 8)
     rounds = args.rounds or (2 if args.quick else 5)
-    precisions = args.precisions or device_precisions(device)
+    precisions = args.precisions or honoured_precisions(device)
     print(machine(device))
     start = time.time()
     exact = [row for arch in archs for row in check_float64(arch, device)]

@@ -35,7 +35,8 @@ def run(overrides: list[str] | None = None) -> dict:
     row = evaluate.run(cfg, best, CONFIG, episodes=test_episodes)
     written = report.run(cfg.results_dir)
     minutes = (time.time() - start) / 60
-    print(f"\ndemo finished in {minutes:.1f} min: {cfg.run_name} test accuracy {row['mean_acc']:.2f} ± {row['ci95']:.2f} % "
+    print(f"\ndemo finished in {minutes:.1f} min: {cfg.run_name} test accuracy {row['mean_acc']:.2f} ± "
+          f"{row['ci95']:.2f} % "
           f"(5-way {cfg.test.shots}-shot, chance 20%); adapting the untrained initialisation gives "
           f"{untrained_acc.mean():.2f} ± {evaluate.ci95(untrained_acc):.2f} %")
     print("results:", f"{cfg.results_dir}/summary.csv", *[str(p) for p in written if "glyphs" in str(p)

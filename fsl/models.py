@@ -4,9 +4,9 @@ Both return a `FewShotClassifier` with `features` (image -> feature map) and a l
 classes. Every layer runs T tasks at once (the meta-batch, or several test episodes): images are (T, N, C, H, W),
 each weight is shared by the tasks or carries a leading task dimension (the per-task fast weights of MAML's inner
 loop), convolutions are grouped by task and BatchNorm normalises each task with its own statistics. T = 1 is the
-plain network, layer for layer. BatchNorm keeps no running statistics (`track_running_stats=False`): it always normalises with
-the statistics of the batch it is given, in training, validation and test alike, as MMFewShot's MAML does. This makes
-evaluation transductive over the query batch, like the original MAML.
+plain network, layer for layer. BatchNorm keeps no running statistics (`track_running_stats=False`): it always
+normalises with the statistics of the batch it is given, in training, validation and test alike, as MMFewShot's MAML
+does. This makes evaluation transductive over the query batch, like the original MAML.
 """
 from __future__ import annotations
 

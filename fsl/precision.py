@@ -52,3 +52,11 @@ def autocast(precision: str, device: torch.device) -> ContextManager:
 def describe_precision(precision: str, device: torch.device, cudnn_benchmark: bool = False) -> str:
     """What the summary row records, e.g. 'tf32', 'fp32+cudnn_benchmark'."""
     return precision + ("+cudnn_benchmark" if cudnn_benchmark and device.type == "cuda" else "")
+
+
+def honoured_precisions(device: torch.device) -> list[str]:
+    """The settings `device` can run: fp32 everywhere; tf32 on Ampere+; bf16 where CUDA supports it."""
+    if device.type != "cuda":
+        return ["fp32"]
+    major, _ = torch.cuda.get_device_capability(device)
+    return ["fp32"] + (["tf32"] if major >= 8 else []) + (["bf16"] if torch.cuda.is_bf16_supported() else [])

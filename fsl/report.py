@@ -47,10 +47,11 @@ def optional_int(value) -> str:
 def dataset_table(rows: pd.DataFrame) -> str:
     """MMFewShot's README table (Arch | Input Size | Batch Size | way | shot | mean Acc | std, where std is our ci95),
     with the run, the tasks trained and whether the row is the reference's protocol."""
-    lines = ["| run | Arch | Input Size | Batch Size | way | shot | mean Acc | std | episodes | train tasks | "
-             "comparable |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| run | variant | Arch | Input Size | Batch Size | way | shot | mean Acc | std | episodes | train tasks | "
+             "comparable |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for row in rows.itertuples():
-        lines.append(f"| {row.run} | {row.arch} | {row.image_size}x{row.image_size} | {optional_int(row.train_batch)} "
+        lines.append(f"| {row.run} | {row.variant} | {row.arch} | {row.image_size}x{row.image_size} | "
+                     f"{optional_int(row.train_batch)} "
                      f"| {row.ways} | {row.shots} | {row.mean_acc:.2f} | {row.ci95:.2f} | {row.episodes} | "
                      f"{optional_int(row.train_tasks)} | {'yes' if row.comparable else 'no'} |")
     return "\n".join(lines) + "\n"

@@ -26,7 +26,7 @@ def script(configs: list[Path], overrides: list[str], time_limit: str, gpus: int
     """The sbatch script for `configs` (one array task each)."""
     python = shlex.quote(sys.executable)
     launcher = f"{python} -m torch.distributed.run --standalone --nproc_per_node {gpus}" if gpus > 1 else python
-    options = [f"--job-name=fsl", f"--array=0-{len(configs) - 1}", f"--time={time_limit}",
+    options = ["--job-name=fsl", f"--array=0-{len(configs) - 1}", f"--time={time_limit}",
                f"--cpus-per-task={cpus}", "--requeue", f"--signal=B:USR1@{warn_s}",
                f"--output={logs}/%A_%a.out"]
     options += [f"--gres=gpu:{gpus}"] if gpus else []

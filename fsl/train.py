@@ -137,7 +137,8 @@ def run(cfg: Config) -> Path:
     if world > 1 and cfg.train.tasks % cfg.train.meta_batch:
         raise ConfigError(f"train.tasks={cfg.train.tasks} is not a multiple of train.meta_batch="
                           f"{cfg.train.meta_batch}; with several processes every outer step must be a full "
-                          f"meta-batch. Fix: train.tasks={cfg.train.tasks // cfg.train.meta_batch * cfg.train.meta_batch}")
+                          f"meta-batch. Fix: train.tasks="
+                          f"{cfg.train.tasks // cfg.train.meta_batch * cfg.train.meta_batch}")
     apply_precision(cfg.precision, device, cfg.cudnn_benchmark)
     run_dir = cfg.run_dir
     latest, best = run_dir / "latest.pth", run_dir / "best_accuracy_mean.pth"

@@ -13,7 +13,7 @@ from conftest import REPO, fixture_root
 from fsl.data import DatasetError, load_split
 from fsl.data.check import check_dataset
 from fsl.data.transforms import eval_transform, train_transform
-from fsl.episodes import EpisodeDataset, episode_loader
+from fsl.episodes import EpisodeDataset
 
 EXPECTED = {"mini-imagenet": {"train": (64, 3840), "val": (16, 960), "test": (20, 1200)},
             "cub": {"train": (25, 1463), "val": (13, 741), "test": (12, 685)},
@@ -188,7 +188,7 @@ def test_cub_class_missing_before_later_classes_is_an_error(tmp_path):
                  if line.split()[1] == "3"}
     for name in ("images.txt", "image_class_labels.txt"):
         lines = (root / name).read_text().splitlines()
-        (root / name).write_text("\n".join(l for l in lines if l.split()[0] not in image_ids) + "\n")
+        (root / name).write_text("\n".join(line for line in lines if line.split()[0] not in image_ids) + "\n")
     shutil.rmtree(root / "images" / "003.Sooty_Albatross")
     with pytest.raises(DatasetError, match=r"class\(es\) \['003.Sooty_Albatross'\] \(1 in all\) have no images"):
         load_split("cub", root, "train")

@@ -45,8 +45,8 @@ def test_tables_from_summary_only(tmp_path):
     assert "| cub-conv4-5shot | not run | 77.03 ± 0.39 | | |" in comparison  # nor the short run
     assert comparison.count("not run") == 10
     cub = (results / "tables/cub.md").read_text()
-    assert "| cub-resnet12-5shot | resnet12 | 84x84 | 105 | 5 | 5 | 80.00 | 0.35 | 2000 | 100000 | yes |" in cub
-    assert "| cub-conv4-5shot | conv4 | 84x84 | 105 | 5 | 5 | 70.00 | 0.50 | 2000 | 2000 | no |" in cub
+    assert "| cub-resnet12-5shot | maml | resnet12 | 84x84 | 105 | 5 | 5 | 80.00 | 0.35 | 2000 | 100000 | yes |" in cub
+    assert "| cub-conv4-5shot | maml | conv4 | 84x84 | 105 | 5 | 5 | 70.00 | 0.50 | 2000 | 2000 | no |" in cub
     assert "30.00" not in cub
     others = (results / "tables/not_comparable.md").read_text()
     assert "| cub-conv4-1shot-quick | 30.00 ± 2.00 | 100 | 400 | quick sanity run |" in others
