@@ -175,7 +175,7 @@ def variant_rows(summary: pd.DataFrame) -> pd.DataFrame:
     rows = summary[~summary["quick"]]
     counts = rows.groupby("cell")["variant"].nunique()
     rows = rows[rows["cell"].isin(counts[counts >= 2].index)]
-    base = rows["variant"].str.split("+").str[0]
+    base = rows["variant"].map(lambda v: "maml++" if v.startswith("maml++") else v.split("+")[0])
     order = base.map(lambda v: VARIANT_ORDER.index(v) if v in VARIANT_ORDER else len(VARIANT_ORDER))
     return rows.assign(order=order).sort_values(["cell", "order", "variant", "seed"], kind="stable")
 
