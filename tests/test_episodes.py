@@ -12,10 +12,12 @@ import pytest
 import torch
 from PIL import Image
 from torchvision import transforms as T
+from torchvision.ops import roi_align
+from torchvision.transforms import functional as TF
 
 from conftest import REPO, fixture_root
 from fsl.data import DatasetError, load_split, store
-from fsl.data.augment import PARAMS
+from fsl.data.augment import PARAMS, augment, colour_jitter_, draw_params, sample_crops
 from fsl.data.transforms import eval_resize_crop, eval_transform, train_transform
 from fsl.episodes import EpisodeDataset, EpisodeMaker, collate_specs, episode_loader, seeded
 
@@ -148,6 +150,42 @@ def test_batched_augmentation_draws_the_v1_parameters_and_gives_its_pixels(mini_
     assert difference.mean() < 0.03 and difference.quantile(0.95) < 0.1
     flipped = spec.params[:, 4] == 1
     assert 20 < flipped.sum() < 85  # ~half of the 105 images
+
+
+def test_crops_are_roi_align_and_colours_are_torchvision_adjust():
+    """The batched operations against their definitions: every crop-and-resize is roi_align's area-averaged bilinear
+    sampling (grid_sample where no crop is downscaled), ColorJitter is torchvision's adjust_* in each image's order,
+    and chunking changes nothing."""
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (24, 3, 120, 120), generator=g).float()
+    for largest in (84, 119):  # all crops upscaled (grid_sample path), then some downscaled (roi_align path)
+        side = 10 + torch.rand(24, 2, generator=g) * (largest - 10)
+        corner = torch.rand(24, 2, generator=g) * (120 - side)
+        boxes = torch.cat([corner, corner + side], 1)
+        assert ((boxes[:, 2:] - boxes[:, :2]) > 84).any() == (largest > 84)
+        indexed = torch.cat([torch.arange(24.0)[:, None], boxes], 1)
+        torch.testing.assert_close(sample_crops(images, boxes, 84),
+                                   roi_align(images, indexed, 84, 1.0, sampling_ratio=-1, aligned=True),
+                                   rtol=0, atol=0.02)  # 0-255 scale: float rounding of the sample positions
+
+    x = torch.rand(30, 3, 16, 16, generator=g)
+    orders = torch.stack([torch.randperm(4, generator=g) for _ in range(30)])
+    factors = 0.6 + 0.8 * torch.rand(30, 3, generator=g)
+    expected = []
+    for image, order, factor in zip(x, orders, factors):
+        for op in order.tolist():
+            adjust = {0: TF.adjust_brightness, 1: TF.adjust_contrast, 2: TF.adjust_saturation}.get(op)
+            image = adjust(image, factor[op].item()) if adjust else image
+        expected.append(image)
+    ours = x.clone()
+    colour_jitter_(ours, orders, factors)
+    torch.testing.assert_close(ours, torch.stack(expected), rtol=0, atol=1e-6)
+
+    sizes = np.array([[120, 120]] * 24)
+    params = torch.from_numpy(draw_params(sizes))
+    canvas = images.to(torch.uint8)
+    torch.testing.assert_close(augment(canvas, params, torch.from_numpy(sizes), 84, chunk=5),
+                               augment(canvas, params, torch.from_numpy(sizes), 84, chunk=24), rtol=0, atol=0)
 
 
 def test_episode_tensors_and_labels(mini_train):
