@@ -41,7 +41,7 @@ help:
 	@echo "make all-tables            run every paper cell not yet done, then build the tables"
 	@echo "make all-tables GPUS_PER_CELL=K  the same, cells concurrently on groups of K visible GPUs (fsl sweep)"
 	@echo "make slurm PARTITION=p ACCOUNT=a TIME=hh:mm:ss [GPUS_PER_CELL=K] [SUBMIT=1]  Slurm job array of them"
-	@echo "make variants              every glyphs variant not yet done (CPU, ~2 h), then results/tables/variants.md"
+	@echo "make variants              every glyphs variant not yet done (CPU, ~1.5 h), then results/tables/variants.md"
 	@echo "make tables                build results/tables and results/plots from results/*.csv"
 	@echo "make bench [QUICK=1]       meta-training speed and memory benchmark"
 	@echo "make bench-data            episode pipeline throughput and memory benchmark"

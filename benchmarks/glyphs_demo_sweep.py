@@ -29,7 +29,8 @@ from fsl.models import FewShotClassifier, conv4_features, init_weights
 
 name, args = sys.argv[1], dict(a.split("=") for a in sys.argv[2:])
 cfg = dict(fo=0, steps=1, lr=0.4, mb=4, mlr=0.002, q=5, width=64, size=28, tasks=12000, budget_s=1e9,
-           device="cuda", data="data/glyphs", out=os.environ.get("OUT", "."), test_steps=3, seed=0, test_at=4000, every=1000)
+           device="cuda", data="data/glyphs", out=os.environ.get("OUT", "."), test_steps=3, seed=0, test_at=4000,
+           every=1000)
 cfg.update({k: type(cfg[k])(v) if not isinstance(cfg[k], float) else float(v) for k, v in args.items()})
 torch.set_num_threads(int(os.environ.get("THREADS", "1")))
 device = torch.device(cfg["device"])

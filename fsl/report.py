@@ -47,8 +47,8 @@ def optional_int(value) -> str:
 def dataset_table(rows: pd.DataFrame) -> str:
     """MMFewShot's README table (Arch | Input Size | Batch Size | way | shot | mean Acc | std, where std is our ci95),
     with the run, the tasks trained and whether the row is the reference's protocol."""
-    lines = ["| run | variant | Arch | Input Size | Batch Size | way | shot | mean Acc | std | episodes | train tasks | "
-             "comparable |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| run | variant | Arch | Input Size | Batch Size | way | shot | mean Acc | std | episodes | "
+             "train tasks | comparable |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for row in rows.itertuples():
         lines.append(f"| {row.run} | {row.variant} | {row.arch} | {row.image_size}x{row.image_size} | "
                      f"{optional_int(row.train_batch)} "

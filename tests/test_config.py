@@ -50,9 +50,9 @@ def test_unknown_key_in_yaml(tmp_path):
         load_config(tmp_path / "bad.yaml")
 
 
-@pytest.mark.parametrize("override,message", [("train.tasks=many", "expects int"), ("maml.first_order=3", "expects bool"),
-                                              ("data.dataset=imagenet", "not one of"), ("train.tasks=0", ">= 1"),
-                                              ("train.tasks", "key=value")])
+@pytest.mark.parametrize("override,message", [
+    ("train.tasks=many", "expects int"), ("maml.first_order=3", "expects bool"),
+    ("data.dataset=imagenet", "not one of"), ("train.tasks=0", ">= 1"), ("train.tasks", "key=value")])
 def test_bad_values_are_errors(override, message):
     with pytest.raises(ConfigError, match=message):
         load_config(REPO / "experiments/cub-conv4-1shot.yaml", [override])
