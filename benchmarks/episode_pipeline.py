@@ -10,7 +10,8 @@ random small PNGs): build the store, then draw 2,000 augmented training episodes
 resident memory of the main process and of each worker (private "anon" memory and shared file pages) at the start
 and the end, for this split and for one a tenth of its size.
 
-    python benchmarks/episode_pipeline.py [--episodes 400] [--images 100000] [--skip-memory]
+    python benchmarks/episode_pipeline.py [--episodes 400] [--images 100000] [--skip-memory] [--device cuda]
+        [--workers 0 1 2] [--out DIR]
 
 Writes benchmarks/results/episode-pipeline-<machine>.md (and prints it).
 """
@@ -74,15 +75,22 @@ def rate_v1(root: Path, episodes: int, workers: int) -> tuple[float, float]:
     return episodes / (time.perf_counter() - start), nbytes
 
 
-def rate_fsl(root: Path, cache: Path, episodes: int, workers: int) -> tuple[float, float, dict]:
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def rate_fsl(root: Path, cache: Path, episodes: int, workers: int,
+             device: torch.device) -> tuple[float, float, dict]:
     dataset = load_split("mini-imagenet", root, "train")
     store = open_store(dataset, "mini-imagenet", "train", "train", SIZE, cache, progress=False)
     stream = EpisodeDataset(dataset, WAYS, SHOTS, QUERIES, seed=0, count=episodes, image_sizes=store.sizes)
-    make = EpisodeMaker(store, WAYS, SHOTS, QUERIES, SIZE, torch.device("cpu"))
+    make = EpisodeMaker(store, WAYS, SHOTS, QUERIES, SIZE, device)
     start, nbytes = time.perf_counter(), 0
     for specs in episode_loader(stream, META_BATCH, workers):
         nbytes = sum(f.nbytes for f in specs)
         make(specs)
+    synchronize(device)
     rate = episodes / (time.perf_counter() - start)
     # where the time goes, per meta-batch of 8
     specs = next(iter(episode_loader(stream, META_BATCH, 0)))
@@ -95,7 +103,8 @@ def rate_fsl(root: Path, cache: Path, episodes: int, workers: int) -> tuple[floa
     parts["gather 840 uint8 images"] = time.perf_counter() - t
     t = time.perf_counter()
     make(specs)
-    parts["gather + augment + normalise (CPU)"] = time.perf_counter() - t
+    synchronize(device)
+    parts[f"gather + augment + normalise ({device.type})"] = time.perf_counter() - t
     return rate, nbytes, parts
 
 
@@ -197,6 +206,10 @@ def main() -> None:
     parser.add_argument("--episodes", type=int, default=400, help="part 1: training episodes per measurement")
     parser.add_argument("--images", type=int, default=100_000, help="part 2: images of the synthetic split")
     parser.add_argument("--memory-episodes", type=int, default=2000)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="where fsl's trainer side augments (v1 always runs on the CPU, as it did)")
+    parser.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2], help="loader worker counts to time")
+    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
     parser.add_argument("--skip-memory", action="store_true")
     parser.add_argument("--skip-throughput", action="store_true")
     parser.add_argument("--data-root",
@@ -204,33 +217,37 @@ def main() -> None:
     args = parser.parse_args()
     root = Path(args.data_root)
     work = Path(tempfile.mkdtemp(prefix="fsl-pipeline-bench-"))
-    machine = f"cpu-x{os.cpu_count()}"
+    device = torch.device(args.device)
+    machine = f"cpu-x{os.cpu_count()}" + (f"-{torch.cuda.get_device_name(device).split()[-1].lower()}"
+                                           if device.type == "cuda" else "")
     lines = [f"# Episode pipeline: {machine}", "", "## Image stores of the full datasets (computed, not measured)", "",
              *full_scale_sizes(), "",
              f"`python benchmarks/episode_pipeline.py --episodes {args.episodes} --images {args.images}` on "
              f"{os.cpu_count()} CPU cores, torch {torch.__version__}; training episodes 5-way, 5 + 16 images per "
-             f"class, 84x84, augmented, meta-batch 8, all on the CPU (no GPU).", "", "## Throughput", "",
+             f"class, 84x84, augmented, meta-batch 8; fsl's augmentation on {device.type}"
+             f"{' (' + torch.cuda.get_device_name(device) + ')' if device.type == 'cuda' else ''}.", "",
+             "## Throughput", "",
              "Training episodes/s, v1 (before #15: DataLoader workers decode with PIL and apply torchvision's "
              "per-image transforms) and fsl (workers describe episodes; the trainer gathers uint8 pixels from the "
              "store and augments the meta-batch at once), measured in the same run:", "",
              "| loader workers | v1 episodes/s | fsl episodes/s | fsl / v1 |", "|---|---|---|---|"]
     parts, v1_rates, fsl_rates = {}, [], []
-    for workers in () if args.skip_throughput else (0, 1, 2):
+    for workers in () if args.skip_throughput else args.workers:
         rate, nbytes = rate_v1(root, args.episodes, workers)
         v1_rates.append(rate)
-    for workers in () if args.skip_throughput else (0, 1, 2):
-        rate, nbytes, parts = rate_fsl(root, work / "cache", args.episodes, workers)
+    for workers in () if args.skip_throughput else args.workers:
+        rate, nbytes, parts = rate_fsl(root, work / "cache", args.episodes, workers, device)
         fsl_rates.append(rate)
     if not args.skip_throughput:
-        for workers, (old, new) in enumerate(zip(v1_rates, fsl_rates)):
+        for workers, old, new in zip(args.workers, v1_rates, fsl_rates):
             lines.append(f"| {workers} | {old:.1f} | {new:.1f} | {new / old:.2f}x |")
         lines.append(f"| best of each | {max(v1_rates):.1f} | {max(fsl_rates):.1f} | "
                      f"**{max(fsl_rates) / max(v1_rates):.2f}x** |")
-        print("\n".join(lines[-4:]), flush=True)
+        print("\n".join(lines[-len(args.workers) - 1:]), flush=True)
         describe = parts["describe 8 episodes (one process)"] / META_BATCH
         lines += ["", "Bytes per meta-batch from the workers: v1 67.8 MB of float32 through shared memory; fsl "
                   f"{nbytes / 1024:.1f} KB of numpy through a pipe.", "",
-                  "Where the time goes (meta-batch of 8, one process, CPU):", ""]
+                  "Where the time goes (meta-batch of 8, one process):", ""]
         lines += [f"- {name}: {seconds * 1000:.1f} ms" for name, seconds in parts.items()]
         lines += ["", "Feeding a GPU: there the trainer augments on the GPU and the CPU work per episode is its "
                   f"description ({describe * 1000:.1f} ms in a worker) plus the gather; at the fastest conv4 "
@@ -264,7 +281,8 @@ def main() -> None:
             for name in os.listdir(work / "cache"):
                 if name.startswith("tiered"):
                     os.remove(work / "cache" / name)
-    out = Path(__file__).resolve().parent / "results" / f"episode-pipeline-{machine}.md"
+    args.out.mkdir(parents=True, exist_ok=True)
+    out = args.out / f"episode-pipeline-{machine}.md"
     out.write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     print(f"\nwritten: {out}")
