@@ -152,6 +152,27 @@ def test_batched_augmentation_draws_the_v1_parameters_and_gives_its_pixels(mini_
     assert 20 < flipped.sum() < 85  # ~half of the 105 images
 
 
+def test_parameters_are_torchvision_draws_for_any_image_shape():
+    """draw_params makes torchvision's own generator calls: the same values and the same generator state after, for
+    square, CUB-like and extreme shapes (the last ones reach get_params' central-crop fallback)."""
+    rng = np.random.RandomState(0)
+    sizes = np.concatenate([np.full((300, 2), 84), rng.randint(20, 500, (300, 2)),
+                            np.stack([rng.randint(10, 40, 300), rng.randint(300, 500, 300)], 1)])
+    jitter = [0.6, 1.4]
+    torch.manual_seed(5)
+    expected = []
+    for height, width in sizes:
+        crop = T.RandomResizedCrop.get_params(torch.empty(0, height, width), [0.08, 1.0], [3 / 4, 4 / 3])
+        flip = float(torch.rand(1) < 0.5)
+        order, *factors = T.ColorJitter.get_params(jitter, jitter, jitter, None)
+        expected.append([*crop, flip, *order.tolist(), *factors[:3]])
+    state = torch.get_rng_state()
+    torch.manual_seed(5)
+    ours = draw_params(sizes)
+    assert np.array_equal(ours, np.asarray(expected)) and torch.equal(torch.get_rng_state(), state)
+    assert ((ours[-300:, 2] == sizes[-300:, 0]) & (ours[-300:, 1] > 0)).mean() > 0.5  # fallback: full height
+
+
 def test_crops_are_roi_align_and_colours_are_torchvision_adjust():
     """The batched operations against their definitions: every crop-and-resize is roi_align's area-averaged bilinear
     sampling (grid_sample where no crop is downscaled), ColorJitter is torchvision's adjust_* in each image's order,

@@ -15,10 +15,11 @@ saturation factors.
 """
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torchvision import transforms as T
 from torchvision.ops import roi_align
 
 from fsl.data.transforms import MEAN_255, STD_255
@@ -30,17 +31,46 @@ PARAMS = ("top", "left", "height", "width", "flip", "order0", "order1", "order2"
 
 def draw_params(sizes: np.ndarray) -> np.ndarray:
     """Random augmentation parameters for images of original sizes (n, 2) = (height, width), drawn from torch's CPU
-    generator exactly as torchvision's v1 transforms draw them, image after image. Returns (n, len(PARAMS)) float64."""
-    jitter = (1 - JITTER, 1 + JITTER)
+    generator exactly as torchvision's v1 transforms draw them, image after image: the same generator calls as
+    RandomResizedCrop.get_params, RandomHorizontalFlip and ColorJitter.get_params, in their order, into two reused
+    one-element tensors (the fresh tensors and size checks of torchvision's functions cost more than the draws;
+    tests/test_episodes.py checks the values against torchvision's functions). Returns (n, len(PARAMS)) float64."""
+    lo, hi = JITTER_RANGE
+    draw, integer = torch.empty(1), torch.empty(1, dtype=torch.int64)
     rows = np.empty((len(sizes), len(PARAMS)))
-    for row, (height, width) in zip(rows, sizes):
-        shape_only = torch.empty(0, int(height), int(width))  # get_params reads only the size
-        row[0:4] = T.RandomResizedCrop.get_params(shape_only, list(SCALE), list(RATIO))
-        row[4] = float(torch.rand(1) < FLIP)                   # RandomHorizontalFlip.forward
-        order, brightness, contrast, saturation, _ = T.ColorJitter.get_params(jitter, jitter, jitter, None)
-        row[5:9] = order.numpy()
-        row[9:12] = brightness, contrast, saturation
+    for row, (height, width) in zip(rows, sizes.tolist()):
+        row[0:4] = resized_crop_params(draw, integer, height, width)
+        row[4] = float(draw.uniform_(0, 1).item() < FLIP)          # RandomHorizontalFlip.forward: torch.rand(1) < p
+        row[5:9] = torch.randperm(4).numpy()                       # ColorJitter.get_params: the order, then factors
+        row[9] = draw.uniform_(lo, hi).item()
+        row[10] = draw.uniform_(lo, hi).item()
+        row[11] = draw.uniform_(lo, hi).item()
     return rows
+
+
+JITTER_RANGE = (1 - JITTER, 1 + JITTER)
+LOG_RATIO = [float(v) for v in torch.log(torch.tensor(RATIO))]  # float32 logs, as get_params computes them
+
+
+def resized_crop_params(draw: torch.Tensor, integer: torch.Tensor, height: int, width: int) -> tuple[int, ...]:
+    """torchvision's RandomResizedCrop.get_params(img of height x width, SCALE, RATIO): (top, left, h, w)."""
+    area = height * width
+    for _ in range(10):
+        target_area = area * draw.uniform_(SCALE[0], SCALE[1]).item()
+        aspect_ratio = draw.uniform_(LOG_RATIO[0], LOG_RATIO[1]).exp_().item()
+        w = int(round(math.sqrt(target_area * aspect_ratio)))
+        h = int(round(math.sqrt(target_area / aspect_ratio)))
+        if 0 < w <= width and 0 < h <= height:
+            top = integer.random_(0, height - h + 1).item()          # torch.randint(0, n, size=(1,))
+            return top, integer.random_(0, width - w + 1).item(), h, w
+    in_ratio = float(width) / float(height)                          # fallback: central crop
+    if in_ratio < min(RATIO):
+        w, h = width, int(round(width / min(RATIO)))
+    elif in_ratio > max(RATIO):
+        h, w = height, int(round(height * max(RATIO)))
+    else:
+        w, h = width, height
+    return (height - h) // 2, (width - w) // 2, h, w
 
 
 def normalise(images: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
