@@ -2,9 +2,9 @@
 
 MMFewShot's MAML pipeline (torchvision v1, one PIL image at a time): RandomResizedCrop(84, scale 0.08-1, ratio
 3/4-4/3), RandomHorizontalFlip(0.5), ColorJitter(brightness 0.4, contrast 0.4, saturation 0.4), normalise. Here the
-random parameters are drawn per image on the CPU by torchvision's own `get_params` functions, in the order the v1
-pipeline draws them (so a seeded episode gets the very parameters the v1 pipeline would draw), and stored as rows of
-numbers; `augment` then applies them to all images of a meta-batch at once: every crop-and-resize as
+random parameters are drawn per image on the CPU with the generator calls of torchvision's `get_params` functions, in
+the order the v1 pipeline makes them (so a seeded episode gets the very parameters the v1 pipeline would draw), and
+stored as rows of numbers; `augment` then applies them to all images of a meta-batch at once: every crop-and-resize as
 torchvision.ops.roi_align computes it (area-averaged bilinear sampling, i.e. antialiased like PIL's resize; as
 grid_sample where a crop is not downscaled), the flips, the colour operations in each image's own random order, and
 the normalisation. Pixels differ from PIL's by interpolation and rounding only.
@@ -153,8 +153,9 @@ def augment(images: torch.Tensor, params: torch.Tensor, sizes: torch.Tensor, out
     std = torch.tensor(STD_255, device=images.device).view(1, 3, 1, 1)
     shift = torch.tensor(MEAN_255, device=images.device).view(1, 3, 1, 1) / std
     out = torch.empty(len(images), 3, out_size, out_size, device=images.device)
-    for start in range(0, len(images), chunk if images.device.type == "cpu" else len(images)):
-        part = slice(start, start + chunk if images.device.type == "cpu" else len(images))
+    step = chunk if images.device.type == "cpu" else len(images)  # a GPU takes the whole batch at once
+    for start in range(0, len(images), step):
+        part = slice(start, start + step)
         canvases = images[part].to(torch.float32, memory_format=torch.contiguous_format)
         x = sample_crops(canvases, boxes[part], out_size).div_(255)
         flipped = params[part, 4].nonzero().squeeze(1)
