@@ -205,12 +205,17 @@ class EpisodeMaker:
         self.store, self.image_size, self.device = store, image_size, device
         self.ways, self.shots, self.queries = ways, shots, queries
 
+    def images(self, indices: np.ndarray) -> torch.Tensor:
+        """The stored uint8 images `indices` (N,) on the device, as (N, 3, S, S): a permuted view of the store's
+        (N, S, S, 3) layout."""
+        pixels = torch.from_numpy(self.store.gather(indices))
+        return pixels.to(self.device, non_blocking=True).permute(0, 3, 1, 2)
+
     def __call__(self, specs: EpisodeSpec) -> Episode:
         if specs.params.size:
             return self.augmented(specs)
         tasks, per_task = specs.indices.shape
-        pixels = torch.from_numpy(self.store.gather(specs.indices.reshape(-1)))          # (T*n, S, S, 3) uint8
-        images = pixels.to(self.device, non_blocking=True).permute(0, 3, 1, 2)          # (T*n, 3, S, S)
+        images = self.images(specs.indices.reshape(-1))
         assert images.shape[-1] == self.image_size, (images.shape, self.image_size)
         x = normalise(images).view(tasks, self.ways, self.shots + self.queries, *images.shape[1:])
         y = torch.from_numpy(specs.labels).to(self.device).view(tasks, self.ways, -1)
@@ -228,8 +233,7 @@ class EpisodeMaker:
         position = np.arange(tasks * per_task).reshape(tasks, self.ways, self.shots + self.queries)
         order = np.concatenate([position[:, :, :k].ravel(), position[:, :, k:].ravel()])
         indices, labels = specs.indices.reshape(-1)[order], specs.labels.reshape(-1)[order]
-        pixels = torch.from_numpy(self.store.gather(indices))                             # (T*n, S, S, 3) uint8
-        images = pixels.to(self.device, non_blocking=True).permute(0, 3, 1, 2)          # (T*n, 3, S, S)
+        images = self.images(indices)
         params = torch.from_numpy(specs.params.reshape(tasks * per_task, -1)[order])
         x = augment(images, params, torch.from_numpy(self.store.sizes[indices]), self.image_size)
         y = torch.from_numpy(labels).to(self.device)

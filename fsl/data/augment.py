@@ -28,6 +28,9 @@ SCALE, RATIO, FLIP, JITTER = (0.08, 1.0), (3 / 4, 4 / 3), 0.5, 0.4
 PARAMS = ("top", "left", "height", "width", "flip", "order0", "order1", "order2", "order3", "brightness",
           "contrast", "saturation")
 
+JITTER_RANGE = (1 - JITTER, 1 + JITTER)
+LOG_RATIO = [float(v) for v in torch.log(torch.tensor(RATIO))]  # float32 logs, as get_params computes them
+
 
 def draw_params(sizes: np.ndarray) -> np.ndarray:
     """Random augmentation parameters for images of original sizes (n, 2) = (height, width), drawn from torch's CPU
@@ -46,10 +49,6 @@ def draw_params(sizes: np.ndarray) -> np.ndarray:
         row[10] = draw.uniform_(lo, hi).item()
         row[11] = draw.uniform_(lo, hi).item()
     return rows
-
-
-JITTER_RANGE = (1 - JITTER, 1 + JITTER)
-LOG_RATIO = [float(v) for v in torch.log(torch.tensor(RATIO))]  # float32 logs, as get_params computes them
 
 
 def resized_crop_params(draw: torch.Tensor, integer: torch.Tensor, height: int, width: int) -> tuple[int, ...]:
@@ -73,12 +72,12 @@ def resized_crop_params(draw: torch.Tensor, integer: torch.Tensor, height: int, 
     return (height - h) // 2, (width - w) // 2, h, w
 
 
-def normalise(images: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
-    """(B, 3, H, W) pixels on the 0-255 scale / `scale` (uint8 or float) -> float32 (pixel - mean) / std, ImageNet's.
-    """
+def normalise(images: torch.Tensor, scale: float = 1.0, out: torch.Tensor | None = None) -> torch.Tensor:
+    """(B, 3, H, W) pixels on the 0-255 scale / `scale` (uint8 or float) -> float32 (pixel - mean) / std, ImageNet's;
+    written into `out` when given."""
     std = torch.tensor(STD_255, device=images.device).view(1, 3, 1, 1)
     shift = (torch.tensor(MEAN_255, device=images.device).view(1, 3, 1, 1) / std)
-    return torch.addcmul(-shift, images.float(), scale / std)
+    return torch.addcmul(-shift, images.float(), scale / std, out=out)
 
 
 def grayscale(images: torch.Tensor) -> torch.Tensor:
@@ -150,8 +149,6 @@ def augment(images: torch.Tensor, params: torch.Tensor, sizes: torch.Tensor, out
     scale_y, scale_x = canvas / sizes[:, 0], canvas / sizes[:, 1]
     top, left = params[:, 0] * scale_y, params[:, 1] * scale_x
     boxes = torch.stack([left, top, left + params[:, 3] * scale_x, top + params[:, 2] * scale_y], dim=1)
-    std = torch.tensor(STD_255, device=images.device).view(1, 3, 1, 1)
-    shift = torch.tensor(MEAN_255, device=images.device).view(1, 3, 1, 1) / std
     out = torch.empty(len(images), 3, out_size, out_size, device=images.device)
     step = chunk if images.device.type == "cpu" else len(images)  # a GPU takes the whole batch at once
     for start in range(0, len(images), step):
@@ -161,5 +158,5 @@ def augment(images: torch.Tensor, params: torch.Tensor, sizes: torch.Tensor, out
         flipped = params[part, 4].nonzero().squeeze(1)
         x[flipped] = x[flipped].flip(-1)
         colour_jitter_(x, params[part, 5:9].long(), params[part, 9:12])
-        torch.addcmul(-shift, x, 255.0 / std, out=out[part])
+        normalise(x, scale=255.0, out=out[part])
     return out
