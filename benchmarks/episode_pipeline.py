@@ -38,6 +38,7 @@ from fsl.data import load_split  # noqa: E402
 from fsl.data.store import open_store  # noqa: E402
 from fsl.data.transforms import train_transform  # noqa: E402
 from fsl.episodes import EpisodeDataset, EpisodeMaker, episode_loader, seeded  # noqa: E402
+from meta_train_speed import sync  # noqa: E402  (this folder: the script's own path)
 
 WAYS, SHOTS, QUERIES, SIZE, META_BATCH = 5, 5, 16, 84, 8
 
@@ -75,11 +76,6 @@ def rate_v1(root: Path, episodes: int, workers: int) -> tuple[float, float]:
     return episodes / (time.perf_counter() - start), nbytes
 
 
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def rate_fsl(root: Path, cache: Path, episodes: int, workers: int,
              device: torch.device) -> tuple[float, float, dict]:
     dataset = load_split("mini-imagenet", root, "train")
@@ -90,7 +86,7 @@ def rate_fsl(root: Path, cache: Path, episodes: int, workers: int,
     for specs in episode_loader(stream, META_BATCH, workers):
         nbytes = sum(f.nbytes for f in specs)
         make(specs)
-    synchronize(device)
+    sync(device)
     rate = episodes / (time.perf_counter() - start)
     # where the time goes, per meta-batch of 8
     specs = next(iter(episode_loader(stream, META_BATCH, 0)))
@@ -103,7 +99,7 @@ def rate_fsl(root: Path, cache: Path, episodes: int, workers: int,
     parts["gather 840 uint8 images"] = time.perf_counter() - t
     t = time.perf_counter()
     make(specs)
-    synchronize(device)
+    sync(device)
     parts[f"gather + augment + normalise ({device.type})"] = time.perf_counter() - t
     return rate, nbytes, parts
 

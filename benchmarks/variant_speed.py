@@ -15,7 +15,6 @@ Writes benchmarks/results/variant-speed-<machine>.md (and prints it).
 from __future__ import annotations
 
 import argparse
-import platform
 import sys
 import time
 from pathlib import Path
@@ -24,26 +23,12 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from fsl.config import Config, load_config, variant_label  # noqa: E402
-from fsl.episodes import Episode  # noqa: E402
+from fsl.config import load_config, variant_label  # noqa: E402
 from fsl.maml import InnerLoop, build_learner, meta_parameters, meta_train_step, msl_weights  # noqa: E402
+from meta_train_speed import WAYS, machine, random_batch  # noqa: E402  (this folder: the script's own path)
 
 DEFAULT_CONFIGS = [ROOT / "experiments" / f"glyphs-conv4-{k}shot.yaml" for k in (1, 5)] + sorted(
     (ROOT / "experiments" / "variants").glob("glyphs-*.yaml"))
-
-
-def noise_batch(cfg: Config) -> Episode:
-    """One meta-batch of the cell's training shape: (meta_batch, ways*shots|ways*queries, 3, size, size)."""
-    g = torch.Generator().manual_seed(0)
-    t, ways, size = cfg.train.meta_batch, cfg.train.ways, cfg.data.image_size
-
-    def part(per_class: int) -> tuple[torch.Tensor, torch.Tensor]:
-        x = torch.randn(t, ways * per_class, 3, size, size, generator=g)
-        return x, torch.arange(ways).repeat_interleave(per_class).expand(t, -1).contiguous()
-
-    support_x, support_y = part(cfg.train.shots)
-    query_x, query_y = part(cfg.train.queries)
-    return Episode(support_x, support_y, query_x, query_y)
 
 
 class Trainer:
@@ -56,7 +41,9 @@ class Trainer:
         params = meta_parameters(self.model, self.cfg.maml.zero_head)
         params += list(self.rates.parameters()) if self.rates is not None else []
         self.optimizer = torch.optim.Adam(params, lr=self.cfg.train.meta_lr)
-        self.batch = noise_batch(self.cfg)
+        assert self.cfg.train.ways == WAYS, f"{path}: the noise batch has {WAYS} ways"
+        self.batch = random_batch(self.cfg.train.meta_batch, self.cfg.data.image_size, torch.device("cpu"),
+                                  queries=self.cfg.train.queries, shots=self.cfg.train.shots)
         self.seconds: list[float] = []
 
     def step(self, progress: float) -> float:
@@ -68,13 +55,6 @@ class Trainer:
         meta_train_step(self.model, self.optimizer, self.batch, loop, self.rates, weights,
                         self.cfg.train.parallel_tasks)
         return time.perf_counter() - start
-
-
-def cpu_name() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []:
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor() or "cpu"
 
 
 def main() -> None:
@@ -91,10 +71,10 @@ def main() -> None:
         for trainer in trainers:
             trainer.seconds.append(trainer.step((r + 0.5) / args.rounds))
 
-    machine = f"cpu-x{torch.get_num_threads()}"
-    lines = [f"# Meta-training step cost per variant: {machine}", "",
-             f"`python benchmarks/variant_speed.py --rounds {args.rounds}` on {cpu_name()}, "
-             f"{torch.get_num_threads()} threads, torch {torch.__version__}. The trainer's step only (no data "
+    name = f"cpu-x{torch.get_num_threads()}"
+    lines = [f"# Meta-training step cost per variant: {name}", "",
+             f"`python benchmarks/variant_speed.py --rounds {args.rounds}` on {machine(torch.device('cpu'))}. "
+             "The trainer's step only (no data "
              "loading, no validation), on the cell's meta-batch of noise episodes; each config's steps are spread "
              "over the run's progress, rounds alternate between configs.", "",
              "| config | variant | meta-batch x (shots + queries) | tasks/s | ms per task | speed vs the cell's MAML |",
@@ -116,7 +96,7 @@ def main() -> None:
     text = "\n".join(lines) + "\n"
     print(text)
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / f"variant-speed-{machine}.md").write_text(text)
+    (args.out / f"variant-speed-{name}.md").write_text(text)
 
 
 if __name__ == "__main__":
