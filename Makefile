@@ -43,7 +43,7 @@ help:
 	@echo "make slurm PARTITION=p ACCOUNT=a TIME=hh:mm:ss [GPUS_PER_CELL=K] [SUBMIT=1]  Slurm job array of them"
 	@echo "make variants              every glyphs variant not yet done (CPU, ~1.5 h), then results/tables/variants.md"
 	@echo "make tables                build results/tables and results/plots from results/*.csv"
-	@echo "make bench [QUICK=1]       meta-training speed and memory benchmark"
+	@echo "make bench [QUICK=1]       GPU speed proxies (ops per task, syncs, input wait), then meta-training speed and memory"
 	@echo "make bench-data            episode pipeline throughput and memory benchmark"
 	@echo "make data-cub|data-mini-imagenet|data-tiered-imagenet   download and lay out a dataset under data/"
 
@@ -104,6 +104,7 @@ tables: $(STAMP)
 	$(PY) -m fsl tables
 
 bench: $(STAMP)
+	$(PY) benchmarks/step_proxies.py --before $(if $(QUICK),--archs conv4 --out benchmarks/results/step-proxies-quick.md,)
 	$(PY) benchmarks/meta_train_speed.py $(if $(QUICK),--quick,)
 
 bench-data: $(STAMP)

@@ -105,22 +105,25 @@ def rate_fsl(root: Path, cache: Path, episodes: int, workers: int,
 
 
 # images per split of the full releases (mini: Ravi & Larochelle; tiered: Ren et al.; CUB: 11,788 images, the train
-# half of the classes holding about half of them) and the largest original side (CUB's images are up to 500 px)
+# half of the classes holding about half of them) and the original (height, width) that sets the train store's
+# canvas: CUB's originals are up to 500 px on the long side, and one with a short side under 235 px is stored
+# unscaled (fsl.data.store.stored_size), so the canvas is 500 px
 FULL_SPLITS = {"mini-imagenet": ((38_400, 84), (9_600, 84), (12_000, 84)),
                "tiered-imagenet": ((448_695, 84), (124_261, 84), (206_209, 84)),
                "cub (about)": ((5_894, 500), (2_947, 500), (2_947, 500))}
+CANVAS_SHAPE = {"mini-imagenet": (84, 84), "tiered-imagenet": (84, 84), "cub (about)": (200, 500)}
 
 
 def full_scale_sizes() -> list[str]:
     """Disk use of the image stores of the full datasets at 84x84 (fsl.data.store): train kind for the train split
-    (S x S canvases, S = min(largest side, 297)), eval kind (84 x 84) for validation and test."""
-    from fsl.data.store import canvas_side
+    (S x S canvases, S = the largest stored side), eval kind (84 x 84) for validation and test."""
+    from fsl.data.store import stored_size
 
     lines = ["| dataset | train store | val store | test store | all |", "|---|---|---|---|---|"]
     for dataset, splits in FULL_SPLITS.items():
-        sizes = [count * canvas_side(np.array([side]), SIZE) ** 2 * 3 if k == 0 else count * SIZE * SIZE * 3
-                 for k, (count, side) in enumerate(splits)]
-        cells = [f"{n:,} x {canvas_side(np.array([splits[0][1]]), SIZE) if k == 0 else SIZE}^2 x 3 = {b / 1e9:.2f} GB"
+        side = max(stored_size(*CANVAS_SHAPE[dataset], SIZE))
+        sizes = [count * (side if k == 0 else SIZE) ** 2 * 3 for k, (count, _) in enumerate(splits)]
+        cells = [f"{n:,} x {side if k == 0 else SIZE}^2 x 3 = {b / 1e9:.2f} GB"
                  for k, ((n, _), b) in enumerate(zip(splits, sizes))]
         lines.append(f"| {dataset} | " + " | ".join(cells) + f" | {sum(sizes) / 1e9:.2f} GB |")
     return lines
@@ -208,9 +211,17 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
     parser.add_argument("--skip-memory", action="store_true")
     parser.add_argument("--skip-throughput", action="store_true")
+    parser.add_argument("--sizes-only", action="store_true", help="only the full-scale store sizes, computed: "
+                        "written to <out>/store-sizes.md")
     parser.add_argument("--data-root",
                         default=str(Path(__file__).resolve().parents[2] / "shared/data/mini-imagenet-lite"))
     args = parser.parse_args()
+    if args.sizes_only:
+        text = "\n".join(["# Image stores of the full datasets at 84x84 (computed from fsl.data.store, not measured)",
+                          "", "`python benchmarks/episode_pipeline.py --sizes-only`", "", *full_scale_sizes()]) + "\n"
+        (args.out / "store-sizes.md").write_text(text)
+        print(text)
+        return
     root = Path(args.data_root)
     work = Path(tempfile.mkdtemp(prefix="fsl-pipeline-bench-"))
     device = torch.device(args.device)
@@ -246,9 +257,9 @@ def main() -> None:
                   "Where the time goes (meta-batch of 8, one process):", ""]
         lines += [f"- {name}: {seconds * 1000:.1f} ms" for name, seconds in parts.items()]
         lines += ["", "Feeding a GPU: there the trainer augments on the GPU and the CPU work per episode is its "
-                  f"description ({describe * 1000:.1f} ms in a worker) plus the gather; at the fastest conv4 "
-                  "meta-training measured so far, 38.7 tasks/s on an H100 (fp32, issue #14), the workers need "
-                  f"{38.7 * describe:.2f} cores, and twice that rate {2 * 38.7 * describe:.2f} cores."]
+                  f"description ({describe * 1000:.1f} ms in a worker) plus the gather: one worker core describes "
+                  f"{1 / describe:.0f} training tasks/s (computed from this machine's describing time; no GPU "
+                  "rate is assumed here)."]
     if not args.skip_memory:
         lines += ["", f"## tiered-ImageNet layout at scale: {args.memory_episodes} augmented training episodes, "
                   f"2 loader workers", "",

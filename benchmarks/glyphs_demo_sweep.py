@@ -86,7 +86,7 @@ while done < cfg["tasks"] and train_time < cfg["budget_s"]:
     t0 = time.time()
     batch = [episode("train", rng, 1, cfg["q"]) for _ in range(cfg["mb"])]
     loop = InnerLoop(cfg["steps"], cfg["lr"], bool(cfg["fo"]))
-    loss, acc = meta_train_step(model, opt, collate_episodes(batch), loop)
+    loss, acc = (meta_train_step(model, opt, collate_episodes(batch), loop)[:2] / cfg["mb"]).tolist()
     if device.type == "cuda":
         torch.cuda.synchronize()
     train_time += time.time() - t0

@@ -3,7 +3,7 @@ plain autograd loop, on the same batch, at every precision setting the device ho
 
 Protocol workload per arch: 5-way episodes of 105 images (5 shots + 16 queries, 84x84), 2 inner steps, meta-batch 8,
 second order (and first order). Rows:
-    fsl loop     fsl.maml.meta_train_step with train.parallel_tasks=1: higher's loop, one task at a time (before #14)
+    fsl loop     fsl.maml.meta_train_step with train.parallel_tasks=1: higher's loop, one task at a time
     fsl batched  the same with parallel_tasks=meta-batch: all tasks in one grouped forward
     learn2learn  l2l.algorithms.MAML, one task at a time        plain autograd  torch.autograd.grad, one task at a time
 Exactness is checked in float64 first (small 32x32 episodes, meta-batch 3): every implementation must give fsl loop's
@@ -36,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import learn2learn as l2l  # noqa: E402
 
 from fsl.episodes import Episode  # noqa: E402
-from fsl.maml import InnerLoop, evaluate_tasks, meta_train_step  # noqa: E402
+from fsl.maml import InnerLoop, evaluate_tasks, meta_optimizer, meta_train_step  # noqa: E402
 from fsl.models import build_model  # noqa: E402
 from fsl.precision import apply_precision, autocast, honoured_precisions  # noqa: E402
 
@@ -174,7 +174,10 @@ def time_training(arch: str, device: torch.device, meta_batch: int, rounds: int,
                                  f"{row['grad_rel_diff']:.2e} > {GRAD_TOLERANCE[precision]}; refusing to time it")
             rows.append(row)
     models = {(r["implementation"], r["precision"]): copy.deepcopy(model) for r in rows}
-    optimizers = {key: torch.optim.Adam(m.parameters(), 1e-3) for key, m in models.items()}
+    # fsl trains with its fused Adam (fsl.maml.meta_optimizer, which also skips a non-finite step on the device);
+    # the others with torch's default Adam, as their examples do
+    optimizers = {key: meta_optimizer(list(m.parameters()), 1e-3) if key[0].startswith("fsl")
+                  else torch.optim.Adam(m.parameters(), 1e-3) for key, m in models.items()}
     for round_index in range(rounds + 1):  # round 0 warms up (cuDNN algorithm choice, allocator)
         for row in rows:
             if row["note"]:

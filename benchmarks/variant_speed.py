@@ -24,7 +24,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from fsl.config import load_config, variant_label  # noqa: E402
-from fsl.maml import InnerLoop, build_learner, meta_parameters, meta_train_step, msl_weights  # noqa: E402
+from fsl import schedule  # noqa: E402
+from fsl.maml import InnerLoop, build_learner, meta_optimizer, meta_parameters, meta_train_step  # noqa: E402
 from meta_train_speed import WAYS, machine, random_batch  # noqa: E402  (this folder: the script's own path)
 
 DEFAULT_CONFIGS = [ROOT / "experiments" / f"glyphs-conv4-{k}shot.yaml" for k in (1, 5)] + sorted(
@@ -40,7 +41,7 @@ class Trainer:
         self.model, self.rates = build_learner(self.cfg)
         params = meta_parameters(self.model, self.cfg.maml.zero_head)
         params += list(self.rates.parameters()) if self.rates is not None else []
-        self.optimizer = torch.optim.Adam(params, lr=self.cfg.train.meta_lr)
+        self.optimizer = meta_optimizer(params, self.cfg.train.meta_lr)
         assert self.cfg.train.ways == WAYS, f"{path}: the noise batch has {WAYS} ways"
         self.batch = random_batch(self.cfg.train.meta_batch, self.cfg.data.image_size, torch.device("cpu"),
                                   queries=self.cfg.train.queries, shots=self.cfg.train.shots)
@@ -48,12 +49,10 @@ class Trainer:
 
     def step(self, progress: float) -> float:
         """One meta-training step at `progress` (share of the training tasks done); seconds it took."""
-        maml = self.cfg.maml
-        loop = InnerLoop.training(self.cfg, first_order=maml.first_order or progress < maml.first_order_fraction)
-        weights = msl_weights(loop.steps, progress, maml.msl_fraction) if maml.multi_step_loss else None
+        settings = schedule.at(self.cfg, round(progress * self.cfg.train.tasks))
+        loop = InnerLoop.training(self.cfg, first_order=settings.first_order)
         start = time.perf_counter()
-        meta_train_step(self.model, self.optimizer, self.batch, loop, self.rates, weights,
-                        self.cfg.train.parallel_tasks)
+        meta_train_step(self.model, self.optimizer, self.batch, loop, self.rates, settings.step_weights, 1)
         return time.perf_counter() - start
 
 

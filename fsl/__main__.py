@@ -90,6 +90,7 @@ def run_command(args: argparse.Namespace) -> int:
         from fsl import evaluate
         split_checkpoint(args)
         cfg = load_config(args.config, args.overrides)
+        evaluate.check_test_episodes(cfg)  # a split too small for the episodes, before looking for a checkpoint
         evaluate.run(cfg, args.checkpoint or cfg.run_dir / "best_accuracy_mean.pth", args.config)
     elif args.command == "data":
         return data_command(args)

@@ -22,6 +22,9 @@ class ConfigError(ValueError):
     """A config file or override is invalid; the message names the key and the valid choices."""
 
 
+IntOrAuto = int | str  # a count, or "auto": chosen at run time (see the key's comment)
+
+
 @dataclass
 class DataConfig:
     dataset: str = "mini-imagenet"  # cub | mini-imagenet | tiered-imagenet | glyphs
@@ -92,9 +95,10 @@ class TrainConfig:
     checkpoint_every: int = 4_000   # write latest.pth every this many tasks (also at validation and on SIGINT)
     log_every: int = 200            # write a training row to log.csv every this many tasks
     tensorboard: bool = True        # also write log.csv's numbers as TensorBoard scalars to <run dir>/tb
-    parallel_tasks: int = 1         # tasks of a meta-batch adapted together in one batched forward (fsl.maml): more
-                                    # is faster on a GPU and costs memory (each group's graph lives until its
-                                    # backward); 1 = task by task. Same meta-gradient up to float rounding
+    parallel_tasks: IntOrAuto = "auto"  # tasks of a meta-batch adapted together in one batched forward (fsl.maml):
+                                    # more is faster on a GPU and costs memory (each group's graph lives until its
+                                    # backward); 1 = task by task; auto: 1 on a CPU, on a GPU the largest group that
+                                    # fits its free memory (fsl.batching). Same meta-gradient up to float rounding
 
 
 @dataclass
@@ -104,7 +108,8 @@ class TestConfig:
     queries: int = 15               # query images per class
     episodes: int = 2_000           # fixed test episodes
     seed: int = 0                   # seed of the fixed validation and test episodes (same for every model)
-    parallel_episodes: int = 1      # validation/test episodes adapted together in one batched forward
+    parallel_episodes: IntOrAuto = "auto"  # validation/test episodes adapted together in one batched forward; auto
+                                    # as train.parallel_tasks (at most 16 on a GPU)
 
 
 @dataclass
@@ -179,6 +184,13 @@ def _unknown_key(key: str) -> ConfigError:
 
 def _coerce(key: str, value: Any, kind: type) -> Any:
     """Convert `value` (from YAML or a command-line string) to `kind`, or raise a ConfigError naming the key."""
+    if kind == IntOrAuto:
+        if isinstance(value, str) and value.strip() == "auto":
+            return "auto"
+        try:
+            return _coerce(key, value, int)
+        except ConfigError:
+            raise ConfigError(f"config key '{key}' expects a count or auto, got {value!r}") from None
     if isinstance(value, str) and kind in (int, float):
         try:
             value = kind(value.replace("_", ""))  # "8", "1e-3", "100_000"
@@ -223,7 +235,14 @@ def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
 def _read_yaml(path: Path) -> dict:
     if not path.exists():
         raise ConfigError(f"config file not found: {path}")
-    tree = yaml.safe_load(path.read_text()) or {}
+    try:
+        tree = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(path)
+        problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+        raise ConfigError(f"{where}: YAML syntax error: {problem}\n  fix: correct that line (YAML wants "
+                          f"`key: value`, two-space indentation, no tabs)") from None
     if not isinstance(tree, dict):
         raise ConfigError(f"{path}: expected a mapping of config keys, got {type(tree).__name__}")
     return tree
@@ -239,9 +258,9 @@ def parse_overrides(overrides: list[str]) -> dict[str, str]:
     return parsed
 
 
-def _read_chain(path: Path, depth: int = 0) -> dict[str, Any]:
-    """Flat values of a config file and of its bases (`base:`, relative to the file): a cell names the shared base,
-    a variant file may name a cell; no deeper."""
+def _read_chain(path: Path, depth: int = 0) -> dict[str, tuple[Any, int]]:
+    """Flat values of a config file and of its bases (`base:`, relative to the file), each with the depth of the
+    file that set it (0: `path` itself): a cell names the shared base, a variant file may name a cell; no deeper."""
     tree = _read_yaml(path)
     base = tree.pop("base", None)
     values = {}
@@ -250,21 +269,28 @@ def _read_chain(path: Path, depth: int = 0) -> dict[str, Any]:
             raise ConfigError(f"{path}: its base {base} names another base; at most two levels (a variant file on a "
                               f"cell file on the shared base)")
         values.update(_read_chain(path.parent / base, depth + 1))
-    values.update(_flatten(tree))
+    values.update({key: (value, depth) for key, value in _flatten(tree).items()})
     return values
 
 
-def apply_variant(cfg: Config, overrides: dict[str, Any]) -> None:
-    """Set the keys of `maml.variant` (VARIANTS); a command-line override that contradicts one is refused."""
+COMMAND_LINE = -1  # the depth of a command-line override: more specific than any file
+
+
+def apply_variant(cfg: Config, written: dict[str, tuple[Any, int]], path: Path) -> None:
+    """Set the keys of `maml.variant` (VARIANTS). A key that contradicts the variant and is written where the variant
+    is, or more specifically (a file based on it, the command line), is refused; a base file's value is simply
+    overridden by the variant."""
     if cfg.maml.variant not in VARIANTS:
         raise ConfigError(f"maml.variant={cfg.maml.variant!r} is not one of {', '.join(VARIANTS)}")
+    variant_depth = written.get("maml.variant", (None, 10**6))[1]
     for key, value in VARIANTS[cfg.maml.variant].items():
-        if key in overrides:
+        if key in written and written[key][1] <= variant_depth:
             probe = Config()
-            set_key(probe, key, overrides[key])
+            set_key(probe, key, written[key][0])
             if flat_dict(probe)[key] != value:
-                raise ConfigError(f"maml.variant={cfg.maml.variant} means {key}={value}, but the command says "
-                                  f"{key}={overrides[key]}; fix: drop one of the two (without maml.variant, set the "
+                where = "the command" if written[key][1] == COMMAND_LINE else f"{path} (or its base)"
+                raise ConfigError(f"maml.variant={cfg.maml.variant} means {key}={value}, but {where} says "
+                                  f"{key}={written[key][0]}; fix: drop one of the two (without maml.variant, set the "
                                   f"keys you want one by one)")
         set_key(cfg, key, value)
 
@@ -272,12 +298,11 @@ def apply_variant(cfg: Config, overrides: dict[str, Any]) -> None:
 def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
     """Read a config file (and its bases), apply `key=value` overrides, the variant's keys, then `quick` limits."""
     values = _read_chain(Path(path))
-    parsed = parse_overrides(overrides or [])
-    values.update(parsed)
+    values.update({key: (value, COMMAND_LINE) for key, value in parse_overrides(overrides or []).items()})
     cfg = Config()
-    for key, value in values.items():
+    for key, (value, _) in values.items():
         set_key(cfg, key, value)
-    apply_variant(cfg, parsed)
+    apply_variant(cfg, values, Path(path))
     if cfg.quick:
         for key, limit in QUICK_LIMITS.items():
             section, name = key.split(".")
@@ -287,7 +312,8 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
     return cfg
 
 
-META_LR_SCHEDULES = ("constant", "cosine")  # see fsl.train.meta_lr_at
+META_LR_SCHEDULES = ("constant", "cosine")  # see fsl.schedule.meta_lr_at
+MIN_IMAGE_SIZE = 16  # conv4 and resnet12 both halve the image four times (16 -> 1 pixel)
 PRECISIONS = ("fp32", "tf32", "bf16")       # see fsl.precision
 
 
@@ -306,8 +332,25 @@ def validate(cfg: Config) -> None:
                 "train.log_every", "test.episodes", "train.ways", "test.ways", "test.shots", "train.queries",
                 "test.queries", "train.parallel_tasks", "test.parallel_episodes"):
         section, name = key.split(".")
-        if getattr(getattr(cfg, section), name) < 1:
+        if getattr(getattr(cfg, section), name) != "auto" and getattr(getattr(cfg, section), name) < 1:
             raise ConfigError(f"{key} must be >= 1, got {getattr(getattr(cfg, section), name)}")
+    for key in ("train.ways", "test.ways"):
+        section, name = key.split(".")
+        if getattr(getattr(cfg, section), name) < 2:
+            raise ConfigError(f"{key}={getattr(getattr(cfg, section), name)}: an episode needs at least 2 classes "
+                              f"(with one, every query is trivially right); fix: {key}=5, the protocol's")
+    for key in ("train.shots", "test.shots"):
+        section, name = key.split(".")
+        if getattr(getattr(cfg, section), name) < 1:
+            raise ConfigError(f"{key}={getattr(getattr(cfg, section), name)}: the inner loop adapts on the support "
+                              f"set, which needs at least 1 image per class; fix: {key}=1 or more")
+    for key, value in (("maml.inner_lr", cfg.maml.inner_lr), ("train.meta_lr", cfg.train.meta_lr)):
+        if not value > 0:
+            raise ConfigError(f"{key}={value}: a learning rate must be > 0; fix: the protocol's "
+                              f"{flat_dict(Config())[key]}")
+    if cfg.data.image_size < MIN_IMAGE_SIZE:
+        raise ConfigError(f"data.image_size={cfg.data.image_size}: {cfg.model.arch} halves the image 4 times, so it "
+                          f"needs at least {MIN_IMAGE_SIZE} pixels; fix: data.image_size=84, the protocol's")
     if cfg.train.meta_lr_schedule not in META_LR_SCHEDULES:
         raise ConfigError(f"train.meta_lr_schedule={cfg.train.meta_lr_schedule!r}; choose "
                           f"{' or '.join(META_LR_SCHEDULES)}")
@@ -391,10 +434,12 @@ def dump_yaml(cfg: Config) -> str:
 
 
 def config_files(config_path: str | Path) -> list[Path]:
-    """A cell's YAML and its base file: their last commit identifies the config in summary.csv."""
-    config_path = Path(config_path)
-    base = (yaml.safe_load(config_path.read_text()) or {}).get("base")
-    return [config_path] + ([config_path.parent / base] if base else [])
+    """A config file and its whole base chain (a variant file, its cell, the shared base): their last commit
+    identifies the config in summary.csv."""
+    files = [Path(config_path)]
+    while (base := (yaml.safe_load(files[-1].read_text()) or {}).get("base")) is not None:
+        files.append(files[-1].parent / base)
+    return files
 
 
 def flat_dict(cfg: Config) -> dict[str, Any]:

@@ -5,6 +5,7 @@ meta-trains, tests the best checkpoint and builds the tables and plots, exactly 
 """
 from __future__ import annotations
 
+import json
 import time
 
 from fsl import evaluate, report, train
@@ -12,7 +13,7 @@ from fsl.config import load_config
 from fsl.data import glyphs
 from fsl.maml import InnerLoop, build_learner
 from fsl.results import cell_file, write_test_episodes
-from fsl.utils import resolve_device, seed_everything
+from fsl.utils import resolve_device, seed_everything, write_text_atomic
 
 CONFIG = "experiments/glyphs-conv4-1shot.yaml"
 
@@ -20,21 +21,29 @@ CONFIG = "experiments/glyphs-conv4-1shot.yaml"
 def run(overrides: list[str] | None = None) -> dict:
     start = time.time()
     cfg = load_config(CONFIG, overrides)
-    glyphs.ensure_generated(cfg.data_root)
+    generated = glyphs.ensure_generated(cfg.data_root)
+    generation_s = time.time() - start
     device = resolve_device(cfg.device)
 
     seed_everything(cfg.seed)
     untrained, rates = build_learner(cfg, device)
     test_episodes = evaluate.fixed_episodes(cfg, "test", cfg.test.episodes)
+    parallel, _ = evaluate.test_group(cfg, untrained, rates, test_episodes, device)
     untrained_acc = evaluate.evaluate(untrained, test_episodes, InnerLoop.testing(cfg), device, rates=rates,
-                                      progress="untrained init", precision=cfg.precision,
-                                      parallel=cfg.test.parallel_episodes)
+                                      progress="untrained init", precision=cfg.precision, parallel=parallel)
     write_test_episodes(cell_file(cfg, "untrained_test_episodes"), untrained_acc)
 
+    train_start = time.time()
     best = train.run(cfg)
+    train_s = time.time() - train_start
     row = evaluate.run(cfg, best, CONFIG, episodes=test_episodes)
     written = report.run(cfg.results_dir)
     minutes = (time.time() - start) / 60
+    timing = {"minutes": round(minutes, 2), "glyphs_generated_s": round(generation_s, 1) if generated else None,
+              "train_command_s": round(train_s, 1), "mean_acc": row["mean_acc"], "ci95": row["ci95"],
+              "untrained_mean_acc": round(float(untrained_acc.mean()), 4), "device": row["device"],
+              "commit": row["commit"]}
+    write_text_atomic(cell_file(cfg, "demo_run").with_suffix(".json"), json.dumps(timing, indent=1) + "\n")
     print(f"\ndemo finished in {minutes:.1f} min: {cfg.run_name} test accuracy {row['mean_acc']:.2f} ± "
           f"{row['ci95']:.2f} % "
           f"(5-way {cfg.test.shots}-shot, chance 20%); adapting the untrained initialisation gives "

@@ -16,7 +16,11 @@ number of DataLoader workers, in any order, and after resuming at any task; the 
 from __future__ import annotations
 
 import os
+import queue
 import random
+import signal
+import threading
+import time
 from contextlib import contextmanager
 from typing import Iterator, NamedTuple
 
@@ -25,7 +29,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from fsl.data.augment import augment, draw_params, normalise
+from fsl.data.augment import AugmentPlan, augment, draw_params, normalise, plan_augmentation, to_device
 from fsl.data.base import DatasetError, SplitDataset
 from fsl.data.store import ImageStore
 
@@ -175,8 +179,14 @@ def collate_episodes(batch: list[Episode]) -> Episode:
     return Episode(*(torch.stack(field) for field in zip(*batch)))
 
 
-def _single_threaded_worker(_: int) -> None:
-    torch.set_num_threads(1)  # workers run Python task sampling; intra-op threads would only fight the trainer
+def _loader_worker_init(_: int) -> None:
+    """DataLoader workers: one thread (they run Python task sampling; intra-op threads would only fight the
+    trainer), and deaf to SIGINT/SIGTERM: Ctrl-C and Slurm signal the whole process group, and the trainer owns
+    those signals (it finishes its step and writes latest.pth; a worker killed first would abort that step).
+    Workers still end with their trainer: they watch it and exit when it is gone."""
+    torch.set_num_threads(1)
+    for stop_signal in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(stop_signal, signal.SIG_IGN)
 
 
 def default_workers() -> int:
@@ -190,55 +200,162 @@ def episode_loader(episodes: Dataset, meta_batch: int = 1, workers: int = 0) -> 
     `default_workers()`; capped at the number of CPU cores."""
     workers = default_workers() if workers < 0 else min(workers, os.cpu_count() or 1)
     return DataLoader(episodes, batch_size=meta_batch, shuffle=False, num_workers=workers,
-                      worker_init_fn=_single_threaded_worker, persistent_workers=False,
+                      worker_init_fn=_loader_worker_init, persistent_workers=False,
                       prefetch_factor=4 if workers else None, collate_fn=collate_specs)
 
 
+class Gathered(NamedTuple):
+    """A meta-batch on the host, ready for its device (`EpisodeMaker.gather`): pixels (n, S, S, 3) uint8, pinned
+    where the device is a GPU, in the order the device processes them; labels (n,) int64; tasks; plan: the
+    augmentation plan (fsl.data.augment.AugmentPlan), or None for evaluation-kind images."""
+    pixels: torch.Tensor
+    labels: torch.Tensor
+    tasks: int
+    plan: AugmentPlan | None
+
+
 class EpisodeMaker:
-    """EpisodeSpec batches -> Episode batches on `device`: gathers the uint8 images from `store`, augments them with
-    their parameters (training) or takes them as stored (evaluation kind), normalises, splits support and query.
+    """EpisodeSpec batches -> Episode batches on `device`, in two stages: `gather` (host: the uint8 images from
+    `store`, the augmentation plan, labels) and `build` (device: copy, augment with each image's parameters
+    (training) or take the images as stored (evaluation kind), normalise, split support and query). `build` makes
+    no host sync, so it can run ahead of the training step (`EpisodeStream`).
 
     images: from the store (T*n, S, S, 3) uint8 -> device -> (T, n, 3, image_size, image_size) float32."""
 
     def __init__(self, store: ImageStore, ways: int, shots: int, queries: int, image_size: int,
-                 device: torch.device):
-        self.store, self.image_size, self.device = store, image_size, device
+                 device: torch.device, chunk: int | None = None):
+        self.store, self.image_size, self.device = store, image_size, torch.device(device)
         self.ways, self.shots, self.queries = ways, shots, queries
-
-    def images(self, indices: np.ndarray) -> torch.Tensor:
-        """The stored uint8 images `indices` (N,) on the device, as (N, 3, S, S): a permuted view of the store's
-        (N, S, S, 3) layout."""
-        pixels = torch.from_numpy(self.store.gather(indices))
-        return pixels.to(self.device, non_blocking=True).permute(0, 3, 1, 2)
+        self.chunk = chunk or (64 if self.device.type == "cpu" else None)  # images augmented at a time; None: all
 
     def __call__(self, specs: EpisodeSpec) -> Episode:
-        if specs.params.size:
-            return self.augmented(specs)
-        tasks, per_task = specs.indices.shape
-        images = self.images(specs.indices.reshape(-1))
-        assert images.shape[-1] == self.image_size, (images.shape, self.image_size)
-        x = normalise(images).view(tasks, self.ways, self.shots + self.queries, *images.shape[1:])
-        y = torch.from_numpy(specs.labels).to(self.device).view(tasks, self.ways, -1)
-        k = self.shots
-        # memory layout as the committed results had it (a 1-shot support set keeps the store's NHWC strides, and
-        # convolutions round differently on them): changing it moves e.g. the demo's accuracy by ~0.4 points
-        return Episode(support_x=x[:, :, :k].flatten(1, 2), support_y=y[:, :, :k].flatten(1),
-                       query_x=x[:, :, k:].flatten(1, 2), query_y=y[:, :, k:].flatten(1))
+        return self.build(self.gather(specs))
 
-    def augmented(self, specs: EpisodeSpec) -> Episode:
-        """Training episodes with augmentation: every task's support images, then every task's queries, so both
-        sets come out of the augmented batch as views (no copy of the 70 MB meta-batch)."""
+    def host_images(self, indices: np.ndarray) -> torch.Tensor:
+        """The stored uint8 images `indices` (N,) as (N, S, S, 3), read into pinned memory for a GPU."""
+        pixels = torch.empty((len(indices), *self.store.pixels.shape[1:]), dtype=torch.uint8,
+                             pin_memory=self.device.type == "cuda")
+        np.take(self.store.pixels, indices, axis=0, out=pixels.numpy())
+        return pixels
+
+    def gather(self, specs: EpisodeSpec) -> Gathered:
+        """Host side: pixels, labels and (training) the augmentation plan. Augmented batches hold every task's support
+        images, then every task's queries, so that both sets come out of the batch as views (no copy of the 70 MB
+        meta-batch); the images are read in the plan's processing order."""
         tasks, per_task = specs.indices.shape
-        k = self.shots
-        position = np.arange(tasks * per_task).reshape(tasks, self.ways, self.shots + self.queries)
-        order = np.concatenate([position[:, :, :k].ravel(), position[:, :, k:].ravel()])
-        indices, labels = specs.indices.reshape(-1)[order], specs.labels.reshape(-1)[order]
-        images = self.images(indices)
-        params = torch.from_numpy(specs.params.reshape(tasks * per_task, -1)[order])
-        x = augment(images, params, torch.from_numpy(self.store.sizes[indices]), self.image_size)
-        y = torch.from_numpy(labels).to(self.device)
+        indices, labels, plan = specs.indices.reshape(-1), specs.labels.reshape(-1), None
+        if specs.params.size:
+            position = np.arange(tasks * per_task).reshape(tasks, self.ways, self.shots + self.queries)
+            k = self.shots
+            order = np.concatenate([position[:, :, :k].ravel(), position[:, :, k:].ravel()])
+            indices, labels = indices[order], labels[order]
+            plan = plan_augmentation(specs.params.reshape(tasks * per_task, -1)[order], self.store.sizes[indices],
+                                     self.store.stored_sizes[indices], self.image_size)
+            indices = indices[plan.order]
+        labels = torch.from_numpy(np.ascontiguousarray(labels, dtype=np.int64))
+        return Gathered(self.host_images(indices), labels.pin_memory() if self.device.type == "cuda" else labels,
+                        tasks, plan)
+
+    def build(self, gathered: Gathered) -> Episode:
+        """Device side: the Episode batch of a gathered meta-batch, without a host sync."""
+        images = to_device(gathered.pixels, self.device).permute(0, 3, 1, 2)  # (N, 3, S, S), a view
+        y = to_device(gathered.labels, self.device)
+        tasks, k = gathered.tasks, self.shots
+        if gathered.plan is None:
+            assert images.shape[-1] == self.image_size, (images.shape, self.image_size)
+            x = normalise(images).view(tasks, self.ways, self.shots + self.queries, *images.shape[1:])
+            y = y.view(tasks, self.ways, -1)
+            # memory layout as the committed results had it (a 1-shot support set keeps the store's NHWC strides,
+            # and convolutions round differently on them): changing it moves e.g. the demo's accuracy by ~0.4 points
+            return Episode(support_x=x[:, :, :k].flatten(1, 2), support_y=y[:, :, :k].flatten(1),
+                           query_x=x[:, :, k:].flatten(1, 2), query_y=y[:, :, k:].flatten(1))
+        x = augment(images, gathered.plan.to(self.device), self.image_size, self.chunk)
         support = tasks * self.ways * k
         return Episode(support_x=x[:support].view(tasks, self.ways * k, *x.shape[1:]),
                        support_y=y[:support].view(tasks, self.ways * k),
                        query_x=x[support:].view(tasks, self.ways * self.queries, *x.shape[1:]),
                        query_y=y[support:].view(tasks, self.ways * self.queries))
+
+
+class _End:
+    """The loader is exhausted."""
+
+
+class EpisodeStream:
+    """The loader's meta-batches as Episodes on `device`, the next one prepared while the current step runs.
+
+    A background thread takes the next descriptions from the loader and gathers their pixels into host memory
+    (pinned for a GPU). On a GPU the thread also copies and augments them on a side CUDA stream and records an
+    event; the consumer's stream waits for that event (the host does not), and the tensors are marked as used by
+    it, so the caching allocator keeps them until the step is done. On a CPU the batch is built in the consumer's
+    thread (the step already uses every core). `depth` batches wait at most. `input_seconds`: the host time the
+    consumer spent in `next()`, waiting or (CPU) building: the time the step waited for its input."""
+
+    def __init__(self, loader: DataLoader, make: EpisodeMaker, depth: int = 2):
+        self.make, self.device = make, make.device
+        self.side = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+        self.ready: queue.Queue = queue.Queue(maxsize=depth)
+        self.stopping = threading.Event()
+        self.input_seconds = 0.0
+        self.thread = threading.Thread(target=self._produce, args=(iter(loader),), daemon=True,
+                                       name="fsl-episode-stream")
+        self.thread.start()
+
+    def _produce(self, specs: Iterator[EpisodeSpec]) -> None:
+        try:
+            for spec in specs:
+                item = self.make.gather(spec)
+                if self.side is not None:
+                    with torch.cuda.stream(self.side):
+                        item = (self.make.build(item), self.side.record_event())
+                if not self._put(item):
+                    return
+            self._put(_End)
+        except BaseException as error:  # handed to the consumer, raised there
+            self._put(error)
+
+    def _put(self, item) -> bool:
+        while not self.stopping.is_set():
+            try:
+                self.ready.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def __iter__(self) -> "EpisodeStream":
+        return self
+
+    def __next__(self) -> Episode:
+        start = time.perf_counter()
+        item = self.ready.get()
+        if item is _End:
+            self.ready.put(_End)
+            raise StopIteration
+        if isinstance(item, BaseException):
+            raise item
+        if self.side is None:
+            episode = self.make.build(item)
+        else:
+            episode, event = item
+            consumer = torch.cuda.current_stream(self.device)
+            consumer.wait_event(event)
+            for tensor in episode:
+                tensor.record_stream(consumer)
+        self.input_seconds += time.perf_counter() - start
+        return episode
+
+    def close(self) -> None:
+        """Stop the thread (the loader's workers end with its iterator)."""
+        self.stopping.set()
+        while self.thread.is_alive():
+            try:
+                self.ready.get_nowait()
+            except queue.Empty:
+                self.thread.join(timeout=0.1)
+
+    def __enter__(self) -> "EpisodeStream":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

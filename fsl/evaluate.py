@@ -15,11 +15,11 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from fsl import distributed, provenance
+from fsl import batching, distributed, provenance
 from fsl.config import Config, config_files, from_dict, variant_label
 from fsl.data import SplitDataset, load_split
 from fsl.data.store import ImageStore, open_store
-from fsl.episodes import Episode, EpisodeDataset, EpisodeMaker, collate_specs
+from fsl.episodes import Episode, EpisodeDataset, EpisodeMaker, build_taskset, collate_specs
 from fsl.maml import InnerLoop, InnerRates, build_learner, evaluate_tasks
 from fsl.precision import apply_precision, autocast, describe_precision
 from fsl.reference import REFERENCE
@@ -42,6 +42,12 @@ def cell_store(cfg: Config, dataset: SplitDataset, split: str, kind: str) -> Ima
     """The split's image store of `kind` under data.cache_dir (built on first use; fsl.data.store)."""
     return open_store(dataset, cfg.data.dataset, split, kind, cfg.data.image_size, cfg.data.cache_dir,
                       progress=distributed.is_main())
+
+
+def check_test_episodes(cfg: Config) -> None:
+    """Refuse test settings the test split cannot fill (fewer classes than test.ways, classes with fewer images than
+    test.shots + test.queries), reading only its labels; DatasetError with the fix."""
+    build_taskset(cell_split(cfg, "test"), cfg.test.ways, cfg.test.shots, cfg.test.queries)
 
 
 class FixedEpisodes:
@@ -68,6 +74,16 @@ class FixedEpisodes:
 
 def fixed_episodes(cfg: Config, split: str, count: int) -> FixedEpisodes:
     return FixedEpisodes(cfg, split, count)
+
+
+def test_group(cfg: Config, model: nn.Module, rates: InnerRates | None, episodes: FixedEpisodes,
+               device: torch.device) -> tuple[int, str]:
+    """(test.parallel_episodes resolved for this device, why): `auto` probes one episode's adaptation
+    (fsl.batching), at most 16 episodes at once."""
+    def run_one() -> None:
+        with autocast(cfg.precision, device):
+            evaluate_tasks(model, next(episodes.batches([0], 1, device)), InnerLoop.testing(cfg), rates)
+    return batching.resolve(cfg.test.parallel_episodes, len(episodes), device, run_one, cap=16)
 
 
 def evaluate(model: nn.Module, episodes: FixedEpisodes, loop: InnerLoop, device: torch.device,
@@ -135,17 +151,20 @@ def run(requested: Config, checkpoint_path: str | Path, config_path: str | Path 
     trained = from_dict(checkpoint["config"])
     apply_precision(cfg.precision, device, cfg.cudnn_benchmark)
     episodes = episodes or fixed_episodes(cfg, "test", cfg.test.episodes)
+    parallel, why = test_group(cfg, model, rates, episodes, device)
+    if distributed.is_main():
+        print(f"test.parallel_episodes={parallel} ({why})", flush=True)
     start = time.time()
     accuracies = evaluate(model, episodes, InnerLoop.testing(cfg), device, rates=rates,
-                          progress=f"test {cfg.run_name}", precision=cfg.precision,
-                          parallel=cfg.test.parallel_episodes)
+                          progress=f"test {cfg.run_name}", precision=cfg.precision, parallel=parallel)
     mean, half_width = float(accuracies.mean()), ci95(accuracies)
     train_tasks = trained_tasks(checkpoint_path, checkpoint)
     comparable, why = provenance.comparability(trained, cfg, train_tasks, checkpoint["tasks_done"],
                                                checkpoint["best_val_tasks"])
     reference = REFERENCE.get((cfg.data.dataset, cfg.model.arch, cfg.test.shots), (None, None))
+    tag = provenance.test_tag(trained, cfg)
     row = {
-        "run": cfg.run_name, "cell": cfg.cell, "variant": variant_label(cfg), "dataset": cfg.data.dataset,
+        "run": cfg.run_name, "test_tag": tag, "cell": cfg.cell, "variant": variant_label(cfg), "dataset": cfg.data.dataset,
         "arch": cfg.model.arch,
         "ways": cfg.test.ways, "shots": cfg.test.shots, "image_size": cfg.data.image_size,
         "train_batch": cfg.train.ways * (cfg.train.shots + cfg.train.queries),
@@ -156,6 +175,7 @@ def run(requested: Config, checkpoint_path: str | Path, config_path: str | Path 
         "test_precision": describe_precision(cfg.precision, device, cfg.cudnn_benchmark),
         "train_config_sha": provenance.train_sha(trained), "test_config_sha": provenance.meta_test_sha(cfg),
         "tasks_per_s": checkpoint.get("tasks_per_s"), "peak_memory_mb": checkpoint.get("peak_memory_mb"),
+        "parallel_tasks": checkpoint.get("parallel_tasks"), "parallel_episodes": parallel,
         "checkpoint": str(checkpoint_path), "commit": git_commit(),
         "config_commit": git_commit(*config_files(config_path)) if config_path else "unknown",
         "device": describe_device(device), "seconds": round(time.time() - start, 1),
@@ -164,9 +184,9 @@ def run(requested: Config, checkpoint_path: str | Path, config_path: str | Path 
     }
     if not distributed.is_main():
         return row
-    episodes_csv = write_test_episodes(test_episodes_path(cfg), accuracies)
+    episodes_csv = write_test_episodes(test_episodes_path(cfg, tag), accuracies)
     upsert_summary(cfg.results_dir, row)
-    print(f"{cfg.run_name}: {mean:.2f} ± {half_width:.2f} % over {len(accuracies)} test episodes"
+    print(f"{cfg.run_name}{f' ({tag})' if tag else ''}: {mean:.2f} ± {half_width:.2f} % over {len(accuracies)} test episodes"
           f"{'' if comparable else f' (not comparable to the reference: {why})'}\n  per-episode: {episodes_csv}\n"
           f"  summary: {Path(cfg.results_dir) / 'summary.csv'}")
     return row

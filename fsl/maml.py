@@ -16,7 +16,6 @@ Episodes are `fsl.episodes.Episode`s with a leading task dimension:
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -31,10 +30,6 @@ from fsl.episodes import Episode
 from fsl.models import TaskBatchNorm2d, build_model
 
 
-class NonFiniteLossError(RuntimeError):
-    """The meta-training loss or meta-gradient became NaN or infinite."""
-
-
 @dataclass(frozen=True)
 class InnerLoop:
     """How one adaptation runs. `lr` is the fixed step size (ignored for parameters with learned rates)."""
@@ -44,6 +39,8 @@ class InnerLoop:
     zero_head: bool = False      # maml.zero_head: the first step moves the (zero) head alone, exactly
     head_only: bool = False      # ANIL: maml.adapt=head
     per_step_bn: bool = False    # MAML++ BNWB: BatchNorm weights of step k at step k, not adapted
+    meta_gradient: bool = True   # a meta-gradient is taken through the loop (training); False: validation and test,
+                                 # which build no graph back to the meta-parameters or the learned rates
 
     @classmethod
     def training(cls, cfg: Config, first_order: bool | None = None) -> "InnerLoop":
@@ -56,7 +53,8 @@ class InnerLoop:
     def testing(cls, cfg: Config) -> "InnerLoop":
         """Validation's and test's loop: maml.test_inner_steps, first order (no meta-gradient is taken)."""
         m = cfg.maml
-        return cls(m.test_inner_steps, m.inner_lr, True, m.zero_head, m.adapt == "head", m.per_step_bn)
+        return cls(m.test_inner_steps, m.inner_lr, True, m.zero_head, m.adapt == "head", m.per_step_bn,
+                   meta_gradient=False)
 
 
 def task_losses(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -154,9 +152,8 @@ def adapt_steps(model: nn.Module, support_x: torch.Tensor, support_y: torch.Tens
     head is not meta-learned.
     """
     tasks = support_x.shape[0]
-    track = not loop.first_order or rates is not None  # keep a graph through the updates
-    detach = (lambda grads: [None if g is None else g.detach() for g in grads]) if loop.first_order and track \
-        else None
+    track = loop.meta_gradient and (not loop.first_order or rates is not None)  # a graph through the updates
+    constant_gradients = loop.first_order and track  # first order with learned rates: see `first_order_step`
     adapted = model.classifier if loop.head_only else model
     mask = [True] * len(list(adapted.parameters())) if loop.head_only else adapted_mask(model, loop)
     params = list(adapted.parameters())
@@ -164,7 +161,7 @@ def adapt_steps(model: nn.Module, support_x: torch.Tensor, support_y: torch.Tens
     fmodel.update_params([p.expand(tasks, *p.shape) for p in params])  # one view of θ per task
     groups = [{"params": [p]} for p, adapts in zip(params, mask) if adapts]  # one group each: rates per tensor
     inner_optimizer = higher.optim.DifferentiableSGD(torch.optim.SGD(groups, lr=loop.lr), params, fmodel=fmodel,
-                                                     track_higher_grads=track, grad_callback=detach)
+                                                     track_higher_grads=track)
     if loop.head_only:
         features = model.embed(support_x)  # (T, N, D): the body does not adapt, so once for all steps
         result = HeadAdapted(model, fmodel)
@@ -174,9 +171,27 @@ def adapt_steps(model: nn.Module, support_x: torch.Tensor, support_y: torch.Tens
         loss = task_losses(logits, support_y).sum()  # tasks are independent: sum, not mean
         if step == 0 and loop.zero_head and not loop.head_only:
             head_step(model, fmodel, loss, loop.lr, loop.first_order)
+        elif constant_gradients:
+            first_order_step(fmodel, loss, mask, rates.at(step) if rates is not None else None, loop.lr)
         else:
             inner_optimizer.step(loss, override={"lr": rates.at(step)} if rates is not None else None)
         yield result if loop.head_only else fmodel
+
+
+def first_order_step(fmodel: higher.patch._MonkeyPatchBase, loss: torch.Tensor, mask: list[bool],
+                     rates: list[torch.Tensor] | None, lr: float) -> None:
+    """One SGD step whose gradient is a constant (first order) but whose update stays differentiable in the fast
+    weights and the learned rates: fast' = fast - rate x g, g = d loss / d fast computed without a graph (no
+    double-backward graph is built, and the support forward's graph is freed at once). `mask`: which fast weights
+    adapt; `rates`: one per adapted weight, or None for `lr`."""
+    fast = list(fmodel.fast_params)
+    grads = iter(torch.autograd.grad(loss, [p for p, adapts in zip(fast, mask) if adapts], allow_unused=True))
+    rates = iter(rates) if rates is not None else None
+    updated = []
+    for p, adapts in zip(fast, mask):
+        g, rate = (next(grads), next(rates) if rates is not None else lr) if adapts else (None, None)
+        updated.append(p if g is None else p - rate * g)
+    fmodel.update_params(updated)
 
 
 def adapt(model: nn.Module, support_x: torch.Tensor, support_y: torch.Tensor, loop: InnerLoop,
@@ -202,19 +217,6 @@ def head_step(model: nn.Module, fmodel: higher.patch._MonkeyPatchBase, loss: tor
     fmodel.update_params([p.detach().requires_grad_() for p in fast] if first_order else fast)
 
 
-def msl_weights(steps: int, progress: float, anneal: float) -> list[float] | None:
-    """MAML++'s per-step loss weights (get_per_step_loss_importance_vector) at `progress` (share of the training
-    tasks done) when they anneal over the first `anneal` share: every step 1/steps at first, the non-final ones
-    falling linearly to 0.03/steps while the last rises; None once annealed (the last step's loss alone). MAML++
-    moves them once per epoch; here they move continuously."""
-    if progress >= anneal or steps == 1:
-        return None
-    done = progress / anneal  # MAML++: current_epoch / multi_step_loss_num_epochs
-    floor = 0.03 / steps
-    weights = [max(1 / steps - done / steps, floor)] * (steps - 1)
-    return weights + [min(1 / steps + done * (steps - 1) / steps, 1 - (steps - 1) * floor)]
-
-
 def task_meta_gradient(model: nn.Module, episodes: Episode, loop: InnerLoop, scale: float = 1.0,
                        rates: InnerRates | None = None,
                        step_weights: list[float] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -223,25 +225,34 @@ def task_meta_gradient(model: nn.Module, episodes: Episode, loop: InnerLoop, sca
 
     `step_weights` (MAML++ multi-step loss): the outer loss is sum_k w_k x (query loss after step k) instead of the
     last step's alone. Second order back-propagates through the inner loop. First order without learned rates
-    (FOMAML): the gradient of the query losses at the adapted weights is the meta-gradient (higher's
-    `track_higher_grads=False` alone would leave the meta-parameters without any gradient, so it is added by hand).
-    Returns (last step's query losses (T,), query accuracies % (T,)), detached.
+    (FOMAML): each step's fast weights are constants (leaves), so the meta-gradient is sum_k w_k x the gradient of
+    query loss k at fast weights k, taken step by step (higher's `track_higher_grads=False` alone would leave the
+    meta-parameters without any gradient, so it is added by hand). Returns (last step's query losses (T,), query
+    accuracies % (T,)), detached.
     """
+    leaves = loop.first_order and rates is None  # FOMAML: every step's fast weights are leaves
     outer = 0.0
     for step, fmodel in enumerate(adapt_steps(model, episodes.support_x, episodes.support_y, loop, rates)):
         if step_weights is None and step < loop.steps - 1:
             continue
         logits = fmodel(episodes.query_x)  # per-step BatchNorm: the weights of this step
         losses = task_losses(logits, episodes.query_y)
-        outer = outer + losses.sum() * (1.0 if step_weights is None else step_weights[step])
-    if loop.first_order and rates is None:
-        grads = torch.autograd.grad(outer * scale, fmodel.fast_params)
-        for p, g in zip(model.parameters(), grads):
-            g = g.sum(0) if g.dim() > p.dim() else g  # (T, ...) fast weights -> the sum over tasks
-            p.grad = g if p.grad is None else p.grad + g
-    else:
+        if leaves:
+            weight = scale * (1.0 if step_weights is None else step_weights[step])
+            add_gradients(model, torch.autograd.grad(losses.sum() * weight, fmodel.fast_params))
+        else:
+            outer = losses.sum() if step_weights is None else outer + losses.sum() * step_weights[step]
+    if not leaves:
         (outer * scale).backward()
     return losses.detach(), task_accuracies(logits.detach(), episodes.query_y)
+
+
+def add_gradients(model: nn.Module, grads: tuple[torch.Tensor, ...]) -> None:
+    """Add gradients w.r.t. fast weights (aligned with model.parameters(); (T, ...) per-task weights are summed over
+    the tasks) into the parameters' `.grad`."""
+    for p, g in zip(model.parameters(), grads):
+        g = g.sum(0) if g.dim() > p.dim() else g
+        p.grad = g if p.grad is None else p.grad + g
 
 
 def meta_parameters(model: nn.Module, zero_head: bool = False) -> list[nn.Parameter]:
@@ -259,18 +270,39 @@ def named_meta_parameters(model: nn.Module, rates: InnerRates | None) -> list[tu
 
 
 def check_meta_gradients(named: list[tuple[str, torch.Tensor]] | nn.Module) -> None:
-    """Every meta-parameter must have a gradient after the outer backward, and every gradient must be finite
-    (NonFiniteLossError otherwise, before the optimizer step; one device sync for all of them)."""
+    """Every meta-parameter must have a gradient after the outer backward (a host-side check: no device sync)."""
     named = list(named.named_parameters()) if isinstance(named, nn.Module) else named
     missing = [name for name, p in named if p.grad is None]
     if missing:
         raise RuntimeError(f"meta-parameters without a gradient after the outer backward: {missing[:5]} "
                            f"({len(missing)} in all); the inner loop lost the graph to the meta-parameters")
-    finite = torch.stack([p.grad.isfinite().all() for _, p in named]).tolist()
-    if not all(finite):
-        bad = [name for (name, _), ok in zip(named, finite) if not ok]
-        raise NonFiniteLossError(f"non-finite meta-gradient (NaN or inf) in {bad[:5]} ({len(bad)} parameter "
-                                 f"tensors in all)")
+
+
+def non_finite(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """A device flag, float32 (), 1.0 if any of `tensors` holds a NaN or an infinity: one fused kernel for all of
+    them (GradScaler's `_amp_foreach_non_finite_check_and_unscale_`, with a scale of 1, which leaves them as they
+    are), and no host sync."""
+    found = torch.zeros((), device=tensors[0].device)
+    torch._amp_foreach_non_finite_check_and_unscale_(tensors, found, torch.ones((), device=found.device))
+    return found
+
+
+def meta_optimizer(parameters: list[nn.Parameter], lr: float) -> torch.optim.Adam:
+    """The outer loop's Adam, fused: one kernel for the whole update, and it honours a device-side skip flag
+    (`optimizer.found_inf`, as GradScaler uses it), so that a non-finite meta-gradient never reaches the weights
+    without the host having to look."""
+    return torch.optim.Adam(parameters, lr=lr, fused=True)
+
+
+def make_fused(optimizer: torch.optim.Optimizer) -> None:
+    """After `load_state_dict` of a checkpoint written by a non-fused Adam: keep the fused update (the loaded param
+    groups say fused=None) with its step counters on the parameters' device, as the fused kernel needs them."""
+    for group in optimizer.param_groups:
+        group["fused"] = True
+        for p in group["params"]:
+            state = optimizer.state.get(p, {})
+            if "step" in state:
+                state["step"] = torch.as_tensor(state["step"], dtype=torch.float32, device=p.device)
 
 
 def chunks(episodes: Episode, size: int) -> list[Episode]:
@@ -278,18 +310,26 @@ def chunks(episodes: Episode, size: int) -> list[Episode]:
     return [Episode(*(t[start:start + size] for t in episodes)) for start in range(0, len(episodes.query_y), size)]
 
 
+STEP_STATS = ("loss_sum", "accuracy_sum", "skipped")  # the fields of meta_train_step's result
+
+
 def meta_train_step(model: nn.Module, meta_optimizer: torch.optim.Optimizer, episodes: Episode, loop: InnerLoop,
                     rates: InnerRates | None = None, step_weights: list[float] | None = None,
-                    parallel_tasks: int = 1) -> tuple[float, float]:
+                    parallel_tasks: int = 1) -> torch.Tensor:
     """One outer step over a meta-batch `episodes` (T tasks): mean query loss over the tasks, their gradients
     accumulated `parallel_tasks` tasks at a time (one batched adaptation per group; 1 = task by task, the least
     memory: each group's graph is freed by its backward).
 
+    No host sync: the result stays on the device, a float32 tensor (3,) = STEP_STATS: the sum of the meta-batch's
+    query losses, the sum of their accuracies (%), and 1.0 if the step was skipped. A NaN or infinite loss or
+    meta-gradient skips the optimizer step on the device (fused Adam's `found_inf`, see `meta_optimizer`), so the
+    weights and Adam's moments stay at their last finite values; the caller reads the flag when it next reads the
+    numbers (fsl.train). With an optimizer that cannot skip on the device, the flag is read here instead (one sync)
+    and the step is not taken.
+
     Under torchrun, `episodes` is this rank's share of the meta-batch (see fsl.distributed): task gradients are
     scaled by 1 / (global meta-batch) and summed across ranks before the step, so every rank takes the step a single
-    process would take on the whole meta-batch. Returns (mean query loss, mean query accuracy %) over the whole
-    meta-batch. Raises NonFiniteLossError on a NaN/inf loss or meta-gradient, on every rank, before the optimizer
-    step, so the weights stay at their last finite values.
+    process would take on the whole meta-batch, and every rank sees the same sums and the same skip flag.
     """
     meta_batch = len(episodes.query_y) * distributed.world_size()
     named = named_meta_parameters(model, rates)
@@ -300,14 +340,16 @@ def meta_train_step(model: nn.Module, meta_optimizer: torch.optim.Optimizer, epi
         loss, acc = task_meta_gradient(model, group, loop, 1 / meta_batch, rates, step_weights)
         losses.append(loss)
         accuracies.append(acc)
-    sums = torch.stack([torch.cat(losses).sum(), torch.cat(accuracies).sum()])
-    mean_loss, mean_accuracy = (distributed.all_reduce_sum(sums) / meta_batch).tolist()
-    if not math.isfinite(mean_loss):
-        raise NonFiniteLossError(f"meta-training query loss is {mean_loss}")
+    sums = distributed.all_reduce_sum(torch.stack([torch.cat(losses).sum(), torch.cat(accuracies).sum()]).float())
     distributed.all_reduce_gradients([p for _, p in named])
-    check_meta_gradients(named)  # after the all-reduce: every rank sees the same gradients, and raises together
-    meta_optimizer.step()
-    return mean_loss, mean_accuracy
+    check_meta_gradients(named)
+    skipped = non_finite([p.grad for _, p in named] + [sums])
+    if getattr(meta_optimizer, "_step_supports_amp_scaling", False):
+        meta_optimizer.found_inf = skipped
+        meta_optimizer.step()
+    elif not skipped.item():
+        meta_optimizer.step()
+    return torch.cat([sums, skipped.view(1)])
 
 
 def evaluate_tasks(model: nn.Module, episodes: Episode, loop: InnerLoop,

@@ -18,20 +18,20 @@ from torch import nn
 class TaskConv2d(nn.Conv2d):
     """nn.Conv2d for T tasks at once, their channels stacked: input (N, T*C_in, H, W) -> (N, T*C_out, H', W').
 
-    The weight is (C_out, C_in, k, k), shared by the T tasks (T is read off the input), or (T, C_out, C_in, k, k),
-    one per task (fast weights during adaptation); one grouped convolution runs all tasks. With T = 1 and a
-    4-d weight this is exactly nn.Conv2d."""
+    The weight is (T, C_out, C_in, k, k), one per task (fast weights during adaptation): one grouped convolution
+    runs all tasks; or (C_out, C_in, k, k), shared by the T tasks (T is read off the input; e.g. ANIL's body): the
+    input is then the N*T images (N, T, C_in, H, W) of one plain convolution, a view, without copying the weight T
+    times. With T = 1 and a 4-d weight this is exactly nn.Conv2d."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         tasks = x.shape[1] // self.in_channels
-        weight, bias = self.weight, self.bias
-        if weight.dim() == 4:
-            if tasks == 1:
-                return F.conv2d(x, weight, bias, self.stride, self.padding)
-            weight = weight.expand(tasks, *weight.shape)
-            bias = None if bias is None else bias.expand(tasks, *bias.shape)
-        return F.conv2d(x, weight.flatten(0, 1), None if bias is None else bias.flatten(), self.stride,
-                        self.padding, groups=tasks)
+        if self.weight.dim() == 4:
+            n, height, width = x.shape[0], x.shape[2], x.shape[3]
+            out = F.conv2d(x.reshape(n * tasks, self.in_channels, height, width), self.weight, self.bias,
+                           self.stride, self.padding)                         # (N*T, C_out, H', W')
+            return out.view(n, tasks * self.out_channels, *out.shape[2:])
+        return F.conv2d(x, self.weight.flatten(0, 1), None if self.bias is None else self.bias.flatten(),
+                        self.stride, self.padding, groups=tasks)
 
 
 class TaskBatchNorm2d(nn.BatchNorm2d):

@@ -13,6 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from fsl import schedule
 from fsl.config import Config, ConfigError, all_keys, flat_dict, load_config, set_key, settings_sha
 from fsl.reference import REFERENCE
 
@@ -42,6 +43,13 @@ def train_sha(cfg: Config) -> str:
 
 def meta_test_sha(cfg: Config) -> str:
     return settings_sha(cfg, meta_test_keys())
+
+
+def test_tag(trained: Config, tested: Config) -> str:
+    """How a test's settings differ from the run's own (those the run was trained with, its `test.*` included), as
+    'key=value ...'; '' for the run's own test. Run settings (device, paths, test.parallel_episodes) do not count."""
+    keys = [k for k in meta_test_keys() if k not in RUN_KEYS]
+    return " ".join(f"{key}={b}" for key, _, b in differences(trained, tested, keys))
 
 
 def differences(a: Config, b: Config, keys: list[str]) -> list[tuple[str, Any, Any]]:
@@ -78,16 +86,17 @@ def meta_test_config(trained: Config, requested: Config, checkpoint: str | Path)
 def check_resume(stored: Config, current: Config, checkpoint: str | Path, tasks_done: int) -> None:
     """Refuse to continue `checkpoint` (trained `tasks_done` tasks under `stored`) with a different experiment."""
     keys = [k for k in all_keys() if k not in RUN_KEYS and k != "test.episodes"]
-    schedule_uses_tasks = current.train.meta_lr_schedule != "constant"
+    scheduled = schedule.uses_total_tasks(current)  # another train.tasks would change these mid-run
     diffs = [d for d in differences(stored, current, keys)
-             if not (d[0] == "train.tasks" and not schedule_uses_tasks and d[2] >= max(d[1], tasks_done))]
+             if not (d[0] == "train.tasks" and not scheduled and d[2] >= max(d[1], tasks_done))]
     if not diffs:
         return
     restore = " ".join(f"{key}={a}" for key, a, _ in diffs)
     note = ""
     if any(key == "train.tasks" for key, _, _ in diffs):
-        note = ("\n  (train.tasks may only grow, and only under train.meta_lr_schedule=constant: the "
-                f"{current.train.meta_lr_schedule} schedule depends on it)")
+        note = ("\n  (train.tasks may only grow, and only when no schedule is laid out over it: "
+                + (", ".join(scheduled) + " would change from the next step on)" if scheduled else
+                   "it may not shrink below the tasks done)"))
     raise ConfigError(f"{checkpoint} holds a run of another experiment ({tasks_done} tasks done):\n"
                       f"{_listing(diffs, 'checkpoint', 'now')}{note}\n"
                       f"  fix: restore the checkpoint's values to resume (`{restore}`), or start a new experiment "
@@ -100,12 +109,20 @@ def protocol_config(cfg: Config) -> Config | None:
     return load_config(path) if path.exists() else None
 
 
+COMPARABLE_PRECISIONS = ("fp32", "tf32")
+
+
 def comparability(trained: Config, tested: Config, train_tasks: int | None, checkpoint_tasks: int | None,
                   best_val_tasks: int | None) -> tuple[bool, str]:
     """Whether testing a model trained under `trained` with the effective test config `tested` is the reference's
     protocol: the cell's committed config for both, all its training tasks, the validation-selected weights.
-    Returns (comparable, the reasons it is not). Precision settings are recorded, not compared."""
+    Returns (comparable, the reasons it is not). Precision (fsl.precision): fp32 and tf32 are comparable (float32
+    weights, gradients and accumulation; TF32 is PyTorch's own default for cuDNN convolutions, which the reference
+    ran with); bf16, in training or in the test, is not (8-bit mantissas change the numbers beyond rounding)."""
     reasons = []
+    for stage, precision in (("training", trained.precision), ("test", tested.precision)):
+        if precision not in COMPARABLE_PRECISIONS:
+            reasons.append(f"{stage} in precision={precision} (comparable: {', '.join(COMPARABLE_PRECISIONS)})")
     cell = (tested.data.dataset, tested.model.arch, tested.test.shots)
     if cell not in REFERENCE:
         reasons.append("no reference number for this cell")

@@ -249,11 +249,27 @@ def tables(summary: pd.DataFrame) -> dict[str, str]:
     return written
 
 
+def other_tests_table(rows: pd.DataFrame) -> str:
+    """Tests of trained runs with other settings than their own (fsl test ... test.episodes=100): listed apart."""
+    lines = ["| run | test settings | mean ± ci95 | episodes |", "|---|---|---|---|"]
+    for row in rows.itertuples():
+        lines.append(f"| {row.run} | {row.test_tag} | {fmt(row.mean_acc, row.ci95)} | {row.episodes} |")
+    return "\n".join(lines) + "\n"
+
+
 def run(results_dir: str | Path = "results") -> list[Path]:
-    """Write every table and plot that the CSVs under `results_dir` allow; returns the written paths."""
+    """Write every table and plot that the CSVs under `results_dir` allow; returns the written paths. The tables
+    and plots show each run's own test; tests with other settings go to other_tests.md."""
     results = Path(results_dir)
-    summary = read_summary(results)
+    everything = read_summary(results)
+    summary = results_io.own_tests(everything).reset_index(drop=True)
     written = []
+    others = everything[everything["test_tag"].fillna("") != ""]
+    if len(others):
+        write_text_atomic(results / "tables" / "other_tests.md", "# Tests with other settings than the run's own\n\n"
+                          "Not used by the other tables: each run there is shown with its own test.\n\n"
+                          + other_tests_table(others))
+        written.append(results / "tables" / "other_tests.md")
     for name, text in tables(summary).items():
         write_text_atomic(results / "tables" / name, text)
         written.append(results / "tables" / name)

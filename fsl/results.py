@@ -11,6 +11,7 @@ columns a file lacks get their defaults; columns the schema does not know are ke
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,7 +41,10 @@ def _schema(*columns: Column) -> dict[str, Column]:
 
 
 SUMMARY = _schema(
-    Column("run", str),                           # work-dir name: cell [-variant] [-seedN] [-quick]; the row key
+    Column("run", str),                           # work-dir name: cell [-variant] [-seedN] [-quick]; with
+                                                  # test_tag, the row key
+    Column("test_tag", str, default=""),          # test settings other than the run's own ("test.episodes=100");
+                                                  # empty: the run's own test, the row the tables use
     Column("cell", str, required=True),           # {dataset}-{arch}-{K}shot
     Column("dataset", str, required=True),
     Column("arch", str, required=True),
@@ -64,6 +68,8 @@ SUMMARY = _schema(
     Column("test_config_sha", str),               # hash of every setting that defines the test
     Column("tasks_per_s", float),                 # meta-training speed over the whole run
     Column("peak_memory_mb", float),              # peak GPU memory of meta-training (CUDA only)
+    Column("parallel_tasks", int),                # training tasks adapted together (train.parallel_tasks, resolved)
+    Column("parallel_episodes", int),             # test episodes adapted together (test.parallel_episodes, resolved)
     Column("checkpoint", str),
     Column("commit", str),                        # code commit of the test (+dirty: uncommitted changes)
     Column("config_commit", str),                 # last commit of the cell's config files
@@ -181,39 +187,50 @@ def read_summary(results_dir: str | Path, must_exist: bool = False) -> pd.DataFr
 
 
 def upsert_summary(results_dir: str | Path, row: dict) -> Path:
-    """Add `row` to summary.csv, replacing the row of the same run; rows sorted by quick flag, then run. Holds a lock
-    on summary.csv.lock while reading and writing, so concurrent tests (fsl sweep, job arrays) lose no row."""
+    """Add `row` to summary.csv, replacing the row of the same run and test (`test_tag`): a test with other settings
+    adds a row beside the run's own; rows sorted by quick flag, run, test. Holds a lock on summary.csv.lock while
+    reading and writing, so concurrent tests (fsl sweep, job arrays) lose no row."""
     path = summary_path(results_dir)
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path.with_name("summary.csv.lock"), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         summary = read_summary(results_dir)
-        summary = summary[summary["run"] != row["run"]]
+        tag = row.get("test_tag") or ""
+        summary = summary[(summary["run"] != row["run"]) | (summary["test_tag"].fillna("") != tag)]
         rows = summary.astype(object).where(summary.notna(), None).to_dict("records") + [row]
-        rows.sort(key=lambda r: (bool(r.get("quick")), str(r["run"])))
+        rows.sort(key=lambda r: (bool(r.get("quick")), str(r["run"]), str(r.get("test_tag") or "")))
         return write_csv(rows, path, SUMMARY)
 
 
+def own_tests(summary: pd.DataFrame) -> pd.DataFrame:
+    """The rows of each run's own test (empty test_tag): what the tables and plots show."""
+    return summary[summary["test_tag"].fillna("") == ""]
+
+
 def find_run(summary: pd.DataFrame, run: str) -> pd.Series | None:
-    match = summary[summary["run"] == run]
+    """The row of `run`'s own test, or None."""
+    match = own_tests(summary)
+    match = match[match["run"] == run]
     return None if match.empty else match.iloc[0]
 
 
 # ---- per-cell files ------------------------------------------------------------------------------------------
 
-def run_file(results_dir: str | Path, cell: str, run: str, stem: str) -> Path:
+def run_file(results_dir: str | Path, cell: str, run: str, stem: str, test_tag: str = "") -> Path:
     """results/<cell>/<stem><tag>.csv, where tag is what the run name adds to the cell, with '_' for '-'
-    (run 'cub-conv4-1shot-quick': test_episodes_quick.csv)."""
+    (run 'cub-conv4-1shot-quick': test_episodes_quick.csv), then '__test-<hash>' for a test with other settings than
+    the run's own (`test_tag`), so that it never replaces the run's own file."""
     tag = run[len(cell):] if run.startswith(cell) else f"-{run}"
-    return Path(results_dir) / cell / f"{stem}{tag.replace('-', '_')}.csv"
+    other = f"__test-{hashlib.sha256(test_tag.encode()).hexdigest()[:8]}" if test_tag else ""
+    return Path(results_dir) / cell / f"{stem}{tag.replace('-', '_')}{other}.csv"
 
 
 def cell_file(cfg: Config, stem: str) -> Path:
     return run_file(cfg.results_dir, cfg.cell, cfg.run_name, stem)
 
 
-def test_episodes_path(cfg: Config) -> Path:
-    return cell_file(cfg, "test_episodes")
+def test_episodes_path(cfg: Config, test_tag: str = "") -> Path:
+    return run_file(cfg.results_dir, cfg.cell, cfg.run_name, "test_episodes", test_tag)
 
 
 def train_log_path(cfg: Config) -> Path:

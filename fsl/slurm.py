@@ -28,7 +28,7 @@ def script(configs: list[Path], overrides: list[str], time_limit: str, gpus: int
     launcher = f"{python} -m torch.distributed.run --standalone --nproc_per_node {gpus}" if gpus > 1 else python
     options = ["--job-name=fsl", f"--array=0-{len(configs) - 1}", f"--time={time_limit}",
                f"--cpus-per-task={cpus}", "--requeue", f"--signal=B:USR1@{warn_s}",
-               f"--output={logs}/%A_%a.out"]
+               f"--output={logs}/%A_%a.out", "--open-mode=append"]  # a requeued task appends to its log
     options += [f"--gres=gpu:{gpus}"] if gpus else []
     options += [f"--partition={partition}"] if partition else []
     options += [f"--account={account}"] if account else []

@@ -87,6 +87,12 @@ def run(configs: list[str | Path], overrides: list[str], devices: list[str] | No
     if devices[0] == "cpu":
         overrides = overrides + ["device=cpu"]
     jobs = [Job(Path(c), load_config(c, overrides), overrides) for c in configs]
+    run_dirs: dict[Path, Path] = {}
+    for job in jobs:  # two jobs on one run directory would train into each other's checkpoints and logs
+        other = run_dirs.setdefault(job.cfg.run_dir.resolve(), job.config)
+        if other is not job.config:
+            raise ValueError(f"{other} and {job.config} are the same run ({job.cfg.run_name}, run directory "
+                             f"{job.cfg.run_dir}); fix: list each config once (give variants their own `name`)")
     pending = sorted((job for job in jobs if not is_done(job.cfg)), key=lambda job: -cost(job.cfg))
     for job in jobs:
         if job not in pending:

@@ -11,22 +11,26 @@ resumed run sees exactly the tasks an uninterrupted run would, and ends with the
 from __future__ import annotations
 
 import csv
+import fcntl
 import math
-from contextlib import closing, nullcontext
+import os
 import shutil
 import signal
 import time
+from contextlib import closing, nullcontext
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
-from fsl import distributed
+from fsl import batching, distributed, schedule
 from fsl.config import Config, ConfigError, dump_yaml, from_dict, to_dict
-from fsl.episodes import EpisodeDataset, EpisodeMaker, RankShare, episode_loader
-from fsl.evaluate import cell_split, cell_store, ci95, evaluate, fixed_episodes
-from fsl.maml import InnerLoop, NonFiniteLossError, build_learner, meta_parameters, meta_train_step, msl_weights
+from fsl.episodes import Episode, EpisodeDataset, EpisodeMaker, EpisodeStream, RankShare, episode_loader
+from fsl.evaluate import cell_split, cell_store, ci95, evaluate, fixed_episodes, test_group
+from fsl.maml import (InnerLoop, build_learner, chunks, make_fused, meta_optimizer, meta_parameters,
+                      meta_train_step, named_meta_parameters, task_meta_gradient)
 from fsl.precision import apply_precision, autocast
 from fsl.provenance import check_resume
 from fsl.results import TRAIN_LOG, train_log_path
@@ -95,7 +99,8 @@ class RunLog:
 
 
 class StopRequest:
-    """Turns SIGINT/SIGTERM into a flag checked between outer steps, so latest.pth is written before exiting."""
+    """Turns SIGINT/SIGTERM into a flag checked between outer steps, so latest.pth is written before exiting. Ctrl-C
+    and Slurm signal the whole process group: the loader workers ignore both (fsl.episodes), the trainer owns them."""
 
     def __init__(self):
         self.signal: int | None = None
@@ -114,12 +119,35 @@ class StopRequest:
             signal.signal(s, handler)
 
 
-def meta_lr_at(cfg: Config, tasks_done: int) -> float:
-    """Outer learning rate for the step that starts after `tasks_done` tasks (a pure function, so resume-safe).
-    The schedule name is checked with the rest of the config (fsl.config.validate)."""
-    if cfg.train.meta_lr_schedule == "constant":
-        return cfg.train.meta_lr
-    return cfg.train.meta_lr * (1 + math.cos(math.pi * tasks_done / cfg.train.tasks)) / 2  # cosine
+class RunDirLock:
+    """One trainer per run directory: an exclusive lock on <run_dir>/train.lock, held while training, naming the pid
+    that holds it. A second trainer on the same directory is refused (its log rows and checkpoints would
+    interleave with the first's)."""
+
+    def __init__(self, run_dir: Path):
+        self.path = run_dir / "train.lock"
+
+    def __enter__(self) -> "RunDirLock":
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.file = open(self.path, "a+")
+        try:
+            fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self.file.seek(0)
+            holder = self.file.read().strip() or "unknown"
+            self.file.close()
+            raise TrainingError(f"{self.path.parent} is being trained by another process (pid {holder}); two "
+                                f"trainers on one run directory would interleave their logs and checkpoints. Fix: "
+                                f"wait for it (or stop it: it resumes later), or train elsewhere (work_dir=...)")
+        self.file.seek(0)
+        self.file.truncate()
+        self.file.write(str(os.getpid()))
+        self.file.flush()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        fcntl.flock(self.file, fcntl.LOCK_UN)
+        self.file.close()
 
 
 def crossed(tasks_done: int, step_tasks: int, every: int) -> bool:
@@ -127,11 +155,64 @@ def crossed(tasks_done: int, step_tasks: int, every: int) -> bool:
     return tasks_done // every > (tasks_done - step_tasks) // every
 
 
+class StepWindow:
+    """The outer steps since the last read, their numbers still on the device: each step's STEP_STATS tensor and
+    its task range. `read` brings them to the host in one sync (once per log window, validation or checkpoint),
+    and stops the run if a step was skipped for a non-finite loss or meta-gradient."""
+
+    def __init__(self):
+        self.steps: list[tuple[torch.Tensor, int, int]] = []  # (stats (3,), first task, last task)
+        self.loss = self.accuracy = 0.0
+        self.tasks = 0
+
+    def add(self, stats: torch.Tensor, first: int, last: int) -> None:
+        self.steps.append((stats, first, last))
+
+    def read(self, latest: Path) -> None:
+        """Add the pending steps to the window's means; raise TrainingError at the first skipped step."""
+        if not self.steps:
+            return
+        values = torch.stack([stats for stats, _, _ in self.steps]).tolist()  # the one sync
+        for (loss_sum, accuracy_sum, skipped), (_, first, last) in zip(values, self.steps):
+            if skipped or not math.isfinite(loss_sum):
+                raise TrainingError(
+                    f"non-finite meta-training loss or meta-gradient (NaN or inf) at tasks {first}-{last}; that "
+                    f"step was skipped on the device and the run stopped at the next read. {latest} is the last "
+                    f"good checkpoint (not overwritten). Fix: lower train.meta_lr or maml.inner_lr, then rerun to "
+                    f"resume.")
+            self.loss += loss_sum
+            self.accuracy += accuracy_sum
+            self.tasks += last - first + 1
+        self.steps = []
+
+    def reset(self) -> None:
+        self.loss = self.accuracy = 0.0
+        self.tasks = 0
+
+
+def probe_one_task(model, rates, episodes: Episode, cfg: Config) -> Callable[[], None]:
+    """One task's meta-gradient under the run's most memory-hungry loop (second order unless first order
+    throughout, every step's query loss if MSL), for fsl.batching's memory probe; leaves no gradient behind."""
+    loop = InnerLoop.training(cfg, first_order=cfg.maml.first_order)
+    weights = [1.0] * loop.steps if cfg.maml.multi_step_loss else None
+
+    def run_one() -> None:
+        task_meta_gradient(model, chunks(episodes, 1)[0], loop, 1.0, rates, weights)
+        for _, p in named_meta_parameters(model, rates):
+            p.grad = None
+    return run_one
+
+
 def run(cfg: Config) -> Path:
     """Train `cfg`'s cell to cfg.train.tasks tasks (resuming if possible). Returns the best checkpoint's path.
 
     Under torchrun every rank runs this function; see fsl.distributed for who does what."""
     device = distributed.setup(cfg.device)
+    with RunDirLock(cfg.run_dir) if distributed.is_main() else nullcontext():
+        return train(cfg, device)
+
+
+def train(cfg: Config, device: torch.device) -> Path:
     world, main = distributed.world_size(), distributed.is_main()
     local_batch = distributed.tasks_per_rank(cfg.train.meta_batch)
     if world > 1 and cfg.train.tasks % cfg.train.meta_batch:
@@ -150,10 +231,10 @@ def run(cfg: Config) -> Path:
 
     seed_everything(cfg.seed)
     model, rates = build_learner(cfg, device)
-    optimizer = torch.optim.Adam(meta_parameters(model, cfg.maml.zero_head)
-                                 + (list(rates.parameters()) if rates is not None else []), lr=cfg.train.meta_lr)
+    optimizer = meta_optimizer(meta_parameters(model, cfg.maml.zero_head)
+                               + (list(rates.parameters()) if rates is not None else []), cfg.train.meta_lr)
     state = {"tasks_done": 0, "best_val_mean": -1.0, "best_val_tasks": 0, "window": [0.0, 0.0, 0],
-             "train_seconds": 0.0, "peak_memory_mb": None}
+             "train_seconds": 0.0, "peak_memory_mb": None, "parallel_tasks": None, "parallel_episodes": None}
     # rank 0 reads the checkpoint and sends it to the others: identical start on every rank, no shared disk needed
     checkpoint = torch.load(latest, map_location="cpu", weights_only=False) if main and latest.exists() else None
     checkpoint = distributed.broadcast_from_main(checkpoint)
@@ -163,6 +244,7 @@ def run(cfg: Config) -> Path:
         if rates is not None:
             rates.load_state_dict(checkpoint["rates"])
         optimizer.load_state_dict(checkpoint["optimizer"])
+        make_fused(optimizer)
         set_rng_states(checkpoint["rng"])
         state.update({key: checkpoint[key] for key in state if key in checkpoint})
         if main:
@@ -185,12 +267,13 @@ def run(cfg: Config) -> Path:
                                     image_sizes=store.sizes if cfg.data.train_augment else None)
     if world > 1:
         train_episodes = RankShare(train_episodes, cfg.train.meta_batch, distributed.rank(), world)
-    loader = episode_loader(train_episodes, local_batch, cfg.data.workers)
     make_episodes = EpisodeMaker(store, cfg.train.ways, cfg.train.shots, cfg.train.queries, cfg.data.image_size,
                                  device)
+    stream = EpisodeStream(episode_loader(train_episodes, local_batch, cfg.data.workers), make_episodes)
 
     def checkpoint_now(path: Path = latest) -> None:
         if main:
+            state["window"] = [window.loss, window.accuracy, window.tasks]  # read: every boundary reads first
             state["tasks_per_s"] = state["tasks_done"] / max(state["train_seconds"], 1e-9)
             if device.type == "cuda":
                 peak = torch.cuda.max_memory_allocated(device) / 2**20
@@ -200,58 +283,65 @@ def run(cfg: Config) -> Path:
     progress = tqdm(total=cfg.train.tasks, initial=state["tasks_done"], unit="task", desc=cfg.run_name,
                     dynamic_ncols=True, smoothing=0.05, disable=not main)
     log = RunLog(run_dir, cfg.train.tensorboard, state["tasks_done"]) if main else None
+    window = StepWindow()
+    window.loss, window.accuracy, window.tasks = state["window"]
     window_start = step_start = time.time()
-    with StopRequest() as stop, (closing(log) if log is not None else nullcontext()):
-        for specs in loader:
-            episodes = make_episodes(specs)
+    parallel = None
+    with StopRequest() as stop, closing(stream), (closing(log) if log is not None else nullcontext()):
+        for episodes in stream:
+            if parallel is None:
+                parallel, why = batching.resolve(cfg.train.parallel_tasks, local_batch, device,
+                                                 probe_one_task(model, rates, episodes, cfg))
+                state["parallel_tasks"] = parallel
+                if main:
+                    progress.write(f"train.parallel_tasks={parallel} ({why})")
             step_tasks = len(episodes.query_y) * world
+            settings = schedule.at(cfg, state["tasks_done"])
             for group in optimizer.param_groups:
-                group["lr"] = meta_lr_at(cfg, state["tasks_done"])
-            progress_share = state["tasks_done"] / cfg.train.tasks
-            loop = InnerLoop.training(cfg, first_order=cfg.maml.first_order
-                                      or progress_share < cfg.maml.first_order_fraction)
-            step_weights = msl_weights(loop.steps, progress_share, cfg.maml.msl_fraction) \
-                if cfg.maml.multi_step_loss else None
+                group["lr"] = settings.meta_lr
+            loop = InnerLoop.training(cfg, first_order=settings.first_order)
             try:
                 with autocast(cfg.precision, device):
-                    loss, accuracy = meta_train_step(model, optimizer, episodes, loop, rates, step_weights,
-                                                     cfg.train.parallel_tasks)
-            except NonFiniteLossError as error:
-                raise TrainingError(
-                    f"{error} at tasks {state['tasks_done'] + 1}-{state['tasks_done'] + step_tasks}; stopped "
-                    f"without an optimizer step. {latest} is the last good checkpoint (not overwritten). Fix: "
-                    f"lower train.meta_lr or maml.inner_lr, then rerun to resume.") from error
+                    stats = meta_train_step(model, optimizer, episodes, loop, rates, settings.step_weights, parallel)
             except torch.cuda.OutOfMemoryError as error:
                 raise TrainingError(
                     f"CUDA out of memory at task {state['tasks_done']} ({cfg.model.arch}, second order="
-                    f"{not cfg.maml.first_order}, precision={cfg.precision}, train.parallel_tasks="
-                    f"{cfg.train.parallel_tasks}: the graphs of that many tasks are held at once). Fix, without "
-                    f"changing results: a smaller train.parallel_tasks (1 = one task's graph at a time), then "
-                    f"precision=bf16 (about half the memory); or maml.first_order=true (changes results), or a GPU "
-                    f"with more memory. {latest} holds the last checkpoint; rerun to resume.") from error
+                    f"{not cfg.maml.first_order}, precision={cfg.precision}, train.parallel_tasks={parallel} "
+                    f"({cfg.train.parallel_tasks} in the config): the graphs of that many tasks are held at once). "
+                    f"Fix, without changing results: a smaller train.parallel_tasks (1 = one task's graph at a "
+                    f"time), then precision=bf16 (about half the memory); or maml.first_order=true (changes "
+                    f"results), or a GPU with more memory. {latest} holds the last checkpoint; rerun to "
+                    f"resume.") from error
+            window.add(stats, state["tasks_done"] + 1, state["tasks_done"] + step_tasks)
             state["tasks_done"] += step_tasks
-            window = state["window"]
-            window[0] += loss * step_tasks
-            window[1] += accuracy * step_tasks
-            window[2] += step_tasks
             progress.update(step_tasks)
-            progress.set_postfix(loss=f"{loss:.3f}", acc=f"{accuracy:.1f}")
             done = state["tasks_done"]
             stopping = distributed.any_rank(stop.signal is not None, device)
+            logging = crossed(done, step_tasks, cfg.train.log_every) or done == cfg.train.tasks
+            validating = crossed(done, step_tasks, cfg.train.val_every) or done == cfg.train.tasks
+            if logging or validating or stopping or crossed(done, step_tasks, cfg.train.checkpoint_every):
+                window.read(latest)  # the step's only sync, and only at these boundaries
 
-            if (crossed(done, step_tasks, cfg.train.log_every) or done == cfg.train.tasks) and main:
+            if logging and main and window.tasks:
                 seconds = time.time() - window_start
-                log.write({"cell": cfg.cell, "seed": cfg.seed, "tasks": done, "split": "train",
-                           "loss": window[0] / window[2], "accuracy": window[1] / window[2], "ci95": "",
-                           "tasks_per_s": round(window[2] / seconds, 3), "seconds": round(seconds, 2)})
-                state["window"], window_start = [0.0, 0.0, 0], time.time()
+                loss, accuracy = window.loss / window.tasks, window.accuracy / window.tasks
+                log.write({"cell": cfg.cell, "seed": cfg.seed, "tasks": done, "split": "train", "loss": loss,
+                           "accuracy": accuracy, "ci95": "", "tasks_per_s": round(window.tasks / seconds, 3),
+                           "seconds": round(seconds, 2)})
+                progress.set_postfix(loss=f"{loss:.3f}", acc=f"{accuracy:.1f}")
+                window.reset()
+                window_start = time.time()
 
             now = time.time()
             state["train_seconds"], step_start = state["train_seconds"] + now - step_start, now
-            if crossed(done, step_tasks, cfg.train.val_every) or done == cfg.train.tasks:
+            if validating:
                 start = time.time()
+                if state["parallel_episodes"] is None:
+                    state["parallel_episodes"], why = test_group(cfg, model, rates, val_episodes, device)
+                    if main:
+                        progress.write(f"test.parallel_episodes={state['parallel_episodes']} ({why})")
                 accuracies = evaluate(model, val_episodes, InnerLoop.testing(cfg), device, rates=rates,
-                                      precision=cfg.precision, parallel=cfg.test.parallel_episodes)
+                                      precision=cfg.precision, parallel=state["parallel_episodes"])
                 mean = float(np.mean(accuracies))
                 improved = mean > state["best_val_mean"]
                 if improved:

@@ -75,7 +75,7 @@ def test_precision_choices_and_the_older_tf32_key():
 
 
 def test_meta_lr_schedules():
-    from fsl.train import meta_lr_at
+    from fsl.schedule import meta_lr_at
 
     path = REPO / "experiments/mini-imagenet-conv4-1shot.yaml"
     constant = load_config(path, ["train.tasks=100", "train.meta_lr=0.004"])
@@ -84,3 +84,49 @@ def test_meta_lr_schedules():
     assert [meta_lr_at(cosine, t) for t in (0, 25, 50, 100)] == pytest.approx([0.004, 0.004 * 0.8535534, 0.002, 0])
     with pytest.raises(ConfigError, match="choose constant or cosine"):
         meta_lr_at(load_config(path, ["train.meta_lr_schedule=step"]), 0)
+
+
+CELL = REPO / "experiments/mini-imagenet-conv4-1shot.yaml"
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["train.ways=1", "test.ways=1"], r"train.ways=1: an episode needs at least 2 classes"),
+    (["train.shots=0"], r"train.shots=0: .* at least 1 image per class"),
+    (["test.shots=0"], r"test.shots must be >= 1, got 0"),
+    (["data.image_size=7"], r"data.image_size=7: conv4 halves the image 4 times, so it needs at least 16"),
+    (["maml.inner_lr=-1"], r"maml.inner_lr=-1.0: a learning rate must be > 0; fix: the protocol's 0.01"),
+    (["train.meta_lr=0"], r"train.meta_lr=0.0: a learning rate must be > 0"),
+    (["train.parallel_tasks=0"], r"train.parallel_tasks must be >= 1"),
+    (["train.parallel_tasks=many"], r"'train.parallel_tasks' expects a count or auto"),
+])
+def test_out_of_range_values_are_refused_at_load(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(CELL, overrides)
+    assert load_config(CELL, ["train.parallel_tasks=4"]).train.parallel_tasks == 4
+    assert load_config(CELL).train.parallel_tasks == load_config(CELL).test.parallel_episodes == "auto"
+
+
+def test_yaml_syntax_error_names_file_and_line(tmp_path):
+    path = tmp_path / "broken.yaml"
+    path.write_text(f"base: {REPO / 'experiments/_base.yaml'}\ndata:\n  dataset: cub\n   arch: conv4\n")
+    with pytest.raises(ConfigError, match=rf"(?s){path}:4:\d+: YAML syntax error: .*fix: correct that line") as error:
+        load_config(path)
+    assert "Traceback" not in str(error.value) and "unicode string" not in str(error.value)
+
+
+@pytest.mark.parametrize("variant,key,value", [("anil", "adapt", "all"), ("fomaml", "first_order", "false")])
+def test_a_variant_contradicted_in_its_own_file_is_refused(tmp_path, variant, key, value):
+    path = tmp_path / "cell.yaml"
+    path.write_text(f"base: {CELL}\nmaml:\n  variant: {variant}\n  {key}: {value}\n")
+    with pytest.raises(ConfigError, match=rf"(?i)maml.variant={variant} means maml.{key}=.* but {path} \(or its "
+                                          rf"base\) says maml.{key}={value}"):
+        load_config(path)
+    # a base file's value (here _base.yaml's first_order: false) is overridden by the variant without a word
+    assert load_config(CELL, ["maml.variant=fomaml"]).maml.first_order
+
+
+def test_config_files_follow_the_whole_base_chain():
+    from fsl.config import config_files
+    variant = REPO / "experiments/variants/glyphs-conv4-1shot-anil.yaml"
+    assert [p.name for p in config_files(variant)] == ["glyphs-conv4-1shot-anil.yaml", "glyphs-conv4-1shot.yaml",
+                                                        "_base.yaml"]

@@ -1,5 +1,6 @@
 """Image stores, batched augmentation and episodes (#15), on the real-data fixtures."""
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -17,7 +18,8 @@ from torchvision.transforms import functional as TF
 
 from conftest import REPO, fixture_root
 from fsl.data import DatasetError, load_split, store
-from fsl.data.augment import PARAMS, augment, colour_jitter_, draw_params, sample_crops
+from fsl.data.base import SplitDataset
+from fsl.data.augment import PARAMS, augment, colour_jitter_, draw_params, plan_augmentation, sample_crops
 from fsl.data.transforms import eval_resize_crop, eval_transform, train_transform
 from fsl.episodes import EpisodeDataset, EpisodeMaker, collate_specs, episode_loader, seeded
 
@@ -52,13 +54,25 @@ def test_eval_store_is_the_evaluation_transform(tmp_path):
 
 
 def test_cub_train_store_keeps_what_the_crops_need(tmp_path):
-    """Variable-size originals: an S x S canvas, S = largest side capped at ceil(84 / sqrt(0.08)) = 297; original
-    sizes kept for the crop parameters."""
+    """Variable-size originals keep their aspect ratio: each is downscaled by one factor (never upscaled) to where
+    the smallest crop still spans 84 pixels, at the top left of an S x S canvas padded with its edge pixels;
+    original sizes kept for the crop parameters."""
     dataset = load_split("cub", fixture_root("cub"), "val")
     images = store.open_store(dataset, "cub", "val", "train", 84, tmp_path)
     sizes = store.read_sizes(dataset)
-    assert images.pixels.shape[1] == images.pixels.shape[2] == min(297, sizes.max())
     assert np.array_equal(images.sizes, sizes) and len(set(map(tuple, sizes))) > 1
+    assert images.pixels.shape[1] == images.pixels.shape[2] == images.stored_sizes.max()
+    assert np.array_equal(images.stored_sizes, sizes)  # the fixture's ~100 px images are small enough already
+    assert store.stored_size(375, 500, 84) == (297, 396) and store.stored_size(500, 375, 84) == (396, 297)
+    assert store.stored_size(84, 84, 84) == (84, 84)
+    for height, width in [(375, 500), (500, 375), (333, 500), (1000, 200)]:
+        h, w = store.stored_size(height, width, 84)
+        assert abs((h / w) / (height / width) - 1) < 0.01  # aspect ratio kept (to the rounding of a side)
+        assert min(h, w) * math.sqrt(0.06) * math.sqrt(height * width) / min(height, width) >= 84 - 1e-9
+    i = int(np.argmin(images.stored_sizes[:, 1]))  # the narrowest: padded on the right with its last column
+    h, w = images.stored_sizes[i]
+    assert np.array_equal(images.pixels[i, :h, :w], np.asarray(dataset.load_image(i)))
+    assert (images.pixels[i, :h, w:] == images.pixels[i, :h, w - 1:w]).all()
 
 
 def stamp_of(images) -> dict:
@@ -102,7 +116,7 @@ def test_interrupted_build_leaves_nothing_and_a_bad_image_is_named(tmp_path, mon
     monkeypatch.setattr(type(dataset), "load_image", interrupted)
     with pytest.raises(KeyboardInterrupt):
         store.open_store(dataset, "mini-imagenet", "test", "eval", 84, tmp_path)
-    assert sorted(p.suffix for p in tmp_path.iterdir()) == [".lock"]  # no store, no temporary file
+    assert list(tmp_path.iterdir()) == []  # no store, no temporary file, no lock file
 
     root = tmp_path / "mini"
     shutil.copytree(fixture_root("mini-imagenet"), root)
@@ -198,15 +212,19 @@ def test_crops_are_roi_align_and_colours_are_torchvision_adjust():
             adjust = {0: TF.adjust_brightness, 1: TF.adjust_contrast, 2: TF.adjust_saturation}.get(op)
             image = adjust(image, factor[op].item()) if adjust else image
         expected.append(image)
-    ours = x.clone()
-    colour_jitter_(ours, orders, factors)
-    torch.testing.assert_close(ours, torch.stack(expected), rtol=0, atol=1e-6)
+    params = np.zeros((30, len(PARAMS)))
+    params[:, 2:4], params[:, 5:9], params[:, 9:12] = 16, orders.numpy(), factors.numpy()
+    plan = plan_augmentation(params, np.full((30, 2), 16), np.full((30, 2), 16), 16)
+    assert len(plan.groups) <= 24 and sorted(plan.order.tolist()) == list(range(30))
+    ours = x[plan.order].clone()  # the processing order: one slice per jitter order
+    colour_jitter_(ours, factors[plan.order], plan.groups)
+    torch.testing.assert_close(ours, torch.stack(expected)[plan.order], rtol=0, atol=1e-6)
 
     sizes = np.array([[120, 120]] * 24)
-    params = torch.from_numpy(draw_params(sizes))
-    canvas = images.to(torch.uint8)
-    torch.testing.assert_close(augment(canvas, params, torch.from_numpy(sizes), 84, chunk=5),
-                               augment(canvas, params, torch.from_numpy(sizes), 84, chunk=24), rtol=0, atol=0)
+    plan = plan_augmentation(draw_params(sizes), sizes, sizes, 84)
+    canvas = images.to(torch.uint8)[plan.order]
+    torch.testing.assert_close(augment(canvas, plan, 84, chunk=5), augment(canvas, plan, 84, chunk=24), rtol=0,
+                               atol=0)
 
 
 def test_episode_tensors_and_labels(mini_train):
@@ -285,3 +303,75 @@ def test_crops_of_variable_size_images_map_through_the_canvas(tmp_path):
     difference = (ours.flatten(0, 1) - x_v1).abs()
     print(f"\nCUB canvas: mean |difference| {difference.mean():.4f}, 95th percentile {difference.quantile(0.95):.4f}")
     assert difference.mean() < 0.05
+
+
+class MadeImages(SplitDataset):
+    """A split of images made in the test (one class), for stores of real-size non-square images."""
+
+    def __init__(self, images: list[Image.Image], root):
+        super().__init__()
+        self.images, self.root = images, root
+        self.labels, self.class_names = [0] * len(images), ["made"]
+
+    def load_image(self, index: int) -> Image.Image:
+        return self.images[index]
+
+    def source(self, index: int) -> str:
+        return f"made image {index}"
+
+    def image_size(self, index: int) -> tuple[int, int]:
+        return self.images[index].height, self.images[index].width
+
+    def fingerprint(self) -> str:
+        return "made"
+
+
+def textured(width: int, height: int, seed: int) -> Image.Image:
+    """A photo-like test image: smooth shapes plus fine detail on both axes (periods of 3 to 40 px)."""
+    y, x = np.mgrid[0:height, 0:width].astype(np.float64)
+    rng = np.random.RandomState(seed)
+    channels = []
+    for _ in range(3):
+        value = 128 + 50 * np.sin(2 * np.pi * (x / rng.uniform(25, 40) + y / rng.uniform(30, 45)))
+        value += 35 * np.sin(2 * np.pi * x / rng.uniform(3, 6)) * np.cos(2 * np.pi * y / rng.uniform(3, 6))
+        channels.append(value)
+    return Image.fromarray(np.clip(np.stack(channels, -1), 0, 255).astype(np.uint8))
+
+
+def torchvision_pipeline(image: Image.Image, row: np.ndarray) -> torch.Tensor:
+    """torchvision's v1 training transform with the given parameters, on the original PIL image."""
+    top, left, height, width = (int(v) for v in row[:4])
+    out = TF.resized_crop(image, top, left, height, width, [84, 84], T.InterpolationMode.BILINEAR, antialias=True)
+    out = TF.hflip(out) if row[4] else out
+    adjust = {0: TF.adjust_brightness, 1: TF.adjust_contrast, 2: TF.adjust_saturation}
+    for op in row[5:9].astype(int):
+        out = adjust[op](out, row[9 + op]) if op in adjust else out
+    return TF.normalize(TF.to_tensor(out), [0.485, 0.456, 0.406], [0.229, 0.224, 0.225])
+
+
+def test_non_square_crops_match_torchvision_on_the_original_image(tmp_path):
+    """CUB-size images (500x375 and 375x500) through the train store and the batched augmentation against
+    torchvision's RandomResizedCrop + flip + ColorJitter on the original PIL image with the same parameters. The
+    tolerance is tight enough that the squashed square canvas of the previous store format fails it."""
+    images = [textured(500, 375, 0), textured(375, 500, 1)]
+    dataset = MadeImages(images, tmp_path)
+    made = store.open_store(dataset, "made", "train", "train", 84, tmp_path / "cache")
+    assert made.stored_sizes.tolist() == [[297, 396], [396, 297]]
+    torch.manual_seed(0)
+    indices = np.repeat([0, 1], 150)
+    params = draw_params(made.sizes[indices])
+    expected = torch.stack([torchvision_pipeline(images[i], row) for i, row in zip(indices, params)])
+
+    def batched(pixels: np.ndarray, stored: np.ndarray) -> torch.Tensor:
+        plan = plan_augmentation(params, made.sizes[indices], stored[indices], 84)
+        canvas = torch.from_numpy(pixels[indices[plan.order]]).permute(0, 3, 1, 2)
+        return augment(canvas, plan, 84)
+
+    ours = (batched(np.asarray(made.pixels), made.stored_sizes) - expected).abs().mean((1, 2, 3))
+    squashed_pixels = np.stack([np.asarray(image.resize((297, 297), Image.BILINEAR)) for image in images])
+    squashed = (batched(squashed_pixels, np.full((2, 2), 297)) - expected).abs().mean((1, 2, 3))
+    small = torch.from_numpy(params[:, 2:4].min(1) < 141)  # crops where the squashed canvas lost detail
+    print(f"\nmean |difference| to torchvision (normalised units), all {len(ours)} crops / the {int(small.sum())} "
+          f"smaller than 141 px: aspect kept {ours.mean():.4f} / {ours[small].mean():.4f}, squashed canvas "
+          f"{squashed.mean():.4f} / {squashed[small].mean():.4f}")
+    assert ours.mean() < 0.035 and ours[small].mean() < 0.05 < squashed[small].mean()

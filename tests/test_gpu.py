@@ -3,10 +3,11 @@ machines without a GPU (CI); run on a GPU with `python -m pytest tests/test_gpu.
 import copy
 
 import pytest
+import numpy as np
 import torch
 
 from fsl.config import ConfigError
-from fsl.data.augment import augment
+from fsl.data.augment import augment, plan_augmentation
 from fsl.maml import InnerLoop, meta_train_step
 from fsl.models import build_model
 from fsl.precision import apply_precision, autocast, check_precision, honoured_precisions
@@ -68,8 +69,69 @@ def test_bf16_meta_gradient_points_the_fp32_way():
 def test_augmentation_on_the_gpu_matches_the_cpu():
     generator = torch.Generator().manual_seed(0)
     images = torch.randint(0, 256, (16, 3, 84, 84), dtype=torch.uint8, generator=generator)
-    sizes = torch.full((16, 2), 84)
-    params = torch.tensor([[10, 5, 60, 70, i % 2, 0, 1, 2, 3, 1.2, 0.8, 1.1] for i in range(16)], dtype=torch.float64)
-    cpu = augment(images, params, sizes, 84)
-    gpu = augment(images.cuda(), params, sizes, 84).cpu()
+    sizes = np.full((16, 2), 84)
+    params = np.array([[10, 5, 60, 70, i % 2, *((0, 1, 2, 3) if i % 3 else (2, 3, 1, 0)), 1.2, 0.8, 1.1]
+                       for i in range(16)], dtype=np.float64)
+    plan = plan_augmentation(params, sizes, sizes, 84)
+    cpu = augment(images[plan.order], plan, 84)
+    gpu = augment(images[plan.order].cuda(), plan.to(torch.device("cuda")), 84).cpu()
     torch.testing.assert_close(gpu, cpu, rtol=1e-4, atol=1e-4)
+
+
+@cuda
+def test_steady_state_training_steps_make_no_host_sync_on_the_gpu(tmp_path, monkeypatch):
+    """The training loop of tests/test_step_syncs.py on CUDA, every steady-state step (its episodes included) under
+    torch.cuda.set_sync_debug_mode("error"): any sync, a blocking copy among them, raises."""
+    from conftest import REPO, STORE_CACHE, fixture_root
+    from fsl import train
+    from fsl.config import load_config
+
+    cfg = load_config(REPO / "experiments/mini-imagenet-conv4-5shot.yaml", [
+        f"data.root={fixture_root('mini-imagenet')}", f"data.cache_dir={STORE_CACHE}", "data.workers=0",
+        "device=cuda", "train.meta_batch=4", "train.tasks=24", "train.log_every=24", "train.val_every=24",
+        "train.val_episodes=2", "train.tensorboard=false", f"work_dir={tmp_path}", f"results_dir={tmp_path / 'r'}"])
+    real_step, steps = train.meta_train_step, []
+
+    def strict_step(*args, **kwargs):
+        steps.append(1)
+        if len(steps) == 1:
+            return real_step(*args, **kwargs)
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            return real_step(*args, **kwargs)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    monkeypatch.setattr(train, "meta_train_step", strict_step)
+    train.run(cfg)
+    assert len(steps) == 6
+
+
+@cuda
+def test_the_episode_stream_builds_on_a_side_stream_the_same_episodes(tmp_path):
+    """EpisodeStream on CUDA (copy and augmentation on a side stream, event-ordered) gives the episodes that
+    building them in the consumer's stream gives."""
+    from conftest import fixture_root
+    from fsl.data import load_split, store
+    from fsl.episodes import EpisodeDataset, EpisodeMaker, EpisodeStream, episode_loader
+
+    dataset = load_split("mini-imagenet", fixture_root("mini-imagenet"), "train")
+    images = store.open_store(dataset, "mini-imagenet", "train", "train", 84, tmp_path)
+    episodes = EpisodeDataset(dataset, 5, 5, 16, seed=0, count=16, image_sizes=images.sizes)
+    make = EpisodeMaker(images, 5, 5, 16, 84, torch.device("cuda"))
+    direct = [make(specs) for specs in episode_loader(episodes, 4, 0)]
+    with EpisodeStream(episode_loader(episodes, 4, 0), make) as stream:
+        streamed = list(stream)
+    assert len(streamed) == len(direct) == 4
+    for a, b in zip(streamed, direct):
+        for x, y in zip(a, b):
+            torch.testing.assert_close(x, y, rtol=0, atol=0)
+
+
+@cuda
+def test_auto_group_fits_the_gpu_and_is_recorded():
+    from fsl import batching
+    device = torch.device("cuda")
+    x = torch.zeros(1, device=device)
+    group, why = batching.resolve("auto", 8, device, lambda: torch.empty(2**20, device=device) + x)
+    assert group == 8 and "MiB per task" in why
+    assert batching.balanced_group(8, 5) == 4 and batching.balanced_group(8, 3) == 3

@@ -50,8 +50,13 @@ def test_resume_refuses_a_changed_experiment():
                                           r"experiment in another folder \(work_dir=...\)"):
         check_resume(stored, cfg("train.tasks=400", "maml.inner_lr=0.02"), "w/latest.pth", 200)
     cosine = cfg("train.tasks=400", "train.meta_lr_schedule=cosine")
-    with pytest.raises(ConfigError, match="the cosine schedule depends on it"):
+    with pytest.raises(ConfigError, match="train.meta_lr_schedule=cosine would change from the next step on"):
         check_resume(cosine, cfg("train.tasks=800", "train.meta_lr_schedule=cosine"), "w/latest.pth", 200)
+    # MAML++'s derivative-order annealing and multi-step loss are laid out over train.tasks too, under a constant lr
+    annealed = ["maml.multi_step_loss=true", "maml.first_order_fraction=0.3"]
+    with pytest.raises(ConfigError, match=r"maml.first_order_fraction=0.3, maml.multi_step_loss \(maml.msl_fraction="
+                                          r"0.15\) would change"):
+        check_resume(cfg("train.tasks=1000", *annealed), cfg("train.tasks=100000", *annealed), "w/latest.pth", 800)
     with pytest.raises(ConfigError, match="train.tasks: checkpoint 400, now 100"):
         check_resume(stored, cfg("train.tasks=100"), "w/latest.pth", 200)
 
@@ -59,7 +64,11 @@ def test_resume_refuses_a_changed_experiment():
 def test_comparability_names_every_reason():
     protocol = cfg()
     assert comparability(protocol, protocol, 100_000, 96_000, 96_000) == (True, "")
-    assert comparability(protocol, cfg("device=cpu", "precision=bf16"), 100_000, 96_000, 96_000)[0]
+    assert comparability(protocol, cfg("device=cpu", "precision=tf32"), 100_000, 96_000, 96_000)[0]
+    assert comparability(protocol, cfg("device=cpu", "precision=bf16"), 100_000, 96_000, 96_000) == \
+        (False, "test in precision=bf16 (comparable: fp32, tf32)")
+    assert comparability(cfg("precision=bf16"), protocol, 100_000, 96_000, 96_000) == \
+        (False, "training in precision=bf16 (comparable: fp32, tf32)")
     short = cfg("train.tasks=2000")
     ok, why = comparability(short, short, 2000, 2000, 2000)
     assert not ok and why == "settings differ from the protocol: train.tasks=2000 (protocol 100000)"

@@ -12,7 +12,6 @@ from conftest import REPO, STORE_CACHE, fixture_root
 from fsl import evaluate, train
 from fsl.config import ConfigError, load_config
 from fsl.evaluate import ci95
-from fsl.maml import NonFiniteLossError
 
 CONFIG = REPO / "experiments/mini-imagenet-conv4-1shot.yaml"
 
@@ -94,15 +93,15 @@ def test_best_checkpoint_keeps_the_best_validation(tmp_path, monkeypatch):
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
-    """The NaN is detected in fsl.maml (tests/test_maml.py); here: the run stops with the fix, latest.pth kept."""
+    """The skip is made on the device in fsl.maml (tests/test_maml.py); here: the run reads the flag at the next
+    boundary, stops with the task range and the fix, and latest.pth stays the last good one."""
     root = fixture_root("mini-imagenet")
     cfg = load_config(CONFIG, tiny(root, tmp_path, "train.tasks=4", "train.val_every=2"))
     real_step, finite = train.meta_train_step, iter([True, False])
 
     def diverging(*args, **kwargs):
-        if not next(finite):
-            raise NonFiniteLossError("meta-training query loss is nan")
-        return real_step(*args, **kwargs)
+        stats = real_step(*args, **kwargs)
+        return stats if next(finite) else torch.tensor([float("nan"), 0.0, 1.0])
     monkeypatch.setattr(train, "meta_train_step", diverging)
     with pytest.raises(train.TrainingError, match=r"at tasks 3-4.*last good checkpoint.*Fix: lower train.meta_lr"):
         train.run(cfg)
@@ -159,3 +158,27 @@ def test_tensorboard_holds_the_numbers_of_log_csv(tmp_path):
             assert [s.step for s in scalars] == list(rows.tasks), (split, name)
             assert [s.value for s in scalars] == pytest.approx(list(rows[name]), rel=1e-6), (split, name)
     assert len(log[log.split == "train"]) == 4 and len(log[log.split == "val"]) == 2
+
+
+def test_a_test_with_other_settings_never_replaces_the_runs_own_result(tmp_path):
+    """`fsl test` of a finished run with test.episodes=10 adds a row and a CSV beside the run's own (keyed by run and
+    test settings); the run's own row and per-episode CSV survive, and the tables use them."""
+    from fsl import report
+    from fsl.results import read_summary
+
+    cfg = load_config(CONFIG, tiny(fixture_root("mini-imagenet"), tmp_path, "train.tasks=2", "train.val_every=2"))
+    best = train.run(cfg)
+    own = evaluate.run(cfg, best)
+    own_csv = tmp_path / "results/mini-imagenet-conv4-1shot/test_episodes.csv"
+    before = own_csv.read_bytes()
+    other = evaluate.run(load_config(CONFIG, tiny(fixture_root("mini-imagenet"), tmp_path, "train.tasks=2",
+                                                  "train.val_every=2", "test.episodes=10")), best)
+    assert (own["test_tag"], other["test_tag"]) == ("", "test.episodes=10") and other["episodes"] == 10
+    summary = read_summary(tmp_path / "results")
+    assert len(summary) == 2 and set(summary["episodes"]) == {5, 10}
+    assert summary[summary["test_tag"] == ""]["mean_acc"].item() == pytest.approx(own["mean_acc"])
+    assert own_csv.read_bytes() == before
+    assert len(list(own_csv.parent.glob("test_episodes__test-*.csv"))) == 1
+    report.run(tmp_path / "results")
+    assert "test.episodes=10" in (tmp_path / "results/tables/other_tests.md").read_text()
+    assert "| 5 |" in (tmp_path / "results/tables/mini-imagenet.md").read_text()

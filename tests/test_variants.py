@@ -8,7 +8,8 @@ from torch.func import functional_call
 from conftest import REPO, STORE_CACHE, fixture_root
 from fsl import evaluate, train
 from fsl.config import ConfigError, load_config
-from fsl.maml import InnerLoop, InnerRates, msl_weights, task_meta_gradient
+from fsl.maml import InnerLoop, InnerRates, task_meta_gradient
+from fsl.schedule import msl_weights
 from fsl.models import build_model
 from test_maml import batch_of, make_episode, plain_copy
 

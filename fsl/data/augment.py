@@ -16,6 +16,7 @@ saturation factors.
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -72,12 +73,24 @@ def resized_crop_params(draw: torch.Tensor, integer: torch.Tensor, height: int, 
     return (height - h) // 2, (width - w) // 2, h, w
 
 
+_CONSTANTS: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def normalisation_constants(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """ImageNet's (mean / std, 1 / std), each (1, 3, 1, 1) float32 on `device`, on the 0-255 scale: made once per
+    device (a fresh host-to-device copy per batch would be a blocking copy)."""
+    device = torch.device(device)
+    if device not in _CONSTANTS:
+        std = torch.tensor(STD_255).view(1, 3, 1, 1)
+        _CONSTANTS[device] = ((torch.tensor(MEAN_255).view(1, 3, 1, 1) / std).to(device), (1 / std).to(device))
+    return _CONSTANTS[device]
+
+
 def normalise(images: torch.Tensor, scale: float = 1.0, out: torch.Tensor | None = None) -> torch.Tensor:
     """(B, 3, H, W) pixels on the 0-255 scale / `scale` (uint8 or float) -> float32 (pixel - mean) / std, ImageNet's;
     written into `out` when given."""
-    std = torch.tensor(STD_255, device=images.device).view(1, 3, 1, 1)
-    shift = (torch.tensor(MEAN_255, device=images.device).view(1, 3, 1, 1) / std)
-    return torch.addcmul(-shift, images.float(), scale / std, out=out)
+    shift, inverse_std = normalisation_constants(images.device)
+    return torch.addcmul(-shift, images.float(), inverse_std * scale if scale != 1.0 else inverse_std, out=out)
 
 
 def grayscale(images: torch.Tensor) -> torch.Tensor:
@@ -101,28 +114,88 @@ def jitter_(images: torch.Tensor, op: int, factor: torch.Tensor) -> None:
     images.clamp_(0, 1)
 
 
-def colour_jitter_(images: torch.Tensor, orders: torch.Tensor, factors: torch.Tensor) -> None:
-    """ColorJitter(0.4, 0.4, 0.4) in place on (B, 3, H, W) images in [0, 1]: each image's operations in its own
-    order, orders (B, 4) a permutation of 0..3 per image (3, hue, is off), factors (B, 3). Images that share an
-    order are processed together."""
-    real = orders[orders != 3].view(-1, 3)                 # each image's order of the three operations it applies
-    keys = real[:, 0] * 9 + real[:, 1] * 3 + real[:, 2]
-    for key in keys.unique().tolist():
-        chosen = (keys == key).nonzero().squeeze(1)
-        group = images[chosen]
-        for op in (key // 9, key // 3 % 3, key % 3):
-            jitter_(group, op, factors[chosen, op])
-        images[chosen] = group
+def jitter_orders(orders: np.ndarray) -> np.ndarray:
+    """Each image's order of the three ColorJitter operations it applies: orders (B, 4), a permutation of 0..3 per
+    image (3, hue, is off) -> (B, 3)."""
+    orders = np.asarray(orders, dtype=np.int64)
+    return orders[orders != 3].reshape(-1, 3)
 
 
-def sample_crops(images: torch.Tensor, boxes: torch.Tensor, out_size: int) -> torch.Tensor:
+def order_groups(orders: np.ndarray) -> list[tuple[int, int, tuple[int, int, int]]]:
+    """Runs of equal jitter orders in `orders` (B, 3), as (start, stop, order): images sorted by their order (see
+    `AugmentPlan`) share a run."""
+    change = np.flatnonzero((orders[1:] != orders[:-1]).any(1)) + 1
+    bounds = [0, *change.tolist(), len(orders)]
+    return [(a, b, tuple(orders[a].tolist())) for a, b in zip(bounds[:-1], bounds[1:])]
+
+
+def colour_jitter_(images: torch.Tensor, factors: torch.Tensor, groups: list[tuple[int, int, tuple[int, int, int]]],
+                   offset: int = 0) -> None:
+    """ColorJitter(0.4, 0.4, 0.4) in place on (B, 3, H, W) images in [0, 1] with factors (B, 3), each image's
+    operations in its own order: `groups` are runs (start, stop, order) of a processing order sorted by jitter order
+    (`AugmentPlan`), and `images` are its rows offset .. offset + B - 1. A run is a slice: no gather, no scatter."""
+    for first, last, order in groups:
+        a, b = max(first, offset) - offset, min(last, offset + len(images)) - offset
+        for op in order if a < b else ():
+            jitter_(images[a:b], op, factors[a:b, op])
+
+
+class AugmentPlan(NamedTuple):
+    """Everything data-dependent about augmenting a batch, decided on the host from the drawn parameters (so the
+    device never has to report a value back): the batch is processed in `order` (images sorted by their jitter
+    order, so that each `groups` run is a slice), and written back to its own rows.
+
+    order (B,) host: the input row of each processed image; values (B, 8) float32: crop box (x1, y1, x2, y2) in
+    the stored image's pixels, flip (0/1), brightness, contrast, saturation factors, in processing order;
+    positions (B,) int64: the output row of each processed image; groups: (start, stop, jitter order) runs;
+    downscales: some crop is larger than the output (roi_align's area averaging is needed)."""
+    order: np.ndarray
+    values: torch.Tensor
+    positions: torch.Tensor
+    groups: list[tuple[int, int, tuple[int, int, int]]]
+    downscales: bool
+
+    def to(self, device: torch.device) -> "AugmentPlan":
+        """The plan's tensors on `device` (non-blocking from pinned memory where the device is a GPU)."""
+        return self._replace(values=to_device(self.values, device), positions=to_device(self.positions, device))
+
+
+def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor on `device`: pinned and copied without blocking the host when `device` is a GPU."""
+    if torch.device(device).type != "cuda":
+        return tensor
+    return (tensor if tensor.is_pinned() else tensor.pin_memory()).to(device, non_blocking=True)
+
+
+def plan_augmentation(params: np.ndarray, sizes: np.ndarray, stored: np.ndarray, out_size: int) -> AugmentPlan:
+    """The plan for images with parameters `params` (B, len(PARAMS)) drawn for their original sizes `sizes` (B, 2)
+    = (height, width), stored at sizes `stored` (B, 2) (an original downscaled for the store, fsl.data.store): crop
+    boxes scaled from original to stored pixels on each axis."""
+    real = jitter_orders(params[:, 5:9])
+    order = np.lexsort(real.T[::-1])  # by jitter order (first operation first), stable
+    real, params = real[order], torch.from_numpy(params[order]).float()
+    scale = torch.from_numpy(stored[order] / sizes[order]).float()  # (B, 2) stored / original, per axis
+    top, left = params[:, 0] * scale[:, 0], params[:, 1] * scale[:, 1]
+    boxes = torch.stack([left, top, left + params[:, 3] * scale[:, 1], top + params[:, 2] * scale[:, 0]], dim=1)
+    positions = torch.from_numpy(order)  # processed image i goes to output row order[i]
+    values = torch.cat([boxes, params[:, 4:5], params[:, 9:12]], dim=1)
+    extent = boxes.numpy()
+    downscales = bool((extent[:, 2:] - extent[:, :2] > out_size).any())
+    return AugmentPlan(order, values, positions, order_groups(real), downscales)
+
+
+def sample_crops(images: torch.Tensor, boxes: torch.Tensor, out_size: int, downscales: bool | None = None
+                 ) -> torch.Tensor:
     """Crop boxes (B, 4) = (x1, y1, x2, y2) in pixels of float images (B, 3, S, S) and resize each to out_size: the
     value torchvision.ops.roi_align(aligned=True, sampling_ratio=-1) gives, i.e. ceil(box side / out_size)
     bilinear samples per output pixel and axis, averaged (so a downscaling crop averages every source pixel it
     covers, like PIL's antialiased resize). A box no larger than out_size needs one sample per pixel: that is
     grid_sample's bilinear interpolation at the same points (vectorised and multi-threaded on CPUs, unlike
-    roi_align), used for all boxes when none is larger."""
-    if bool((boxes[:, 2:] - boxes[:, :2] > out_size).any()):
+    roi_align), used for all boxes when none is larger. `downscales`: whether some box is larger, if the caller
+    knows (from the host); None: looked up on the device (a sync)."""
+    if downscales is None:
+        downscales = bool((boxes[:, 2:] - boxes[:, :2] > out_size).any())
+    if downscales:
         indexed = torch.cat([torch.arange(len(images), device=images.device, dtype=boxes.dtype)[:, None], boxes], 1)
         return roi_align(images, indexed, out_size, spatial_scale=1.0, sampling_ratio=-1, aligned=True)
     side = images.shape[-1]
@@ -135,28 +208,22 @@ def sample_crops(images: torch.Tensor, boxes: torch.Tensor, out_size: int) -> to
     return F.grid_sample(images, grid, mode="bilinear", padding_mode="border", align_corners=False)
 
 
-def augment(images: torch.Tensor, params: torch.Tensor, sizes: torch.Tensor, out_size: int,
-            chunk: int = 64) -> torch.Tensor:
-    """Apply each image's parameters and normalise.
+def augment(images: torch.Tensor, plan: AugmentPlan, out_size: int, chunk: int | None = 64) -> torch.Tensor:
+    """Apply each image's parameters and normalise, without a host sync: every data-dependent choice is in `plan`
+    (on `images`' device: `plan.to(device)`).
 
-    images: (B, 3, S, S) uint8, each an original image of size `sizes` (B, 2) = (height, width) stored as an S x S
-    canvas (an anisotropic resize; the identity where the original is S x S); params: (B, len(PARAMS)) from
-    `draw_params`. Returns (B, 3, out_size, out_size) float32, normalised. Works `chunk` images at a time: on a CPU,
-    small blocks stay in cache and their memory is reused (fresh 70 MB tensors cost more in page faults than in
-    arithmetic)."""
-    canvas = images.shape[-1]
-    params, sizes = params.to(images.device, torch.float32), sizes.to(images.device, torch.float32)
-    scale_y, scale_x = canvas / sizes[:, 0], canvas / sizes[:, 1]
-    top, left = params[:, 0] * scale_y, params[:, 1] * scale_x
-    boxes = torch.stack([left, top, left + params[:, 3] * scale_x, top + params[:, 2] * scale_y], dim=1)
+    images: (B, 3, S, S) uint8, the stored images in the plan's processing order (`plan.order` of the batch);
+    returns (B, 3, out_size, out_size) float32, normalised, in the batch's own order. Works `chunk` images at a
+    time (None: all at once, as on a GPU): on a CPU, small blocks stay in cache and their memory is reused (fresh
+    70 MB tensors cost more in page faults than in arithmetic)."""
+    boxes, flips, factors = plan.values[:, :4], plan.values[:, 4], plan.values[:, 5:8]
     out = torch.empty(len(images), 3, out_size, out_size, device=images.device)
-    step = chunk if images.device.type == "cpu" else len(images)  # a GPU takes the whole batch at once
+    step = chunk or len(images)
     for start in range(0, len(images), step):
-        part = slice(start, start + step)
-        canvases = images[part].to(torch.float32, memory_format=torch.contiguous_format)
-        x = sample_crops(canvases, boxes[part], out_size).div_(255)
-        flipped = params[part, 4].nonzero().squeeze(1)
-        x[flipped] = x[flipped].flip(-1)
-        colour_jitter_(x, params[part, 5:9].long(), params[part, 9:12])
-        normalise(x, scale=255.0, out=out[part])
+        stop = min(start + step, len(images))
+        canvases = images[start:stop].to(torch.float32, memory_format=torch.contiguous_format)
+        x = sample_crops(canvases, boxes[start:stop], out_size, plan.downscales).div_(255)
+        x = torch.where(flips[start:stop].view(-1, 1, 1, 1) > 0, x.flip(-1), x)
+        colour_jitter_(x, factors[start:stop], plan.groups, offset=start)
+        out.index_copy_(0, plan.positions[start:stop], normalise(x, scale=255.0))
     return out
