@@ -282,32 +282,36 @@ class _End:
 
 
 class EpisodeStream:
-    """The loader's meta-batches as Episodes on `device`, the next one prepared while the current step runs.
+    """The loader's meta-batches as Episodes on `device`; on a GPU the next one is prepared while the current step
+    runs.
 
-    A background thread takes the next descriptions from the loader and gathers their pixels into host memory
-    (pinned for a GPU). On a GPU the thread also copies and augments them on a side CUDA stream and records an
-    event; the consumer's stream waits for that event (the host does not), and the tensors are marked as used by
-    it, so the caching allocator keeps them until the step is done. On a CPU the batch is built in the consumer's
-    thread (the step already uses every core). `depth` batches wait at most. `input_seconds`: the host time the
+    GPU: a background thread takes the next descriptions from the loader, gathers their pixels into pinned host
+    memory, copies and augments them on a side CUDA stream and records an event; the consumer's stream waits for that
+    event (the host does not), and the tensors are marked as used by it, so the caching allocator keeps them until
+    the step is done. `depth` batches wait at most. CPU: each batch is described, gathered and built when asked for,
+    in the consumer's thread: the step already uses every core, and a second Python thread would only contend for the
+    interpreter lock (it slowed the glyphs demo's training on 2 cores). `input_seconds`: the host time the
     consumer spent in `next()`, waiting or (CPU) building: the time the step waited for its input."""
 
     def __init__(self, loader: DataLoader, make: EpisodeMaker, depth: int = 2):
         self.make, self.device = make, make.device
-        self.side = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
-        self.ready: queue.Queue = queue.Queue(maxsize=depth)
-        self.stopping = threading.Event()
+        self.specs = iter(loader)
         self.input_seconds = 0.0
-        self.thread = threading.Thread(target=self._produce, args=(iter(loader),), daemon=True,
-                                       name="fsl-episode-stream")
-        self.thread.start()
+        self.side = self.thread = None
+        if self.device.type == "cuda":
+            self.side = torch.cuda.Stream(self.device)
+            self.ready: queue.Queue = queue.Queue(maxsize=depth)
+            self.stopping = threading.Event()
+            self.thread = threading.Thread(target=self._produce, args=(self.specs,), daemon=True,
+                                           name="fsl-episode-stream")
+            self.thread.start()
 
     def _produce(self, specs: Iterator[EpisodeSpec]) -> None:
         try:
             for spec in specs:
-                item = self.make.gather(spec)
-                if self.side is not None:
-                    with torch.cuda.stream(self.side):
-                        item = (self.make.build(item), self.side.record_event())
+                gathered = self.make.gather(spec)
+                with torch.cuda.stream(self.side):
+                    item = (self.make.build(gathered), self.side.record_event())
                 if not self._put(item):
                     return
             self._put(_End)
@@ -328,15 +332,15 @@ class EpisodeStream:
 
     def __next__(self) -> Episode:
         start = time.perf_counter()
-        item = self.ready.get()
-        if item is _End:
-            self.ready.put(_End)
-            raise StopIteration
-        if isinstance(item, BaseException):
-            raise item
-        if self.side is None:
-            episode = self.make.build(item)
+        if self.thread is None:
+            episode = self.make(next(self.specs))
         else:
+            item = self.ready.get()
+            if item is _End:
+                self.ready.put(_End)
+                raise StopIteration
+            if isinstance(item, BaseException):
+                raise item
             episode, event = item
             consumer = torch.cuda.current_stream(self.device)
             consumer.wait_event(event)
@@ -346,7 +350,9 @@ class EpisodeStream:
         return episode
 
     def close(self) -> None:
-        """Stop the thread (the loader's workers end with its iterator)."""
+        """Stop the thread, if any (the loader's workers end with its iterator)."""
+        if self.thread is None:
+            return
         self.stopping.set()
         while self.thread.is_alive():
             try:

@@ -209,10 +209,11 @@ def run(cfg: Config) -> Path:
     Under torchrun every rank runs this function; see fsl.distributed for who does what."""
     device = distributed.setup(cfg.device)
     with RunDirLock(cfg.run_dir) if distributed.is_main() else nullcontext():
-        return train(cfg, device)
+        return meta_train(cfg, device)
 
 
-def train(cfg: Config, device: torch.device) -> Path:
+def meta_train(cfg: Config, device: torch.device) -> Path:
+    """`run` after the device is set up and the run directory locked."""
     world, main = distributed.world_size(), distributed.is_main()
     local_batch = distributed.tasks_per_rank(cfg.train.meta_batch)
     if world > 1 and cfg.train.tasks % cfg.train.meta_batch:

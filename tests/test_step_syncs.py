@@ -1,7 +1,10 @@
 """The training step a GPU wants (#22): no host sync between the log and validation boundaries, counted on the CPU.
 
 fsl.opcount.OpCounter sees every aten call of `fsl train` on a mini-ImageNet-lite conv4 cell with augmentation;
-the calls made while reading the step window, validating, checkpointing and logging are the boundaries. Any
+the calls made while reading the step window, validating, checkpointing and logging are the boundaries, and the
+host's own work on host data (describing episodes, drawing their augmentation parameters with torch's CPU generator,
+gathering pixels and planning the augmentation: on a GPU, in the loader workers and the input thread) is not device
+work. Any
 `_local_scalar_dense` (.item(), .tolist(), bool(tensor)), `nonzero`, `unique*`, `masked_select`, boolean-mask
 indexing or blocking device copy elsewhere fails the test. On a GPU, tests/test_gpu.py runs the same loop under
 torch.cuda.set_sync_debug_mode("error").
@@ -12,11 +15,13 @@ import torch
 from conftest import REPO, STORE_CACHE, fixture_root
 from fsl import train
 from fsl.config import load_config
+from fsl.episodes import EpisodeDataset, EpisodeMaker
 from fsl.opcount import OpCounter, is_sync
 
 CONFIG = REPO / "experiments/mini-imagenet-conv4-5shot.yaml"
 BOUNDARIES = [(train.StepWindow, "read"), (train, "evaluate"), (train, "save_checkpoint"), (train.RunLog, "write"),
               (train, "fixed_episodes"), (train, "test_group")]
+HOST_WORK = [(EpisodeDataset, "__getitem__"), (EpisodeMaker, "gather")]
 
 
 def counted_run(cfg, monkeypatch) -> tuple[OpCounter, list[int]]:
@@ -24,13 +29,14 @@ def counted_run(cfg, monkeypatch) -> tuple[OpCounter, list[int]]:
     and the building of its episodes, which happens in the step's `next()`)."""
     ops = OpCounter()
     steps = []
-    for owner, name in BOUNDARIES:
-        original = getattr(owner, name)
+    for phase, places in (("boundary", BOUNDARIES), ("host", HOST_WORK)):
+        for owner, name in places:
+            original = getattr(owner, name)
 
-        def boundary(*args, _original=original, **kwargs):
-            with ops.phase("boundary"):
-                return _original(*args, **kwargs)
-        monkeypatch.setattr(owner, name, boundary)
+            def counted(*args, _original=original, _phase=phase, **kwargs):
+                with ops.phase(_phase):
+                    return _original(*args, **kwargs)
+            monkeypatch.setattr(owner, name, counted)
     real_step = train.meta_train_step
 
     def step(*args, **kwargs):
