@@ -67,7 +67,8 @@ def test_slurm_array_script_runs_each_cell(tmp_path):
     script = write_array(tmp_path, configs)
     text = script.read_text()
     for line in ("#SBATCH --array=0-1", "#SBATCH --partition=gpu-long", "#SBATCH --account=lab42",
-                 "#SBATCH --time=12:00:00", "#SBATCH --gres=gpu:1", "#SBATCH --requeue", "#SBATCH --signal=B:USR1@300"):
+                 "#SBATCH --time=12:00:00", "#SBATCH --gres=gpu:1", "#SBATCH --requeue", "#SBATCH --signal=B:USR1@300",
+                 "#SBATCH --open-mode=append"):
         assert line in text, line
     for task in (0, 1):  # what Slurm would start, run with bash in place of sbatch
         subprocess.run(["bash", str(script)], env={**os.environ, "SLURM_ARRAY_TASK_ID": str(task)}, check=True,
@@ -100,3 +101,59 @@ def test_slurm_time_limit_checkpoints_requeues_and_resumes(tmp_path):
     resumed = subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0 and f"resuming from {latest} at task {stopped}" in resumed.stdout
     assert torch.load(latest, weights_only=False)["tasks_done"] == 200
+
+
+def test_sigterm_to_the_process_group_loses_no_completed_step(tmp_path):
+    """What Slurm's preemption and Ctrl-C send: SIGTERM to every process of the job, loader workers included. The
+    workers ignore it, the trainer finishes its step and writes latest.pth at it; the rerun resumes there and ends
+    with the weights of an uninterrupted run, bit for bit."""
+    config = str(REPO / "experiments/mini-imagenet-conv4-1shot.yaml")
+    settings = [f"data.root={fixture_root('mini-imagenet')}", "train.tasks=40", *TINY, "data.workers=1",
+                "train.val_every=40", "train.checkpoint_every=1000", "train.tensorboard=false", "device=cpu"]
+    interrupted = settings + [f"work_dir={tmp_path / 'a'}", f"results_dir={tmp_path / 'ra'}"]
+    job = subprocess.Popen([sys.executable, "-m", "fsl", "train", config, *interrupted], cwd=REPO,
+                           start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    log = tmp_path / "a/mini-imagenet-conv4-1shot/log.csv"
+    deadline = time.time() + 240
+    while time.time() < deadline and (not log.exists() or len(log.read_text().splitlines()) < 3):
+        time.sleep(0.2)  # two logged windows: training is under way, with its loader worker
+    os.killpg(job.pid, signal.SIGTERM)  # the whole process group, as Slurm and Ctrl-C do
+    output, _ = job.communicate(timeout=240)
+    assert job.returncode == 130 and "stopped by signal 15 at task" in output, output
+    assert "worker" not in output.lower() or "killed" not in output.lower(), output
+    stopped = int(output.split("stopped by signal 15 at task ")[1].split(";")[0])
+    latest = tmp_path / "a/mini-imagenet-conv4-1shot/latest.pth"
+    assert torch.load(latest, weights_only=False)["tasks_done"] == stopped  # every completed step is in it
+    assert 4 <= stopped < 40 and max(pd.read_csv(log)["tasks"]) <= stopped
+    resumed = subprocess.run([sys.executable, "-m", "fsl", "train", config, *interrupted], cwd=REPO,
+                             capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0 and f"resuming from {latest} at task {stopped}" in resumed.stdout
+    straight = subprocess.run([sys.executable, "-m", "fsl", "train", config, *settings,
+                               f"work_dir={tmp_path / 'b'}", f"results_dir={tmp_path / 'rb'}"], cwd=REPO,
+                              capture_output=True, text=True, timeout=600)
+    assert straight.returncode == 0
+    a = torch.load(latest, weights_only=False)
+    b = torch.load(tmp_path / "b/mini-imagenet-conv4-1shot/latest.pth", weights_only=False)
+    assert a["tasks_done"] == b["tasks_done"] == 40
+    assert all(torch.equal(value, b["model"][name]) for name, value in a["model"].items())
+
+
+def test_a_second_trainer_on_the_same_run_directory_is_refused(tmp_path):
+    from fsl.train import RunDirLock
+
+    run_dir = tmp_path / "run"
+    with RunDirLock(run_dir):
+        other = subprocess.run([sys.executable, "-c", "import sys; from pathlib import Path; "
+                                "from fsl.train import RunDirLock\n"
+                                f"with RunDirLock(Path({str(run_dir)!r})): pass"],
+                               cwd=REPO, capture_output=True, text=True)
+        assert other.returncode != 0 and f"is being trained by another process (pid {os.getpid()})" in other.stderr
+    with RunDirLock(run_dir):  # released: the next trainer may go on
+        assert (run_dir / "train.lock").read_text() == str(os.getpid())
+
+
+def test_sweep_refuses_the_same_run_twice(tmp_path):
+    config = str(REPO / "experiments/mini-imagenet-conv4-1shot.yaml")
+    result = subprocess.run([sys.executable, "-m", "fsl", "sweep", config, config, *tiny(tmp_path),
+                             "--devices", "cpu"], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and "are the same run (mini-imagenet-conv4-1shot" in result.stderr
