@@ -16,7 +16,7 @@ STAMP := $(VENV)/.fsl-setup-stamp
 
 CONFIGS := $(filter-out experiments/_%,$(wildcard experiments/*.yaml))
 CELLS := $(patsubst experiments/%.yaml,%,$(CONFIGS))
-PAPER_CELLS := $(filter-out glyphs-%,$(CELLS))
+PAPER_CELLS := $(filter-out glyphs-% folder-%,$(CELLS))
 VARIANT_CONFIGS := $(wildcard experiments/variants/*.yaml)
 VARIANTS := $(patsubst experiments/variants/%.yaml,%,$(VARIANT_CONFIGS))
 GLYPHS_RUNS := $(filter glyphs-%,$(CELLS)) $(filter glyphs-%,$(VARIANTS))

@@ -1,5 +1,5 @@
-"""Command line: `fsl {train,test,data,tables,demo,sweep,slurm,done} ...` (or `python -m fsl ...`). Only parses
-arguments and calls run()s."""
+"""Command line: `fsl {train,test,adapt,data,tables,demo,sweep,slurm,done} ...` (or `python -m fsl ...`). Only
+parses arguments and calls run()s."""
 from __future__ import annotations
 
 import argparse
@@ -25,7 +25,8 @@ def main(argv: list[str] | None = None) -> int:
 
     data = commands.add_parser("data", help="prepare (download), check or cache (decode once) a dataset")
     data.add_argument("action", choices=["prepare", "check", "cache"])
-    data.add_argument("dataset", choices=["cub", "mini-imagenet", "tiered-imagenet", "glyphs"])
+    data.add_argument("dataset", choices=["cub", "mini-imagenet", "tiered-imagenet", "glyphs", "folder"],
+                      help="folder: your own images (class folders per split, or images/ + split CSVs)")
     data.add_argument("--root", help="dataset folder (default: data/<dataset>)")
     data.add_argument("--json", action="store_true", help="check: print one JSON object of counts per split")
     data.add_argument("--no-decode", action="store_true", help="check: skip decoding every image")
@@ -36,6 +37,12 @@ def main(argv: list[str] | None = None) -> int:
     tables = commands.add_parser("tables", help="results tables and plots from results/*.csv")
     tables.add_argument("--results", default="results")
 
+    adapt = commands.add_parser("adapt", help="adapt a trained checkpoint to your own classes, label new images")
+    adapt.add_argument("checkpoint", help="a trained run's best_accuracy_mean.pth")
+    adapt.add_argument("support", help="SUPPORT_DIR/<class>/<image>: a few labelled images per class")
+    adapt.add_argument("queries", nargs="+", help="images to label: files, or folders (searched recursively)")
+    adapt.add_argument("--out", help="write the predictions CSV here (file, predicted, p_<class>...)")
+    adapt.add_argument("--device", default="auto", help="auto (cuda if available) | cpu | cuda[:N]")
     demo = commands.add_parser("demo", help="train, test and tabulate the glyphs 5-way 1-shot cell")
     demo.add_argument("overrides", nargs="*")
 
@@ -97,6 +104,9 @@ def run_command(args: argparse.Namespace) -> int:
     elif args.command == "tables":
         from fsl import report
         report.run(args.results)
+    elif args.command == "adapt":
+        from fsl import adapt
+        adapt.run(args.checkpoint, args.support, args.queries, args.out, args.device)
     elif args.command == "demo":
         from fsl import demo
         demo.run(args.overrides)
@@ -140,6 +150,13 @@ def data_command(args: argparse.Namespace) -> int:
         from fsl.data.prepare import prepare
         prepare(args.dataset, root)
     from fsl.data.check import check_dataset
+    if args.dataset == "folder" and not args.json:
+        from fsl.data.folder import detect_layout
+        try:
+            print(f"{root}: layout {detect_layout(root)}")
+        except DatasetError as error:
+            print(f"error: {error}", file=sys.stderr)
+            return 1
     counts, problems = check_dataset(args.dataset, root, decode=not args.no_decode, progress=not args.json)
     for problem in problems:
         print(f"error: {problem}", file=sys.stderr)

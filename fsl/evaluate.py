@@ -113,14 +113,14 @@ def load_checkpoint(path: str | Path, device: torch.device) -> dict:
     return torch.load(path, map_location=device, weights_only=False)
 
 
-def load_checkpoint_model(path: str | Path, requested: Config,
+def load_checkpoint_model(path: str | Path, requested: Config | None,
                           device: torch.device) -> tuple[nn.Module, InnerRates | None, dict, Config]:
     """The model and learned rates of a checkpoint written by `fsl train`, its checkpoint dict, and the config to
     test it with: the checkpoint's own settings plus the test-time and run settings of `requested`
-    (fsl.provenance.meta_test_config)."""
+    (fsl.provenance.meta_test_config), or the checkpoint's own config alone if `requested` is None."""
     checkpoint = load_checkpoint(path, device)
     trained = from_dict(checkpoint["config"])
-    cfg = provenance.meta_test_config(trained, requested, path)
+    cfg = trained if requested is None else provenance.meta_test_config(trained, requested, path)
     model, rates = build_learner(cfg, device)
     model.load_state_dict(checkpoint["model"])
     if rates is not None:
@@ -165,6 +165,7 @@ def run(requested: Config, checkpoint_path: str | Path, config_path: str | Path 
     tag = provenance.test_tag(trained, cfg)
     row = {
         "run": cfg.run_name, "test_tag": tag, "cell": cfg.cell, "variant": variant_label(cfg), "dataset": cfg.data.dataset,
+        "data_root": cfg.data_root.name,
         "arch": cfg.model.arch,
         "ways": cfg.test.ways, "shots": cfg.test.shots, "image_size": cfg.data.image_size,
         "train_batch": cfg.train.ways * (cfg.train.shots + cfg.train.queries),

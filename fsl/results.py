@@ -47,6 +47,7 @@ SUMMARY = _schema(
                                                   # empty: the run's own test, the row the tables use
     Column("cell", str, required=True),           # {dataset}-{arch}-{K}shot
     Column("dataset", str, required=True),
+    Column("data_root", str),                     # the name of the dataset folder (data.root) the run read
     Column("arch", str, required=True),
     Column("ways", int, required=True),
     Column("shots", int, required=True),

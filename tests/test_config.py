@@ -13,7 +13,7 @@ def test_twelve_paper_cells_plus_demo():
     paper = {f"{d}-{a}-{k}shot" for d in ("cub", "mini-imagenet", "tiered-imagenet") for a in ("conv4", "resnet12")
              for k in (1, 5)}
     assert paper <= names
-    assert names - paper == {"glyphs-conv4-1shot", "glyphs-conv4-5shot"}
+    assert names - paper == {"glyphs-conv4-1shot", "glyphs-conv4-5shot", "folder-conv4-5shot"}
 
 
 @pytest.mark.parametrize("path", CELLS, ids=lambda p: p.stem)

@@ -94,6 +94,9 @@ def prepare(name: str, root: str | Path) -> Path:
     if name == "glyphs":
         glyphs.ensure_generated(root)
         return root
+    if name == "folder":
+        raise DatasetError("`folder` is your own images: nothing to download. Lay them out as class folders per split "
+                           "or images/ + split CSVs (fsl/data/folder.py), then `fsl data check folder --root ROOT`")
     if name not in SOURCES:
         raise DatasetError(f"unknown dataset {name!r}; choose one of {sorted(SOURCES) + ['glyphs']}")
     root.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,120 @@
+"""`fsl adapt CHECKPOINT SUPPORT_DIR QUERY... [--out predictions.csv]`: what MAML is for. A meta-trained model adapts
+to a handful of labelled images of new classes, then labels new images.
+
+    SUPPORT_DIR/<class>/<image>   a few images per class; as many classes as the checkpoint's head has rows (ways)
+    QUERY                         image files, or folders searched recursively
+
+The adaptation is the checkpoint's own meta-test inner loop (fsl.maml.InnerLoop.testing: maml.test_inner_steps SGD
+steps from the meta-learned weights, with its learned rates if any), on the images as the test episodes see them
+(the evaluation transform, fsl.data.transforms.eval_resize_crop, then the normalisation). BatchNorm uses the
+statistics of the batch it is given (as in every fsl meta-test), so the queries are classified in batches of
+ways x test.queries images, the size of a test episode's query set. Writes a CSV (file, predicted class, one
+probability column per class) and prints a short table; where a query sits in a folder named like a support class,
+that is taken as its true class and the accuracy is printed too.
+"""
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from fsl.data.augment import normalise
+from fsl.data.base import DatasetError, open_rgb
+from fsl.data.folder import class_folder_images, is_image
+from fsl.data.transforms import eval_resize_crop
+from fsl.evaluate import load_checkpoint_model
+from fsl.maml import InnerLoop, adapt
+from fsl.utils import resolve_device, write_atomic
+
+
+def read_images(paths: list[Path], image_size: int) -> torch.Tensor:
+    """(N, 3, S, S) float32, normalised: each image as the test episodes see it; DatasetError naming an unreadable
+    file."""
+    resize = eval_resize_crop(image_size)
+    arrays = []
+    for path in paths:
+        try:
+            arrays.append(np.asarray(resize(open_rgb(path)), dtype=np.uint8))
+        except Exception as error:  # PIL raises many types for broken files; all mean the same to the user
+            raise DatasetError(f"cannot read image {path} ({type(error).__name__}: {error})\n  fix: replace or "
+                               f"remove the file") from error
+    return normalise(torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2))
+
+
+def support_set(folder: Path, ways: int) -> tuple[list[str], list[Path], list[int]]:
+    """The support folder's classes, images and labels; refused, with the reason, if the head cannot take it."""
+    if not folder.is_dir():
+        raise DatasetError(f"support folder not found: {folder}\n  fix: SUPPORT_DIR/<class>/<image>, one folder "
+                           f"per class")
+    classes, paths, labels = class_folder_images(folder)
+    if len(classes) != ways:
+        raise DatasetError(f"{folder} holds {len(classes)} class folder(s) {classes[:8]}, but the checkpoint's head "
+                           f"classifies {ways} ways\n  fix: give exactly {ways} class folders (or use a checkpoint "
+                           f"trained with train.ways={len(classes)})")
+    empty = [name for i, name in enumerate(classes) if i not in labels]
+    if empty:
+        raise DatasetError(f"support class folder(s) without images: {empty}\n  fix: at least 1 image per class "
+                           f"(the cell was tested with its test.shots per class)")
+    return classes, paths, labels
+
+
+def query_files(queries: list[str]) -> list[Path]:
+    """Image files named, and every image under the folders named, in sorted order."""
+    files = []
+    for item in map(Path, queries):
+        if item.is_dir():
+            files += sorted(p for p in item.rglob("*") if is_image(p))
+        elif item.is_file():
+            files.append(item)
+        else:
+            raise DatasetError(f"query not found: {item}")
+    if not files:
+        raise DatasetError(f"no query image in {queries}\n  fix: name image files or folders that hold some")
+    return files
+
+
+def run(checkpoint: str | Path, support_dir: str | Path, queries: list[str], out: str | Path | None = None,
+        device: str = "auto") -> dict:
+    """Adapt `checkpoint` on `support_dir`, classify `queries`; returns {"predictions": rows, "accuracy": % or
+    None}."""
+    device = resolve_device(device)
+    model, rates, _, cfg = load_checkpoint_model(checkpoint, None, device)
+    classes, support_paths, labels = support_set(Path(support_dir), cfg.train.ways)
+    files = query_files(queries)
+    size = cfg.data.image_size
+    support_x = read_images(support_paths, size).to(device).unsqueeze(0)           # (1, N, 3, S, S)
+    support_y = torch.tensor(labels, device=device).unsqueeze(0)                  # (1, N)
+    with torch.enable_grad():
+        adapted = adapt(model, support_x, support_y, InnerLoop.testing(cfg), rates)
+    batch = cfg.test.ways * cfg.test.queries
+    probabilities = []
+    with torch.no_grad():
+        for start in range(0, len(files), batch):
+            x = read_images(files[start:start + batch], size).to(device).unsqueeze(0)
+            probabilities.append(F.softmax(adapted(x)[0], dim=-1).cpu())
+    probabilities = torch.cat(probabilities)                                      # (Q, ways)
+    rows = []
+    for path, p in zip(files, probabilities.tolist()):
+        rows.append({"file": str(path), "predicted": classes[int(np.argmax(p))],
+                     **{f"p_{name}": round(value, 6) for name, value in zip(classes, p)}})
+    known = [(row, path.parent.name) for row, path in zip(rows, files) if path.parent.name in classes]
+    accuracy = 100 * np.mean([row["predicted"] == truth for row, truth in known]) if known else None
+    if out is not None:
+        def write(tmp: str) -> None:
+            with open(tmp, "w", newline="") as f:
+                writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+                writer.writeheader()
+                writer.writerows(rows)
+        write_atomic(out, write)
+    print(f"adapted {cfg.run_name} ({cfg.maml.test_inner_steps} step(s), lr {cfg.maml.inner_lr}) on "
+          f"{len(support_paths)} support images of {len(classes)} classes; {len(files)} queries")
+    for row in rows[:10]:
+        print(f"  {Path(row['file']).name:40.40s} -> {row['predicted']} ({row['p_' + row['predicted']]:.2f})")
+    if len(rows) > 10:
+        print(f"  ... {len(rows) - 10} more" + (f" in {out}" if out else ""))
+    if accuracy is not None:
+        print(f"accuracy on the {len(known)} queries in folders named like a support class: {accuracy:.2f} %")
+    return {"predictions": rows, "accuracy": accuracy}

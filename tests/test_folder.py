@@ -1,0 +1,157 @@
+"""Your own data (#25): the `folder` dataset in both layouts, `fsl data check folder`, a folder cell trained and
+tested end to end, and `fsl adapt` with its refusals. Folders are built in the tests from the real-data fixture."""
+import csv
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from conftest import REPO, STORE_CACHE, fixture_root
+from fsl.data import DatasetError, load_split
+from fsl.data.check import check_dataset
+from fsl.data.folder import detect_layout
+
+SPLIT_CLASSES = {"train": 6, "val": 5, "test": 5}  # classes taken from the fixture's split of the same name
+
+
+def fixture_rows(split: str, classes: int, per_class: int = 25) -> list[tuple[str, str]]:
+    with open(fixture_root("mini-imagenet") / f"{split}.csv", newline="") as f:
+        rows = [tuple(row) for row in csv.reader(f)][1:]
+    chosen = sorted({label for _, label in rows})[:classes]
+    return [row for label in chosen for row in [r for r in rows if r[1] == label][:per_class]]
+
+
+def class_folders(root: Path, per_class: int = 25) -> Path:
+    """ROOT/{train,val,test}/<class>/<image> from the fixture's images."""
+    images = fixture_root("mini-imagenet") / "images"
+    for split, classes in SPLIT_CLASSES.items():
+        for name, label in fixture_rows(split, classes, per_class):
+            (root / split / label).mkdir(parents=True, exist_ok=True)
+            shutil.copy(images / name, root / split / label / name)
+    return root
+
+
+def csv_layout(root: Path) -> Path:
+    """ROOT/images/<file> + ROOT/{train,val,test}.csv (LibFewShot's layout) from the fixture's images."""
+    (root / "images").mkdir(parents=True)
+    for split, classes in SPLIT_CLASSES.items():
+        rows = fixture_rows(split, classes)
+        with open(root / f"{split}.csv", "w", newline="") as f:
+            csv.writer(f).writerows([("filename", "label"), *rows])
+        for name, _ in rows:
+            shutil.copy(fixture_root("mini-imagenet") / "images" / name, root / "images" / name)
+    return root
+
+
+@pytest.mark.parametrize("make,layout", [(class_folders, "class folders"), (csv_layout, "csv")])
+def test_both_layouts_are_detected_read_and_checked(tmp_path, make, layout):
+    root = make(tmp_path / "mine")
+    assert detect_layout(root) == layout
+    train = load_split("folder", root, "train")
+    assert (train.num_classes, len(train)) == (6, 150) and sorted(set(train.labels)) == list(range(6))
+    assert train.indices_to_labels() == dict(enumerate(train.labels))  # learn2learn gets the labels up front
+    counts, problems = check_dataset("folder", root)
+    assert problems == [] and counts["test"] == {"classes": 5, "images": 125}
+    out = subprocess.run([sys.executable, "-m", "fsl", "data", "check", "folder", "--root", str(root)], cwd=REPO,
+                         capture_output=True, text=True)
+    assert out.returncode == 0 and f"layout {layout}" in out.stdout and "folder train:    6 classes" in out.stdout
+
+
+def test_check_names_every_problem(tmp_path):
+    root = class_folders(tmp_path / "mine")
+    shutil.copytree(root / "train" / sorted(p.name for p in (root / "train").iterdir())[0],
+                    root / "val" / sorted(p.name for p in (root / "train").iterdir())[0])   # a class in two splits
+    small = sorted((root / "test").iterdir())[0]
+    for path in sorted(small.iterdir())[10:]:                                                # 10 images: too few
+        path.unlink()
+    broken = sorted(sorted((root / "val").iterdir())[1].iterdir())[0]
+    broken.write_bytes(broken.read_bytes()[:200])                                           # unreadable
+    counts, problems = check_dataset("folder", root)
+    text = "\n".join(problems)
+    assert "is in both the train and val splits" in text
+    assert f"test class '{small.name}' has 10 images, fewer than the 20" in text
+    assert f"unreadable or truncated image {broken}" in text
+    shutil.rmtree(root / "test")
+    (root / "test").mkdir()
+    with pytest.raises(DatasetError, match="the test split of .* holds no images"):
+        load_split("folder", root, "test")
+    with pytest.raises(DatasetError, match="holds neither layout"):
+        detect_layout(tmp_path)
+
+
+@pytest.fixture(scope="module")
+def trained_folder_cell(tmp_path_factory):
+    """A folder cell trained (tiny) and tested through the command line, as `make folder-conv4-5shot` runs it."""
+    tmp = tmp_path_factory.mktemp("folder-cell")
+    root = class_folders(tmp / "my-birds")
+    settings = [f"data.root={root}", "data.image_size=28", "data.workers=0", f"data.cache_dir={STORE_CACHE}",
+                "train.tasks=4", "train.meta_batch=2", "train.queries=2", "train.val_every=4", "train.val_episodes=2",
+                "test.episodes=4", "test.queries=2", "train.log_every=2", f"work_dir={tmp / 'work'}",
+                f"results_dir={tmp / 'results'}", "device=cpu"]
+    for command in ("train", "test"):
+        subprocess.run([sys.executable, "-m", "fsl", command, str(REPO / "experiments/folder-conv4-5shot.yaml"),
+                        *settings], cwd=REPO, check=True, capture_output=True)
+    return tmp, root
+
+
+def test_a_folder_cell_trains_tests_and_is_never_comparable(trained_folder_cell):
+    tmp, root = trained_folder_cell
+    row = pd.read_csv(tmp / "results/summary.csv").iloc[0]
+    assert (row["run"], row["dataset"], row["data_root"]) == ("folder-conv4-5shot", "folder", "my-birds")
+    assert not row["comparable"] and "no reference number" in row["not_comparable_why"]
+
+
+def adapt(*args) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "fsl", "adapt", *map(str, args)], cwd=REPO, capture_output=True,
+                          text=True, timeout=120)
+
+
+def test_adapt_labels_new_images_and_writes_the_predictions(trained_folder_cell, tmp_path):
+    tmp, root = trained_folder_cell
+    checkpoint = tmp / "work/folder-conv4-5shot/best_accuracy_mean.pth"
+    support, queries = tmp_path / "support", tmp_path / "queries"
+    for folder in sorted((root / "test").iterdir()):  # 5 new classes: 5 support images each, the rest to label
+        images = sorted(folder.iterdir())
+        (support / folder.name).mkdir(parents=True)
+        (queries / folder.name).mkdir(parents=True)
+        for i, image in enumerate(images):
+            shutil.copy(image, (support if i < 5 else queries) / folder.name / image.name)
+    single = sorted((queries / folder.name).iterdir())[0]
+    result = adapt(checkpoint, support, queries, single, "--out", tmp_path / "predictions.csv")
+    assert result.returncode == 0, result.stderr
+    predictions = pd.read_csv(tmp_path / "predictions.csv")
+    classes = sorted(p.name for p in support.iterdir())
+    assert len(predictions) == 5 * 20 + 1 and list(predictions.columns) == ["file", "predicted"] + [
+        f"p_{c}" for c in classes]
+    assert predictions[[f"p_{c}" for c in classes]].sum(axis=1).round(4).eq(1).all()
+    assert set(predictions["predicted"]) <= set(classes)
+    accuracy = float(result.stdout.split("support class: ")[1].split(" %")[0])
+    correct = sum(Path(f).parent.name == p for f, p in zip(predictions["file"], predictions["predicted"]))
+    assert accuracy == pytest.approx(100 * correct / len(predictions), abs=0.01)
+
+
+def test_adapt_refuses_what_the_checkpoint_cannot_take(trained_folder_cell, tmp_path):
+    tmp, root = trained_folder_cell
+    checkpoint = tmp / "work/folder-conv4-5shot/best_accuracy_mean.pth"
+    support = tmp_path / "support"
+    shutil.copytree(root / "test", support)
+    queries = sorted(sorted(support.iterdir())[0].iterdir())[:2]
+    shutil.copytree(root / "val" / sorted(p.name for p in (root / "val").iterdir())[0], support / "extra")
+    wrong_ways = adapt(checkpoint, support, *queries)
+    assert wrong_ways.returncode == 2 and "holds 6 class folder(s)" in wrong_ways.stderr \
+        and "head classifies 5 ways" in wrong_ways.stderr
+    shutil.rmtree(support / "extra")
+    empty = sorted(support.iterdir())[1]
+    for image in empty.iterdir():
+        image.unlink()
+    no_images = adapt(checkpoint, support, *queries)
+    assert no_images.returncode == 2 and f"support class folder(s) without images: ['{empty.name}']" in no_images.stderr
+    shutil.rmtree(empty)
+    shutil.copytree(root / "test" / empty.name, empty)
+    broken = sorted(empty.iterdir())[0]
+    broken.write_bytes(b"not an image")
+    unreadable = adapt(checkpoint, support, *queries)
+    assert unreadable.returncode == 2 and f"cannot read image {broken}" in unreadable.stderr
