@@ -33,13 +33,15 @@ def run(overrides: list[str] | None = None) -> dict:
                                       progress="untrained init", precision=cfg.precision, parallel=parallel)
     write_test_episodes(cell_file(cfg, "untrained_test_episodes"), untrained_acc)
 
+    from_scratch = not (cfg.run_dir / "latest.pth").exists()  # False: a rerun that resumes or reuses the training
     train_start = time.time()
     best = train.run(cfg)
     train_s = time.time() - train_start
     row = evaluate.run(cfg, best, CONFIG, episodes=test_episodes)
     written = report.run(cfg.results_dir)
     minutes = (time.time() - start) / 60
-    timing = {"minutes": round(minutes, 2), "glyphs_generated_s": round(generation_s, 1) if generated else None,
+    timing = {"minutes": round(minutes, 2), "trained_from_scratch": from_scratch,
+              "glyphs_generated_s": round(generation_s, 1) if generated else None,
               "train_command_s": round(train_s, 1), "mean_acc": row["mean_acc"], "ci95": row["ci95"],
               "untrained_mean_acc": round(float(untrained_acc.mean()), 4), "device": row["device"],
               "commit": row["commit"]}
