@@ -2,6 +2,7 @@
 import json
 import math
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -103,6 +104,43 @@ def test_stale_truncated_and_old_stores_are_rebuilt(tmp_path):
     assert "source changed" in store.problem(base, store.expected_stamp(dataset, "eval", 84))
     rebuilt = store.open_store(dataset, "mini-imagenet", "val", "eval", 84, cache)
     assert np.array_equal(rebuilt.pixels[5], np.asarray(eval_resize_crop(84)(dataset.load_image(5))))
+
+
+@pytest.mark.parametrize("damage,reason", [
+    ("stamp truncated", "stamp .* is unreadable"),
+    ("stamp without bytes", "truncated or replaced .* the stamp says None"),
+    ("stamp not a mapping", "another fsl version"),
+    ("sizes missing", "sizes.npy is missing"),
+    ("sizes truncated", "sizes.npy \\(image sizes\\) cannot be read"),
+    ("pixel header garbage", "\\.npy \\(pixels\\) cannot be read"),
+])
+def test_corrupt_stores_are_rebuilt_and_leftovers_removed(tmp_path, damage, reason):
+    """Every kind of damage a kill or a disk can leave: found with the file named, rebuilt on the next open (same
+    pixels), and the .tmp files of an interrupted build removed."""
+    dataset = load_split("mini-imagenet", fixture_root("mini-imagenet"), "val")
+    images = store.open_store(dataset, "mini-imagenet", "val", "eval", 84, tmp_path)
+    first = np.array(images.pixels[:3])
+    base = images.path.with_suffix("")
+    stamp_path, sizes_path = images.path.with_suffix(".json"), base.with_name(base.name + ".sizes.npy")
+    if damage == "stamp truncated":
+        stamp_path.write_text(stamp_path.read_text()[:20])
+    elif damage == "stamp without bytes":
+        stamp_path.write_text(json.dumps({k: v for k, v in stamp_of(images).items() if k != "bytes"}))
+    elif damage == "stamp not a mapping":
+        stamp_path.write_text("[1, 2]")
+    elif damage == "sizes missing":
+        sizes_path.unlink()
+    elif damage == "sizes truncated":
+        sizes_path.write_bytes(sizes_path.read_bytes()[:40])
+    else:  # the right size, a garbled header
+        with open(images.path, "r+b") as f:
+            f.write(b"\x00" * 64)
+    leftover = tmp_path / f".{images.path.name}.abc123.tmp"
+    leftover.write_bytes(b"x" * 1000)  # what a kill during a build leaves
+    assert re.search(reason, store.problem(base, store.expected_stamp(dataset, "eval", 84)))
+    rebuilt = store.open_store(dataset, "mini-imagenet", "val", "eval", 84, tmp_path)
+    assert store.problem(base, store.expected_stamp(dataset, "eval", 84)) is None
+    assert np.array_equal(np.asarray(rebuilt.pixels[:3]), first) and not leftover.exists()
 
 
 def test_interrupted_build_leaves_nothing_and_a_bad_image_is_named(tmp_path, monkeypatch):

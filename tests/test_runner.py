@@ -182,3 +182,12 @@ def test_a_test_with_other_settings_never_replaces_the_runs_own_result(tmp_path)
     report.run(tmp_path / "results")
     assert "test.episodes=10" in (tmp_path / "results/tables/other_tests.md").read_text()
     assert "| 5 |" in (tmp_path / "results/tables/mini-imagenet.md").read_text()
+
+
+def test_test_settings_the_split_cannot_fill_are_named_before_the_checkpoint(tmp_path):
+    """`fsl test ... test.shots=100`: the real problem (too few images per class), not a missing run directory."""
+    result = subprocess.run([sys.executable, "-m", "fsl", "test", str(CONFIG), "test.shots=100",
+                             f"data.root={fixture_root('mini-imagenet')}", f"work_dir={tmp_path}"], cwd=REPO,
+                            capture_output=True, text=True)
+    assert result.returncode == 2 and "fewer images than shots + queries = 100 + 15" in result.stderr
+    assert "checkpoint not found" not in result.stderr
