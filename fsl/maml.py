@@ -9,7 +9,7 @@ loop. The variants of the config's `maml.*` keys are changes of this loop:
     ANIL        `head_only`: only the head adapts (on features computed once), the body is learned through it
     Meta-SGD    `InnerRates` kind per_element: a learned rate per weight, passed to higher as the step's lr
     MAML++      LSLR (`InnerRates` per_layer_per_step), multi-step loss (`step_weights`), per-step BatchNorm
-                weights (`per_step_bn`, fsl.models), derivative-order annealing and cosine meta lr (fsl.train)
+                weights (`per_step_bn`, fsl.models), derivative-order annealing and cosine meta lr (fsl.schedule)
 Episodes are `fsl.episodes.Episode`s with a leading task dimension:
     support_x: (T, ways*shots, C, H, W)   support_y: (T, ways*shots) in 0..ways-1
     query_x:   (T, ways*queries, C, H, W) query_y:   (T, ways*queries)

@@ -7,7 +7,9 @@ the order the v1 pipeline makes them (so a seeded episode gets the very paramete
 stored as rows of numbers; `augment` then applies them to all images of a meta-batch at once: every crop-and-resize as
 torchvision.ops.roi_align computes it (area-averaged bilinear sampling, i.e. antialiased like PIL's resize; as
 grid_sample where a crop is not downscaled), the flips, the colour operations in each image's own random order, and
-the normalisation. Pixels differ from PIL's by interpolation and rounding only.
+the normalisation. Pixels differ from PIL's by interpolation and rounding only. Everything data-dependent (the order
+images are processed in, the groups of images sharing a jitter order, whether a crop is downscaled) is decided on the
+host from the parameters (`plan_augmentation`), so `augment` never makes the host wait for the device.
 
 Parameter row per image (PARAMS columns): crop top, left, height, width in the original image's pixels; flip (0/1);
 the ColorJitter order (a permutation of 0 brightness, 1 contrast, 2 saturation, 3 hue); the brightness, contrast and
