@@ -235,7 +235,7 @@ class EpisodeMaker:
         """The stored uint8 images `indices` (N,) as (N, S, S, 3), read into pinned memory for a GPU."""
         pixels = torch.empty((len(indices), *self.store.pixels.shape[1:]), dtype=torch.uint8,
                              pin_memory=self.device.type == "cuda")
-        np.take(self.store.pixels, indices, axis=0, out=pixels.numpy())
+        self.store.gather(indices, out=pixels.numpy())
         return pixels
 
     def gather(self, specs: EpisodeSpec) -> Gathered:

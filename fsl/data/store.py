@@ -60,9 +60,12 @@ class ImageStore:
     def __len__(self) -> int:
         return len(self.pixels)
 
-    def gather(self, indices: np.ndarray) -> np.ndarray:
-        """Images `indices` (any shape) as one array (*indices.shape, S, S, 3), read from the page cache."""
-        return self.pixels[np.asarray(indices).reshape(-1)].reshape(*np.shape(indices), *self.pixels.shape[1:])
+    def gather(self, indices: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        """Images `indices` (any shape) as one array (*indices.shape, S, S, 3), read from the page cache; into `out`
+        (e.g. pinned memory) when given."""
+        flat = np.take(self.pixels, np.asarray(indices).reshape(-1), axis=0,
+                       out=None if out is None else out.reshape(-1, *self.pixels.shape[1:]))
+        return flat.reshape(*np.shape(indices), *self.pixels.shape[1:])
 
 
 SMALLEST_CROP_SIDE = math.sqrt(SCALE[0] * min(RATIO))  # short side of the smallest crop / sqrt(area): sqrt(0.06)
