@@ -35,6 +35,7 @@ import learn2learn as l2l  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
 
 from fsl.data import load_split  # noqa: E402
+from fsl.distributed import describe_device, device_slug  # noqa: E402
 from fsl.data.store import open_store  # noqa: E402
 from fsl.data.transforms import train_transform  # noqa: E402
 from fsl.episodes import EpisodeDataset, EpisodeMaker, episode_loader, seeded  # noqa: E402
@@ -200,6 +201,66 @@ def run_memory_in_child(root: Path, cache: Path, episodes: int, workers: int) ->
     return result
 
 
+def throughput_lines(args: argparse.Namespace, root: Path, work: Path, device: torch.device) -> list[str]:
+    """Part 1: training episodes/s of v1 and of fsl for each loader worker count, and where fsl's time goes."""
+    lines: list[str] = []
+    parts, v1_rates, fsl_rates = {}, [], []
+    for workers in args.workers:
+        rate, nbytes = rate_v1(root, args.episodes, workers)
+        v1_rates.append(rate)
+    for workers in args.workers:
+        rate, nbytes, parts = rate_fsl(root, work / "cache", args.episodes, workers, device)
+        fsl_rates.append(rate)
+    for workers, old, new in zip(args.workers, v1_rates, fsl_rates):
+        lines.append(f"| {workers} | {old:.1f} | {new:.1f} | {new / old:.2f}x |")
+    lines.append(f"| best of each | {max(v1_rates):.1f} | {max(fsl_rates):.1f} | "
+                 f"**{max(fsl_rates) / max(v1_rates):.2f}x** |")
+    print("\n".join(lines[-len(args.workers) - 1:]), flush=True)
+    describe = parts["describe 8 episodes (one process)"] / META_BATCH
+    lines += ["", "Bytes per meta-batch from the workers: v1 67.8 MB of float32 through shared memory; fsl "
+              f"{nbytes / 1024:.1f} KB of numpy through a pipe.", "",
+              "Where the time goes (meta-batch of 8, one process):", ""]
+    lines += [f"- {name}: {seconds * 1000:.1f} ms" for name, seconds in parts.items()]
+    lines += ["", "Feeding a GPU: there the trainer augments on the GPU and the CPU work per episode is its "
+              f"description ({describe * 1000:.1f} ms in a worker) plus the gather: one worker core describes "
+              f"{1 / describe:.0f} training tasks/s (computed from this machine's describing time; no GPU "
+              "rate is assumed here)."]
+    return lines
+
+
+def memory_lines(args: argparse.Namespace, work: Path) -> list[str]:
+    """Part 2: memory of the tiered-ImageNet layout at scale, main process and loader workers."""
+    lines: list[str] = []
+    lines += ["", f"## tiered-ImageNet layout at scale: {args.memory_episodes} augmented training episodes, "
+              f"2 loader workers", "",
+              "Anonymous: memory the process allocated or copied (heap, tensors, Python objects). File pages: "
+              "resident pages of mapped files, i.e. the memory-mapped store the main process reads pixels from "
+              "(and the libraries): page cache, shared between processes, dropped and re-read by the kernel under "
+              "memory pressure.", "",
+              "| split images | store on disk | process | anonymous MB, first batch -> last | "
+              "file pages MB, first -> last | PSS MB, last | RSS MB, last |", "|---|---|---|---|---|---|---|"]
+    for images in (args.images // 10, args.images):
+        t = time.perf_counter()
+        folder = synthetic_tiered(work / f"tiered-{images}", images)
+        made = time.perf_counter() - t
+        t = time.perf_counter()
+        open_store(load_split("tiered-imagenet", folder, "train"), "tiered-imagenet", "train", "train", SIZE,
+                   work / "cache", progress=False)
+        built = time.perf_counter() - t
+        result = run_memory_in_child(folder, work / "cache", args.memory_episodes, 2)
+        for process, samples in result["samples"].items():
+            lines.append(f"| {images:,} | {result['store_mb']:.0f} MB | {process} | "
+                         f"{samples[0]['Anonymous']:.0f} -> {samples[-1]['Anonymous']:.0f} | "
+                         f"{samples[0]['File']:.0f} -> {samples[-1]['File']:.0f} | {samples[-1]['Pss']:.0f} | "
+                         f"{samples[-1]['Rss']:.0f} |")
+            print(lines[-1], flush=True)
+        lines.append(f"| | | (generating the split: {made:.0f} s; building its store: {built:.0f} s) | | | | |")
+        for name in os.listdir(work / "cache"):
+            if name.startswith("tiered"):
+                os.remove(work / "cache" / name)
+    return lines
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--episodes", type=int, default=400, help="part 1: training episodes per measurement")
@@ -219,75 +280,29 @@ def main() -> None:
     if args.sizes_only:
         text = "\n".join(["# Image stores of the full datasets at 84x84 (computed from fsl.data.store, not measured)",
                           "", "`python benchmarks/episode_pipeline.py --sizes-only`", "", *full_scale_sizes()]) + "\n"
+        args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "store-sizes.md").write_text(text)
         print(text)
         return
     root = Path(args.data_root)
     work = Path(tempfile.mkdtemp(prefix="fsl-pipeline-bench-"))
     device = torch.device(args.device)
-    machine = f"cpu-x{os.cpu_count()}" + (f"-{torch.cuda.get_device_name(device).split()[-1].lower()}"
-                                           if device.type == "cuda" else "")
+    machine = device_slug(device)
     lines = [f"# Episode pipeline: {machine}", "", "## Image stores of the full datasets (computed, not measured)", "",
              *full_scale_sizes(), "",
              f"`python benchmarks/episode_pipeline.py --episodes {args.episodes} --images {args.images}` on "
              f"{os.cpu_count()} CPU cores, torch {torch.__version__}; training episodes 5-way, 5 + 16 images per "
              f"class, 84x84, augmented, meta-batch 8; fsl's augmentation on {device.type}"
-             f"{' (' + torch.cuda.get_device_name(device) + ')' if device.type == 'cuda' else ''}.", "",
+             f" ({describe_device(device)}).", "",
              "## Throughput", "",
              "Training episodes/s, v1 (before #15: DataLoader workers decode with PIL and apply torchvision's "
              "per-image transforms) and fsl (workers describe episodes; the trainer gathers uint8 pixels from the "
              "store and augments the meta-batch at once), measured in the same run:", "",
              "| loader workers | v1 episodes/s | fsl episodes/s | fsl / v1 |", "|---|---|---|---|"]
-    parts, v1_rates, fsl_rates = {}, [], []
-    for workers in () if args.skip_throughput else args.workers:
-        rate, nbytes = rate_v1(root, args.episodes, workers)
-        v1_rates.append(rate)
-    for workers in () if args.skip_throughput else args.workers:
-        rate, nbytes, parts = rate_fsl(root, work / "cache", args.episodes, workers, device)
-        fsl_rates.append(rate)
     if not args.skip_throughput:
-        for workers, old, new in zip(args.workers, v1_rates, fsl_rates):
-            lines.append(f"| {workers} | {old:.1f} | {new:.1f} | {new / old:.2f}x |")
-        lines.append(f"| best of each | {max(v1_rates):.1f} | {max(fsl_rates):.1f} | "
-                     f"**{max(fsl_rates) / max(v1_rates):.2f}x** |")
-        print("\n".join(lines[-len(args.workers) - 1:]), flush=True)
-        describe = parts["describe 8 episodes (one process)"] / META_BATCH
-        lines += ["", "Bytes per meta-batch from the workers: v1 67.8 MB of float32 through shared memory; fsl "
-                  f"{nbytes / 1024:.1f} KB of numpy through a pipe.", "",
-                  "Where the time goes (meta-batch of 8, one process):", ""]
-        lines += [f"- {name}: {seconds * 1000:.1f} ms" for name, seconds in parts.items()]
-        lines += ["", "Feeding a GPU: there the trainer augments on the GPU and the CPU work per episode is its "
-                  f"description ({describe * 1000:.1f} ms in a worker) plus the gather: one worker core describes "
-                  f"{1 / describe:.0f} training tasks/s (computed from this machine's describing time; no GPU "
-                  "rate is assumed here)."]
+        lines += throughput_lines(args, root, work, device)
     if not args.skip_memory:
-        lines += ["", f"## tiered-ImageNet layout at scale: {args.memory_episodes} augmented training episodes, "
-                  f"2 loader workers", "",
-                  "Anonymous: memory the process allocated or copied (heap, tensors, Python objects). File pages: "
-                  "resident pages of mapped files, i.e. the memory-mapped store the main process reads pixels from "
-                  "(and the libraries): page cache, shared between processes, dropped and re-read by the kernel under "
-                  "memory pressure.", "",
-                  "| split images | store on disk | process | anonymous MB, first batch -> last | "
-                  "file pages MB, first -> last | PSS MB, last | RSS MB, last |", "|---|---|---|---|---|---|---|"]
-        for images in (args.images // 10, args.images):
-            t = time.perf_counter()
-            folder = synthetic_tiered(work / f"tiered-{images}", images)
-            made = time.perf_counter() - t
-            t = time.perf_counter()
-            open_store(load_split("tiered-imagenet", folder, "train"), "tiered-imagenet", "train", "train", SIZE,
-                       work / "cache", progress=False)
-            built = time.perf_counter() - t
-            result = run_memory_in_child(folder, work / "cache", args.memory_episodes, 2)
-            for process, samples in result["samples"].items():
-                lines.append(f"| {images:,} | {result['store_mb']:.0f} MB | {process} | "
-                             f"{samples[0]['Anonymous']:.0f} -> {samples[-1]['Anonymous']:.0f} | "
-                             f"{samples[0]['File']:.0f} -> {samples[-1]['File']:.0f} | {samples[-1]['Pss']:.0f} | "
-                             f"{samples[-1]['Rss']:.0f} |")
-                print(lines[-1], flush=True)
-            lines.append(f"| | | (generating the split: {made:.0f} s; building its store: {built:.0f} s) | | | | |")
-            for name in os.listdir(work / "cache"):
-                if name.startswith("tiered"):
-                    os.remove(work / "cache" / name)
+        lines += memory_lines(args, work)
     args.out.mkdir(parents=True, exist_ok=True)
     out = args.out / f"episode-pipeline-{machine}.md"
     out.write_text("\n".join(lines) + "\n")

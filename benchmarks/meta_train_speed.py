@@ -35,6 +35,7 @@ from torch.func import functional_call
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import learn2learn as l2l  # noqa: E402
 
+from fsl.distributed import describe_device, device_slug  # noqa: E402
 from fsl.episodes import Episode  # noqa: E402
 from fsl.maml import InnerLoop, evaluate_tasks, meta_optimizer, meta_train_step  # noqa: E402
 from fsl.models import build_model  # noqa: E402
@@ -246,7 +247,7 @@ def machine(device: torch.device) -> str:
                    if line.startswith("model name"))
     except (OSError, StopIteration):
         pass
-    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "none"
+    gpu = describe_device(device) if device.type == "cuda" else "none"
     return (f"CPU {cpu} x{os.cpu_count()} (torch threads {torch.get_num_threads()}); GPU {gpu}; "
             f"torch {torch.__version__}")
 
@@ -281,8 +282,7 @@ def main() -> None:
 def write_results(device, rows, exact, test_rows, hours, quick, out: Path, seconds: float) -> None:
     import pandas as pd
 
-    name = (torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu-x{os.cpu_count()}")
-    name = name.replace(" ", "-").lower() + ("-quick" if quick else "")
+    name = device_slug(device) + ("-quick" if quick else "")
     out.mkdir(parents=True, exist_ok=True)
     columns = ["arch", "order", "implementation", "tasks_per_s", "speedup_vs_l2l", "peak_mb", "grad_rel_diff",
                "precision", "meta_batch", "median_s", "min_s", "max_s", "note"]

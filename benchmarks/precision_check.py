@@ -23,6 +23,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from fsl import evaluate, train  # noqa: E402
 from fsl.config import load_config  # noqa: E402
+from fsl.distributed import device_slug  # noqa: E402
 from fsl.precision import honoured_precisions  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -62,7 +63,7 @@ def main() -> None:
     precisions = args.precisions or honoured_precisions(device)
     scratch = Path(tempfile.mkdtemp(prefix="fsl-precision-"))
     rows = [run_setting(arch, precision, args, scratch) for arch in args.archs for precision in precisions]
-    name = torch.cuda.get_device_name(device).replace(" ", "-").lower() if device.type == "cuda" else "cpu"
+    name = device_slug(device)
     lines = [f"# Precision settings at reduced scale: {name}", "",
              f"mini-ImageNet-lite ({args.data_root}), 1-shot cells, protocol episodes and inner loop, seed 0, "
              f"{args.tasks} training tasks, last weights tested on {args.episodes} fixed test episodes; "

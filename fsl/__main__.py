@@ -10,7 +10,8 @@ from fsl.config import ConfigError, load_config
 from fsl.data.base import DatasetError
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The `fsl` command line: one subcommand per job."""
     parser = argparse.ArgumentParser(prog="fsl", description="MAML few-shot classification suite (also: python -m fsl)")
     commands = parser.add_subparsers(dest="command", required=True)
 
@@ -63,8 +64,13 @@ def main(argv: list[str] | None = None) -> int:
     done = commands.add_parser("done", help="exit 0 if summary.csv holds this run's comparable result for this config")
     done.add_argument("config")
     done.add_argument("overrides", nargs="*")
+    return parser
 
-    args = parser.parse_args(argv)
+
+def main(argv: list[str] | None = None) -> int:
+    """Run one command; errors that carry their fix are printed without a traceback (exit 2: bad input, 1: the run
+    failed, 130: stopped by a signal, after writing latest.pth)."""
+    args = build_parser().parse_args(argv)
     from fsl import distributed
     where = f" (process {distributed.rank_from_env()} of a torchrun job)" if distributed.launched_by_torchrun() else ""
     try:
@@ -94,10 +100,10 @@ def run_command(args: argparse.Namespace) -> int:
         from fsl import train
         train.run(load_config(args.config, args.overrides))
     elif args.command == "test":
-        from fsl import evaluate
+        from fsl import episodes, evaluate
         split_checkpoint(args)
         cfg = load_config(args.config, args.overrides)
-        evaluate.check_test_episodes(cfg)  # a split too small for the episodes, before looking for a checkpoint
+        episodes.check_test_episodes(cfg)  # a split too small for the episodes, before looking for a checkpoint
         evaluate.run(cfg, args.checkpoint or cfg.run_dir / "best_accuracy_mean.pth", args.config)
     elif args.command == "data":
         return data_command(args)

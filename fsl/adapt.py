@@ -25,7 +25,7 @@ from fsl.data.augment import normalise
 from fsl.data.base import DatasetError, open_rgb
 from fsl.data.folder import class_folder_images, is_image
 from fsl.data.transforms import eval_resize_crop
-from fsl.evaluate import load_checkpoint_model
+from fsl.checkpoint import load_checkpoint_model
 from fsl.maml import InnerLoop, adapt
 from fsl.utils import resolve_device, write_atomic
 

@@ -9,10 +9,12 @@ import json
 import time
 
 from fsl import evaluate, report, train
+from fsl.accuracy import evaluate as episode_accuracies, parallel_episodes
 from fsl.config import load_config
 from fsl.data import glyphs
+from fsl.episodes import FixedEpisodes
 from fsl.maml import InnerLoop, build_learner
-from fsl.results import cell_file, write_test_episodes
+from fsl.results import cell_file, ci95, write_test_episodes
 from fsl.utils import resolve_device, seed_everything, write_text_atomic
 
 CONFIG = "experiments/glyphs-conv4-1shot.yaml"
@@ -27,10 +29,10 @@ def run(overrides: list[str] | None = None) -> dict:
 
     seed_everything(cfg.seed)
     untrained, rates = build_learner(cfg, device)
-    test_episodes = evaluate.fixed_episodes(cfg, "test", cfg.test.episodes)
-    parallel, _ = evaluate.test_group(cfg, untrained, rates, test_episodes, device)
-    untrained_acc = evaluate.evaluate(untrained, test_episodes, InnerLoop.testing(cfg), device, rates=rates,
-                                      progress="untrained init", precision=cfg.precision, parallel=parallel)
+    test_episodes = FixedEpisodes(cfg, "test", cfg.test.episodes)
+    parallel, _ = parallel_episodes(cfg, untrained, rates, test_episodes, device)
+    untrained_acc = episode_accuracies(untrained, test_episodes, InnerLoop.testing(cfg), device, rates=rates,
+                                       progress="untrained init", precision=cfg.precision, parallel=parallel)
     write_test_episodes(cell_file(cfg, "untrained_test_episodes"), untrained_acc)
 
     from_scratch = not (cfg.run_dir / "latest.pth").exists()  # False: a rerun that resumes or reuses the training
@@ -49,7 +51,7 @@ def run(overrides: list[str] | None = None) -> dict:
     print(f"\ndemo finished in {minutes:.1f} min: {cfg.run_name} test accuracy {row['mean_acc']:.2f} ± "
           f"{row['ci95']:.2f} % "
           f"(5-way {cfg.test.shots}-shot, chance 20%); adapting the untrained initialisation gives "
-          f"{untrained_acc.mean():.2f} ± {evaluate.ci95(untrained_acc):.2f} %")
+          f"{untrained_acc.mean():.2f} ± {ci95(untrained_acc):.2f} %")
     print("results:", f"{cfg.results_dir}/summary.csv", *[str(p) for p in written if "glyphs" in str(p)
                                                          or p.name == "comparison.md"], sep="\n  ")
     return row

@@ -134,3 +134,15 @@ def gather_shares(values: Sequence[float], count: int) -> list[float]:
         for i, value in zip(range(r, count, world_size()), share):
             ordered[i] = value
     return ordered
+
+
+def describe_device(device: torch.device) -> str:
+    """The device as results and benchmarks name it: the GPU's name or 'cpu xN' (N torch threads), prefixed by the
+    process count under torchrun ('2 x NVIDIA H100 80GB HBM3')."""
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu x{torch.get_num_threads()}"
+    return f"{world_size()} x {name}" if world_size() > 1 else name
+
+
+def device_slug(device: torch.device) -> str:
+    """`describe_device` as a file-name part: 'cpu-x2', 'nvidia-h100-80gb-hbm3'."""
+    return describe_device(device).replace(" ", "-").lower()

@@ -17,7 +17,7 @@ Episodes are `fsl.episodes.Episode`s with a leading task dimension:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Callable, Iterator
 
 import higher
 import torch
@@ -38,7 +38,8 @@ class InnerLoop:
     first_order: bool = False
     zero_head: bool = False      # maml.zero_head: the first step moves the (zero) head alone, exactly
     head_only: bool = False      # ANIL: maml.adapt=head
-    per_step_bn: bool = False    # MAML++ BNWB: BatchNorm weights of step k at step k, not adapted
+    per_step_bn: bool = False    # MAML++ BNWB: BatchNorm weights of step k at step k (the forward's `step`), not
+                                 # adapted
     meta_gradient: bool = True   # a meta-gradient is taken through the loop (training); False: validation and test,
                                  # which build no graph back to the meta-parameters or the learned rates
 
@@ -112,11 +113,21 @@ def build_learner(cfg: Config, device: torch.device | str = "cpu") -> tuple[nn.M
     return model, InnerRates(model, InnerLoop.training(cfg), cfg.maml.learned_lr, cfg.maml.inner_lr).to(device)
 
 
-def set_step(module: nn.Module, step: int) -> None:
-    """Tell per-step BatchNorm layers which inner step the next forward belongs to."""
-    for layer in module.modules():
-        if isinstance(layer, TaskBatchNorm2d):
-            layer.step = step
+class Adapted:
+    """The model with T tasks' fast weights after inner step `step` (`fmodel`: higher's functional model). Calling it
+    maps (T, N, C, H, W) to logits (T, N, ways) with those weights and, where BatchNorm weights are per step
+    (MAML++), with step `step`'s: the query loss after step k uses the weights the support forward of step k used."""
+
+    def __init__(self, fmodel: higher.patch._MonkeyPatchBase, step: int):
+        self.fmodel, self.step = fmodel, step
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fmodel(x, step=self.step)
+
+    @property
+    def fast_params(self) -> list[torch.Tensor]:
+        """Aligned with model.parameters(): every fast weight, (T, ...) per task."""
+        return list(self.fmodel.fast_params)
 
 
 class HeadAdapted:
@@ -134,8 +145,16 @@ class HeadAdapted:
         return list(self.model.features.parameters()) + list(self.fhead.fast_params)
 
 
+def fast_weights(module: nn.Module, tasks: int, track: bool) -> higher.patch._MonkeyPatchBase:
+    """higher's functional copy of `module` whose fast weights start as views of its parameters, one per task
+    (T, ...); `track`: keep the graph through the updates (higher's track_higher_grads)."""
+    fmodel = higher.monkeypatch(module, copy_initial_weights=False, track_higher_grads=track)
+    fmodel.update_params([p.expand(tasks, *p.shape) for p in module.parameters()])
+    return fmodel
+
+
 def adapt_steps(model: nn.Module, support_x: torch.Tensor, support_y: torch.Tensor, loop: InnerLoop,
-                rates: InnerRates | None = None) -> Iterator[higher.patch._MonkeyPatchBase | HeadAdapted]:
+                rates: InnerRates | None = None) -> Iterator[Adapted | HeadAdapted]:
     """Run `loop.steps` SGD steps on each task's whole support set; yield the adapted model after every step.
 
     support_x: (T, N, C, H, W), support_y: (T, N). The adapted model maps (T, N', C, H, W) to logits (T, N', ways)
@@ -144,38 +163,54 @@ def adapt_steps(model: nn.Module, support_x: torch.Tensor, support_y: torch.Tens
     step's gradient is a constant (FOMAML); with learned rates the update itself stays differentiable, so that the
     rates still receive their gradient, as in MAML++'s code. `model`'s own parameters are never modified.
 
+    Where the variants differ: ANIL (`head_only`) here, the step rule in `inner_update`, MAML++'s per-step
+    BatchNorm weights through the forward's `step` (fsl.models), which parameters adapt in `adapted_mask`.
+    """
+    tasks = support_x.shape[0]
+    track = loop.meta_gradient and (not loop.first_order or rates is not None)  # a graph through the updates
+    if loop.head_only:  # ANIL: only the head adapts, on features the body computes once for all steps
+        fmodel = fast_weights(model.classifier, tasks, track)
+        mask = [True] * len(fmodel.fast_params)
+        features = model.embed(support_x)
+        support_logits = lambda step: fmodel(features)  # noqa: E731
+    else:
+        fmodel = fast_weights(model, tasks, track)
+        mask = adapted_mask(model, loop)
+        support_logits = lambda step: fmodel(support_x, step=step)  # noqa: E731
+    update = inner_update(model, fmodel, mask, loop, rates, track)
+    for step in range(loop.steps):
+        update(task_losses(support_logits(step), support_y).sum(), step)  # tasks are independent: sum, not mean
+        yield HeadAdapted(model, fmodel) if loop.head_only else Adapted(fmodel, step)
+
+
+def inner_update(model: nn.Module, fmodel: higher.patch._MonkeyPatchBase, mask: list[bool], loop: InnerLoop,
+                 rates: InnerRates | None, track: bool) -> Callable[[torch.Tensor, int], None]:
+    """The inner loop's SGD step, `update(summed support loss, step)`, for the loop's variant:
+        zero head, step 0             the head alone (`head_step`)
+        first order + learned rates   a constant gradient, an update differentiable in the rates (`first_order_step`)
+        otherwise                     higher's differentiable SGD on the fast weights where `mask` says they adapt:
+                                      second order (MAML), or untracked (FOMAML); learned rates (Meta-SGD, LSLR)
+                                      replace loop.lr, one rate (tensor) per parameter tensor
+
     `loop.zero_head` says `model.classifier` is zero (`maml.zero_head`). Then the first step's gradient w.r.t. the
     backbone is exactly zero, and so is its derivative w.r.t. the backbone (every term carries the zero head:
     d loss / d features = W^T (softmax - onehot)), so the first step updates the head alone: the same fast weights
     and the same backbone meta-gradient without differentiating through the backbone twice (~1.4x faster meta-
     training at one inner step; tests/test_maml.py checks both). Only the head's own meta-gradient changes, and the
-    head is not meta-learned.
-    """
-    tasks = support_x.shape[0]
-    track = loop.meta_gradient and (not loop.first_order or rates is not None)  # a graph through the updates
-    constant_gradients = loop.first_order and track  # first order with learned rates: see `first_order_step`
-    adapted = model.classifier if loop.head_only else model
-    mask = [True] * len(list(adapted.parameters())) if loop.head_only else adapted_mask(model, loop)
-    params = list(adapted.parameters())
-    fmodel = higher.monkeypatch(adapted, copy_initial_weights=False, track_higher_grads=track)
-    fmodel.update_params([p.expand(tasks, *p.shape) for p in params])  # one view of θ per task
+    head is not meta-learned."""
+    params = list((model.classifier if loop.head_only else model).parameters())
     groups = [{"params": [p]} for p, adapts in zip(params, mask) if adapts]  # one group each: rates per tensor
-    inner_optimizer = higher.optim.DifferentiableSGD(torch.optim.SGD(groups, lr=loop.lr), params, fmodel=fmodel,
-                                                     track_higher_grads=track)
-    if loop.head_only:
-        features = model.embed(support_x)  # (T, N, D): the body does not adapt, so once for all steps
-        result = HeadAdapted(model, fmodel)
-    for step in range(loop.steps):
-        set_step(fmodel, step)
-        logits = fmodel(features) if loop.head_only else fmodel(support_x)
-        loss = task_losses(logits, support_y).sum()  # tasks are independent: sum, not mean
+    sgd = higher.optim.DifferentiableSGD(torch.optim.SGD(groups, lr=loop.lr), params, fmodel=fmodel,
+                                         track_higher_grads=track)
+
+    def update(loss: torch.Tensor, step: int) -> None:
         if step == 0 and loop.zero_head and not loop.head_only:
             head_step(model, fmodel, loss, loop.lr, loop.first_order)
-        elif constant_gradients:
+        elif loop.first_order and track:
             first_order_step(fmodel, loss, mask, rates.at(step) if rates is not None else None, loop.lr)
         else:
-            inner_optimizer.step(loss, override={"lr": rates.at(step)} if rates is not None else None)
-        yield result if loop.head_only else fmodel
+            sgd.step(loss, override={"lr": rates.at(step)} if rates is not None else None)
+    return update
 
 
 def first_order_step(fmodel: higher.patch._MonkeyPatchBase, loss: torch.Tensor, mask: list[bool],

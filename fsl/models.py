@@ -7,6 +7,9 @@ loop), convolutions are grouped by task and BatchNorm normalises each task with 
 plain network, layer for layer. BatchNorm keeps no running statistics (`track_running_stats=False`): it always
 normalises with the statistics of the batch it is given, in training, validation and test alike, as MMFewShot's MAML
 does. This makes evaluation transductive over the query batch, like the original MAML.
+
+Every forward takes the inner step `step` as an argument (default 0). It matters only to MAML++'s per-step BatchNorm
+weights (`build_model(per_step_bn=S)`), which use their row `step`; the inner loop (fsl.maml) passes it.
 """
 from __future__ import annotations
 
@@ -38,11 +41,11 @@ class TaskBatchNorm2d(nn.BatchNorm2d):
     """BatchNorm over task-stacked channels (N, T*C, H, W), always with the statistics of the batch it is given
     (no running statistics), so each task is normalised by its own statistics. weight/bias: (C,) shared or (T, C)
     per task. After `per_step(S)` (MAML++'s per-step BatchNorm weights and biases) they are (S, C) or (T, S, C) and
-    row `step` is used, `step` being set by the inner loop before each forward (fsl.maml.set_step)."""
+    the forward's `step` picks the row."""
 
     def __init__(self, channels: int):
         super().__init__(channels, track_running_stats=False)
-        self.steps, self.step = 0, 0
+        self.steps = 0  # per-step weights: how many rows (0: one weight, no rows)
 
     def per_step(self, steps: int) -> None:
         """One weight and bias per inner step: (steps, C), initialised to 1 and 0."""
@@ -50,11 +53,11 @@ class TaskBatchNorm2d(nn.BatchNorm2d):
         self.weight = nn.Parameter(torch.ones(steps, self.num_features))
         self.bias = nn.Parameter(torch.zeros(steps, self.num_features))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, step: int = 0) -> torch.Tensor:
         tasks = x.shape[1] // self.num_features
         weight, bias = self.weight, self.bias
         if self.steps:
-            weight, bias = weight[..., self.step, :], bias[..., self.step, :]
+            weight, bias = weight[..., step, :], bias[..., step, :]
         if weight.dim() == 1 and tasks > 1:
             weight, bias = weight.repeat(tasks), bias.repeat(tasks)
         return F.batch_norm(x, None, None, weight.flatten(), bias.flatten(), True, 0.0, self.eps)
@@ -67,6 +70,15 @@ class TaskLinear(nn.Linear):
         if self.weight.dim() == 2:
             return F.linear(x, self.weight, self.bias)
         return torch.baddbmm(self.bias.unsqueeze(1), x, self.weight.transpose(1, 2))  # (T, N, out)
+
+
+class StepSequential(nn.Sequential):
+    """nn.Sequential whose forward passes the inner step to the layers that use it (BatchNorm, residual blocks)."""
+
+    def forward(self, x: torch.Tensor, step: int = 0) -> torch.Tensor:
+        for layer in self:
+            x = layer(x, step=step) if isinstance(layer, STEPPED) else layer(x)
+        return x
 
 
 def batch_norm(channels: int) -> TaskBatchNorm2d:
@@ -87,19 +99,19 @@ class FewShotClassifier(nn.Module):
         self.feature_dim = feature_dim
         self.classifier = TaskLinear(feature_dim, ways)  # PyTorch default init, as in the protocol
 
-    def embed(self, x: torch.Tensor) -> torch.Tensor:
+    def embed(self, x: torch.Tensor, step: int = 0) -> torch.Tensor:
         """Features of T tasks' images: (T, N, C, H, W) -> (T, N, feature_dim)."""
         tasks, n = x.shape[:2]
         stacked = x.transpose(0, 1).reshape(n, -1, *x.shape[3:])         # (N, T*C, H, W), task-major channels
-        return self.features(stacked).reshape(n, tasks, -1).transpose(0, 1)  # (T, N, feature_dim)
+        return self.features(stacked, step=step).reshape(n, tasks, -1).transpose(0, 1)  # (T, N, feature_dim)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, step: int = 0) -> torch.Tensor:
         if x.dim() == 4:
-            return self.forward(x.unsqueeze(0)).squeeze(0)
-        return self.classifier(self.embed(x))                              # (T, N, ways)
+            return self.forward(x.unsqueeze(0), step=step).squeeze(0)
+        return self.classifier(self.embed(x, step=step))                  # (T, N, ways)
 
 
-def conv4_features(channels: int = 64) -> nn.Sequential:
+def conv4_features(channels: int = 64) -> StepSequential:
     """4 x [Conv3x3(pad 1, bias) -> BN -> ReLU -> MaxPool2]; 84x84 -> 64x5x5 (flattened: 1600)."""
     layers: list[nn.Module] = []
     in_channels = 3
@@ -107,7 +119,7 @@ def conv4_features(channels: int = 64) -> nn.Sequential:
         layers += [TaskConv2d(in_channels, channels, 3, padding=1, bias=True), batch_norm(channels), nn.ReLU(),
                    nn.MaxPool2d(2)]
         in_channels = channels
-    return nn.Sequential(*layers)
+    return StepSequential(*layers)
 
 
 class ResidualBlock(nn.Module):
@@ -122,25 +134,28 @@ class ResidualBlock(nn.Module):
         self.bn2 = batch_norm(out_channels)
         self.conv3 = TaskConv2d(out_channels, out_channels, 3, padding=1, bias=False)
         self.bn3 = batch_norm(out_channels)
-        self.shortcut = nn.Sequential(TaskConv2d(in_channels, out_channels, 1, bias=False), batch_norm(out_channels))
+        self.shortcut = StepSequential(TaskConv2d(in_channels, out_channels, 1, bias=False), batch_norm(out_channels))
         self.act = nn.LeakyReLU(0.1)
         self.pool = nn.MaxPool2d(2)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.act(self.bn1(self.conv1(x)))
-        out = self.act(self.bn2(self.conv2(out)))
-        out = self.bn3(self.conv3(out))
-        return self.pool(self.act(out + self.shortcut(x)))
+    def forward(self, x: torch.Tensor, step: int = 0) -> torch.Tensor:
+        out = self.act(self.bn1(self.conv1(x), step=step))
+        out = self.act(self.bn2(self.conv2(out), step=step))
+        out = self.bn3(self.conv3(out), step=step)
+        return self.pool(self.act(out + self.shortcut(x, step=step)))
 
 
-def resnet12_features(channels: tuple[int, ...] = (64, 160, 320, 640)) -> nn.Sequential:
+STEPPED = (TaskBatchNorm2d, ResidualBlock, StepSequential)  # the layers whose forward takes the inner step
+
+
+def resnet12_features(channels: tuple[int, ...] = (64, 160, 320, 640)) -> StepSequential:
     """4 residual blocks (64-160-320-640) then global average pooling; 84x84 -> 640x5x5 -> 640."""
     blocks: list[nn.Module] = []
     in_channels = 3
     for out_channels in channels:
         blocks.append(ResidualBlock(in_channels, out_channels))
         in_channels = out_channels
-    return nn.Sequential(*blocks, nn.AdaptiveAvgPool2d(1))
+    return StepSequential(*blocks, nn.AdaptiveAvgPool2d(1))
 
 
 BACKBONES = {"conv4": conv4_features, "resnet12": resnet12_features}

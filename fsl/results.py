@@ -14,14 +14,19 @@ import fcntl
 import hashlib
 import math
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
+import torch
 
-from fsl.config import Config
-from fsl.utils import write_atomic
+from fsl import provenance
+from fsl.config import Config, config_files, variant_label
+from fsl.precision import describe_precision
+from fsl.reference import REFERENCE
+from fsl.utils import git_commit, write_atomic
 
 
 class ResultsError(RuntimeError):
@@ -201,6 +206,42 @@ def upsert_summary(results_dir: str | Path, row: dict) -> Path:
         rows = summary.astype(object).where(summary.notna(), None).to_dict("records") + [row]
         rows.sort(key=lambda r: (bool(r.get("quick")), str(r["run"]), str(r.get("test_tag") or "")))
         return write_csv(rows, path, SUMMARY)
+
+
+def ci95(accuracies: np.ndarray) -> float:
+    """95% confidence half-width of the mean: 1.96 * std(ddof=0) / sqrt(n) (MMFewShot's "std" column)."""
+    accuracies = np.asarray(accuracies, dtype=np.float64)
+    return float(1.96 * accuracies.std(ddof=0) / math.sqrt(len(accuracies)))
+
+
+def summary_row(tested: Config, trained: Config, accuracies: np.ndarray, checkpoint: dict, checkpoint_path: Path,
+                train_tasks: int, parallel_episodes: int, device: torch.device, device_name: str, seconds: float,
+                config_path: str | Path | None) -> dict:
+    """The SUMMARY row of one test: what it measured (`accuracies`, % per episode, over `seconds` on `device`,
+    described as `device_name`), the checkpoint it tested (trained under `trained`, `train_tasks` tasks in its run),
+    the settings it ran under (`tested`), and where all of it came from (fsl.provenance, commits)."""
+    comparable, why = provenance.comparability(trained, tested, train_tasks, checkpoint["tasks_done"],
+                                               checkpoint["best_val_tasks"])
+    reference = REFERENCE.get((tested.data.dataset, tested.model.arch, tested.test.shots), (None, None))
+    return {
+        "run": tested.run_name, "test_tag": provenance.test_tag(trained, tested), "cell": tested.cell,
+        "variant": variant_label(tested), "dataset": tested.data.dataset, "data_root": tested.data_root.name,
+        "arch": tested.model.arch, "ways": tested.test.ways, "shots": tested.test.shots,
+        "image_size": tested.data.image_size, "train_batch": tested.train.ways * (tested.train.shots + tested.train.queries),
+        "mean_acc": round(float(accuracies.mean()), 4), "ci95": round(ci95(accuracies), 4), "episodes": len(accuracies),
+        "train_tasks": train_tasks, "best_val_tasks": checkpoint["best_val_tasks"], "quick": tested.quick,
+        "comparable": comparable, "not_comparable_why": why, "seed": tested.seed,
+        "precision": describe_precision(trained.precision, device, trained.cudnn_benchmark),
+        "test_precision": describe_precision(tested.precision, device, tested.cudnn_benchmark),
+        "train_config_sha": provenance.train_sha(trained), "test_config_sha": provenance.meta_test_sha(tested),
+        "tasks_per_s": checkpoint.get("tasks_per_s"), "peak_memory_mb": checkpoint.get("peak_memory_mb"),
+        "parallel_tasks": checkpoint.get("parallel_tasks"), "parallel_episodes": parallel_episodes,
+        "checkpoint": str(checkpoint_path), "commit": git_commit(),
+        "config_commit": git_commit(*config_files(config_path)) if config_path else "unknown",
+        "device": device_name, "seconds": round(seconds, 1),
+        "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "reference_mean": reference[0], "reference_ci95": reference[1],
+    }
 
 
 def own_tests(summary: pd.DataFrame) -> pd.DataFrame:

@@ -139,12 +139,12 @@ def test_sigterm_to_the_process_group_loses_no_completed_step(tmp_path):
 
 
 def test_a_second_trainer_on_the_same_run_directory_is_refused(tmp_path):
-    from fsl.train import RunDirLock
+    from fsl.checkpoint import RunDirLock
 
     run_dir = tmp_path / "run"
     with RunDirLock(run_dir):
         other = subprocess.run([sys.executable, "-c", "import sys; from pathlib import Path; "
-                                "from fsl.train import RunDirLock\n"
+                                "from fsl.checkpoint import RunDirLock\n"
                                 f"with RunDirLock(Path({str(run_dir)!r})): pass"],
                                cwd=REPO, capture_output=True, text=True)
         assert other.returncode != 0 and f"is being trained by another process (pid {os.getpid()})" in other.stderr

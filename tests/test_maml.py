@@ -13,7 +13,8 @@ from torch.func import functional_call
 from fsl.episodes import Episode, collate_episodes
 from fsl.maml import (InnerLoop, adapt, check_meta_gradients, evaluate_episode, evaluate_tasks, meta_optimizer,
                       meta_parameters, meta_train_step, non_finite, task_meta_gradient)
-from fsl.models import TaskBatchNorm2d, TaskConv2d, TaskLinear, build_model
+from fsl.models import (FewShotClassifier, ResidualBlock, StepSequential, TaskBatchNorm2d, TaskConv2d, TaskLinear,
+                        build_model)
 
 
 def make_episode(ways=3, shots=2, queries=3, size=16, seed=0) -> Episode:
@@ -23,13 +24,34 @@ def make_episode(ways=3, shots=2, queries=3, size=16, seed=0) -> Episode:
                    torch.randn(ways * queries, 3, size, size, generator=g, dtype=torch.float64), labels(queries))
 
 
+class PlainResidualBlock(ResidualBlock):
+    """ResidualBlock's wiring on torch.nn's layers (which take no inner step)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.act(self.bn1(self.conv1(x)))
+        out = self.act(self.bn2(self.conv2(out)))
+        out = self.bn3(self.conv3(out))
+        return self.pool(self.act(out + self.shortcut(x)))
+
+
+class PlainClassifier(FewShotClassifier):
+    """FewShotClassifier for one task's (N, C, H, W) images on torch.nn's layers."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.features(x).flatten(1))
+
+
 def plain_copy(model: nn.Module) -> nn.Module:
-    """The same network (the same parameter tensors) with torch.nn's own Conv2d/BatchNorm2d/Linear forwards instead
-    of fsl's task-batched ones: an independent reference for T = 1."""
+    """The same network (the same parameter tensors) with torch.nn's own Conv2d/BatchNorm2d/Linear/Sequential forwards
+    instead of fsl's task-batched ones: an independent reference for T = 1."""
     plain = copy.copy(model)  # shares the parameters
     plain._modules = {name: plain_copy(child) for name, child in model._modules.items()}
-    if isinstance(model, (TaskConv2d, TaskBatchNorm2d, TaskLinear)):
-        plain.__class__ = type(model).__mro__[1]  # nn.Conv2d, nn.BatchNorm2d, nn.Linear
+    if isinstance(model, (TaskConv2d, TaskBatchNorm2d, TaskLinear, StepSequential)):
+        plain.__class__ = type(model).__mro__[1]  # nn.Conv2d, nn.BatchNorm2d, nn.Linear, nn.Sequential
+    elif isinstance(model, ResidualBlock):
+        plain.__class__ = PlainResidualBlock
+    elif isinstance(model, FewShotClassifier):
+        plain.__class__ = PlainClassifier
     return plain
 
 

@@ -11,7 +11,8 @@ import torch
 from conftest import REPO, STORE_CACHE, fixture_root
 from fsl import evaluate, train
 from fsl.config import ConfigError, load_config
-from fsl.evaluate import ci95
+from fsl.results import ci95
+from fsl.run_log import RunLog
 
 CONFIG = REPO / "experiments/mini-imagenet-conv4-1shot.yaml"
 
@@ -151,7 +152,7 @@ def test_tensorboard_holds_the_numbers_of_log_csv(tmp_path):
     log = pd.read_csv(cfg.run_dir / "log.csv")
     events = EventAccumulator(str(cfg.run_dir / "tb"))
     events.Reload()
-    for split, names in train.RunLog.SCALARS.items():
+    for split, names in RunLog.SCALARS.items():
         rows = log[log.split == split]
         for name in names:
             scalars = events.Scalars(f"{split}/{name}")

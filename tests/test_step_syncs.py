@@ -13,14 +13,15 @@ import pytest
 import torch
 
 from conftest import REPO, STORE_CACHE, fixture_root
-from fsl import train
+from fsl import checkpoint, train
 from fsl.config import load_config
 from fsl.episodes import EpisodeDataset, EpisodeMaker
 from fsl.opcount import OpCounter, is_sync
+from fsl.run_log import RunLog
 
 CONFIG = REPO / "experiments/mini-imagenet-conv4-5shot.yaml"
-BOUNDARIES = [(train.StepWindow, "read"), (train, "evaluate"), (train, "save_checkpoint"), (train.RunLog, "write"),
-              (train, "fixed_episodes"), (train, "test_group")]
+BOUNDARIES = [(train.StepWindow, "read"), (train.Validation, "__call__"), (checkpoint.Checkpoints, "save"),
+              (RunLog, "write"), (train, "FixedEpisodes")]
 HOST_WORK = [(EpisodeDataset, "__getitem__"), (EpisodeMaker, "gather")]
 
 

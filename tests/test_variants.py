@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from torch.func import functional_call
 
 from conftest import REPO, STORE_CACHE, fixture_root
-from fsl import evaluate, train
+from fsl import checkpoint, evaluate, train
 from fsl.config import ConfigError, load_config
 from fsl.maml import InnerLoop, InnerRates, task_meta_gradient
 from fsl.schedule import msl_weights
@@ -180,7 +180,7 @@ def test_each_variant_resumes_bit_identically_and_tests_with_its_learned_paramet
         # they were learned (all but the rates of the conv biases before a BatchNorm, whose gradient is zero)
         moved = [not torch.equal(v, torch.full_like(v, straight.maml.inner_lr)) for v in a["rates"].values()]
         assert sum(moved) >= len(moved) // 2 + 1
-    model, rates, _, _ = evaluate.load_checkpoint_model(straight.run_dir / "latest.pth", straight, "cpu")
+    model, rates, _, _ = checkpoint.load_checkpoint_model(straight.run_dir / "latest.pth", straight, "cpu")
     if rates is not None:  # meta-test adapts with the learned rates, not fresh ones
         assert all(torch.equal(r, a["rates"][n]) for n, r in rates.state_dict().items())
     row = evaluate.run(straight, straight.run_dir / "best_accuracy_mean.pth")
@@ -189,7 +189,7 @@ def test_each_variant_resumes_bit_identically_and_tests_with_its_learned_paramet
 
 def stop_after_first_validation(cfg):
     """Run `cfg` and interrupt it after its first checkpoint, as a Ctrl-C would."""
-    real = train.save_checkpoint
+    real = checkpoint.save_checkpoint
     calls = []
 
     def save_then_stop(path, *args):
@@ -197,12 +197,12 @@ def stop_after_first_validation(cfg):
         if path.name == "latest.pth":
             calls.append(path)
             raise KeyboardInterrupt
-    train.save_checkpoint = save_then_stop
+    checkpoint.save_checkpoint = save_then_stop
     try:
         with pytest.raises(KeyboardInterrupt):
             train.run(cfg)
     finally:
-        train.save_checkpoint = real
+        checkpoint.save_checkpoint = real
     assert torch.load(calls[0], weights_only=False)["tasks_done"] == 4
 
 

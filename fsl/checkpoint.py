@@ -1,0 +1,160 @@
+"""Checkpoints of a run directory: what is saved, how a run resumes, and how a test loads the model back.
+
+    <run_dir>/latest.pth              everything needed to continue (periodically, at validation, on SIGINT/SIGTERM)
+    <run_dir>/best_accuracy_mean.pth  the weights with the best mean validation accuracy so far
+    <run_dir>/train.lock              held by the one trainer of the directory (`RunDirLock`)
+
+A checkpoint is a dict: model, rates (learned inner rates or None), optimizer, config (fsl.config.to_dict), rng
+(every RNG state), and the `TrainState` fields at its top level. Writes are atomic.
+"""
+from __future__ import annotations
+
+import fcntl
+import os
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from fsl import distributed, provenance
+from fsl.config import Config, from_dict, to_dict
+from fsl.maml import InnerRates, build_learner, make_fused
+from fsl.utils import rng_states, set_rng_states, write_atomic
+
+
+@dataclass
+class TrainState:
+    """The counters of a run that a checkpoint carries besides the weights."""
+    tasks_done: int = 0                  # training tasks whose meta-gradient has been applied
+    best_val_mean: float = -1.0          # best mean validation accuracy so far, %
+    best_val_tasks: int = 0              # tasks_done when it was reached (the best checkpoint's)
+    window: list = field(default_factory=lambda: [0.0, 0.0, 0])  # unlogged [loss sum, accuracy sum, tasks]
+    train_seconds: float = 0.0           # wall time of the outer steps, validation excluded
+    tasks_per_s: float | None = None     # tasks_done / train_seconds at the last save
+    peak_memory_mb: float | None = None  # peak GPU memory of the run (CUDA only)
+    parallel_tasks: int | None = None    # train.parallel_tasks as resolved on this device
+    parallel_episodes: int | None = None  # test.parallel_episodes as resolved for validation
+
+
+class Checkpoints:
+    """latest.pth and best_accuracy_mean.pth of `cfg.run_dir` for one run's model, rates and optimizer."""
+
+    def __init__(self, cfg: Config, model: nn.Module, rates: InnerRates | None, optimizer: torch.optim.Optimizer,
+                 device: torch.device):
+        self.cfg, self.model, self.rates, self.optimizer, self.device = cfg, model, rates, optimizer, device
+        self.latest, self.best = cfg.run_dir / "latest.pth", cfg.run_dir / "best_accuracy_mean.pth"
+
+    def resume(self) -> TrainState:
+        """Restore latest.pth if there is one (after fsl.provenance.check_resume); under torchrun rank 0 reads it and
+        sends it to the others (no shared disk needed), and a fresh start sends rank 0's initial weights."""
+        main = distributed.is_main()
+        checkpoint = torch.load(self.latest, map_location="cpu", weights_only=False) \
+            if main and self.latest.exists() else None
+        checkpoint = distributed.broadcast_from_main(checkpoint)
+        if checkpoint is None:
+            if distributed.world_size() > 1:
+                for module in (self.model, self.rates):
+                    if module is not None:
+                        module.load_state_dict(distributed.broadcast_from_main(
+                            {k: v.cpu() for k, v in module.state_dict().items()}))
+            return TrainState()
+        provenance.check_resume(from_dict(checkpoint["config"]), self.cfg, self.latest, checkpoint["tasks_done"])
+        self.model.load_state_dict(checkpoint["model"])
+        if self.rates is not None:
+            self.rates.load_state_dict(checkpoint["rates"])
+        self.optimizer.load_state_dict(checkpoint["optimizer"])
+        make_fused(self.optimizer)
+        set_rng_states(checkpoint["rng"])
+        state = TrainState(**{f.name: checkpoint[f.name] for f in fields(TrainState) if f.name in checkpoint})
+        if main:
+            print(f"resuming from {self.latest} at task {state.tasks_done} (best validation "
+                  f"{state.best_val_mean:.2f}% at task {state.best_val_tasks})", flush=True)
+        return state
+
+    def save(self, state: TrainState, best: bool = False) -> None:
+        """Write latest.pth (or, with `best`, best_accuracy_mean.pth) from rank 0, with the run's speed and peak GPU
+        memory so far."""
+        if not distributed.is_main():
+            return
+        state.tasks_per_s = state.tasks_done / max(state.train_seconds, 1e-9)
+        if self.device.type == "cuda":
+            peak = torch.cuda.max_memory_allocated(self.device) / 2**20
+            state.peak_memory_mb = max(state.peak_memory_mb or 0.0, peak)
+        save_checkpoint(self.best if best else self.latest, self.model, self.rates, self.optimizer, self.cfg,
+                        asdict(state))
+
+
+def save_checkpoint(path: Path, model: nn.Module, rates: InnerRates | None, optimizer: torch.optim.Optimizer,
+                    cfg: Config, state: dict) -> None:
+    """Everything a resume or a test needs: weights, learned inner rates, optimizer, config, RNG states, counters."""
+    checkpoint = {"model": model.state_dict(), "rates": rates.state_dict() if rates is not None else None,
+                  "optimizer": optimizer.state_dict(), "config": to_dict(cfg), "rng": rng_states(), **state}
+    write_atomic(path, lambda tmp: torch.save(checkpoint, tmp))
+
+
+def load_checkpoint(path: str | Path, device: torch.device | str) -> dict:
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"checkpoint not found: {path}\n  fix: train first with "
+                                f"`python -m fsl train <config>`, or pass the path of best_accuracy_mean.pth")
+    return torch.load(path, map_location=device, weights_only=False)
+
+
+def load_checkpoint_model(path: str | Path, requested: Config | None,
+                          device: torch.device | str) -> tuple[nn.Module, InnerRates | None, dict, Config]:
+    """The model and learned rates of a checkpoint written by `fsl train`, its checkpoint dict, and the config to
+    test it with: the checkpoint's own settings plus the test-time and run settings of `requested`
+    (fsl.provenance.meta_test_config), or the checkpoint's own config alone if `requested` is None."""
+    checkpoint = load_checkpoint(path, device)
+    trained = from_dict(checkpoint["config"])
+    cfg = trained if requested is None else provenance.meta_test_config(trained, requested, path)
+    model, rates = build_learner(cfg, device)
+    model.load_state_dict(checkpoint["model"])
+    if rates is not None:
+        rates.load_state_dict(checkpoint["rates"])
+    return model, rates, checkpoint, cfg
+
+
+def trained_tasks(checkpoint_path: Path, checkpoint: dict) -> int:
+    """Tasks the run behind a checkpoint completed: latest.pth's count where it sits beside it (the best checkpoint
+    is written mid-run), else the checkpoint's own."""
+    latest = checkpoint_path.parent / "latest.pth"
+    if latest.exists() and latest.resolve() != checkpoint_path.resolve():
+        return int(torch.load(latest, map_location="cpu", weights_only=False)["tasks_done"])
+    return int(checkpoint["tasks_done"])
+
+
+class RunDirBusy(RuntimeError):
+    """Another process is training in this run directory."""
+
+
+class RunDirLock:
+    """One trainer per run directory: an exclusive lock on <run_dir>/train.lock, held while training, naming the pid
+    that holds it. A second trainer on the same directory is refused (its log rows and checkpoints would
+    interleave with the first's)."""
+
+    def __init__(self, run_dir: Path):
+        self.path = run_dir / "train.lock"
+
+    def __enter__(self) -> "RunDirLock":
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.file = open(self.path, "a+")
+        try:
+            fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self.file.seek(0)
+            holder = self.file.read().strip() or "unknown"
+            self.file.close()
+            raise RunDirBusy(f"{self.path.parent} is being trained by another process (pid {holder}); two "
+                             f"trainers on one run directory would interleave their logs and checkpoints. Fix: "
+                             f"wait for it (or stop it: it resumes later), or train elsewhere (work_dir=...)")
+        self.file.seek(0)
+        self.file.truncate()
+        self.file.write(str(os.getpid()))
+        self.file.flush()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        fcntl.flock(self.file, fcntl.LOCK_UN)
+        self.file.close()

@@ -1,0 +1,77 @@
+"""The run log: <run_dir>/log.csv, one row per training window and per validation (fsl.results.TRAIN_LOG), its
+tracked copy results/<cell>/train_log.csv (refreshed at every validation), and, with train.tensorboard, the same
+numbers as TensorBoard scalars in <run_dir>/tb at step = tasks done: train/loss, train/accuracy, train/tasks_per_s,
+val/accuracy, val/ci95.
+"""
+from __future__ import annotations
+
+import csv
+import shutil
+
+import numpy as np
+
+from fsl.config import Config
+from fsl.results import TRAIN_LOG, ci95, train_log_path
+from fsl.utils import write_atomic
+
+LOG_COLUMNS = list(TRAIN_LOG)
+
+
+class RunLog:
+    """Appends rows to <run_dir>/log.csv. Resuming at task t drops what was logged after t (rows of the interrupted
+    run that will be written again)."""
+
+    SCALARS = {"train": ("loss", "accuracy", "tasks_per_s"), "val": ("accuracy", "ci95")}
+
+    def __init__(self, cfg: Config, resume_at: int = 0):
+        self.cfg = cfg
+        self.path = cfg.run_dir / "log.csv"
+        if resume_at:
+            self.truncate(resume_at)
+        self.writer = None
+        if cfg.train.tensorboard:
+            from torch.utils.tensorboard import SummaryWriter  # imported here: tensorboard is only needed for it
+            self.writer = SummaryWriter(str(cfg.run_dir / "tb"), purge_step=resume_at + 1 if resume_at else None)
+
+    def training(self, tasks: int, loss: float, accuracy: float, window_tasks: int, seconds: float) -> None:
+        """The mean query loss and accuracy (%) of the `window_tasks` tasks up to `tasks`, trained in `seconds`."""
+        self.write({"cell": self.cfg.cell, "seed": self.cfg.seed, "tasks": tasks, "split": "train", "loss": loss,
+                    "accuracy": accuracy, "ci95": "", "tasks_per_s": round(window_tasks / seconds, 3),
+                    "seconds": round(seconds, 2)})
+
+    def validation(self, tasks: int, accuracies: np.ndarray, seconds: float) -> None:
+        """The validation at `tasks` (per-episode accuracies, %, measured in `seconds`); then refresh the tracked
+        copy in results/."""
+        self.write({"cell": self.cfg.cell, "seed": self.cfg.seed, "tasks": tasks, "split": "val", "loss": "",
+                    "accuracy": float(np.mean(accuracies)), "ci95": ci95(accuracies), "tasks_per_s": "",
+                    "seconds": round(seconds, 2)})
+        write_atomic(train_log_path(self.cfg), lambda tmp: shutil.copyfile(self.path, tmp))
+
+    def write(self, row: dict) -> None:
+        new = not self.path.exists()
+        with open(self.path, "a", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=LOG_COLUMNS)
+            if new:
+                writer.writeheader()
+            writer.writerow(row)
+        if self.writer is not None:
+            for name in self.SCALARS[row["split"]]:
+                self.writer.add_scalar(f"{row['split']}/{name}", row[name], row["tasks"])
+            self.writer.flush()
+
+    def truncate(self, tasks_done: int) -> None:
+        if not self.path.exists():
+            return
+        with open(self.path, newline="") as f:
+            rows = [row for row in csv.DictReader(f) if int(row["tasks"]) <= tasks_done]
+
+        def write(tmp: str) -> None:
+            with open(tmp, "w", newline="") as f:
+                writer = csv.DictWriter(f, fieldnames=LOG_COLUMNS)
+                writer.writeheader()
+                writer.writerows(rows)
+        write_atomic(self.path, write)
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
