@@ -15,6 +15,8 @@ from typing import Callable
 
 import torch
 
+from fsl.distributed import device_name
+
 MEMORY_SHARE = 0.8  # of the free memory the groups may take: the rest is headroom for fragmentation
 
 
@@ -54,4 +56,4 @@ def resolve(setting: int | str, total: int, device: torch.device, run_one: Calla
     fits = int(MEMORY_SHARE * free_bytes(device) // per_task)
     group = balanced_group(min(total, cap or total), fits)
     return group, (f"auto: {per_task / 2**20:.0f} MiB per task, {fits} fit in {MEMORY_SHARE:.0%} of the free "
-                   f"memory of {torch.cuda.get_device_name(device)}")
+                   f"memory of {device_name(device)}")

@@ -136,11 +136,15 @@ def gather_shares(values: Sequence[float], count: int) -> list[float]:
     return ordered
 
 
+def device_name(device: torch.device) -> str:
+    """The one place that names a device: the GPU's name ('NVIDIA H100 80GB HBM3') or 'cpu xN' (N torch threads)."""
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu x{torch.get_num_threads()}"
+
+
 def describe_device(device: torch.device) -> str:
-    """The device as results and benchmarks name it: the GPU's name or 'cpu xN' (N torch threads), prefixed by the
-    process count under torchrun ('2 x NVIDIA H100 80GB HBM3')."""
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu x{torch.get_num_threads()}"
-    return f"{world_size()} x {name}" if world_size() > 1 else name
+    """The devices of this run as results and benchmarks record them: `device_name`, prefixed by the process count
+    under torchrun ('2 x NVIDIA H100 80GB HBM3')."""
+    return f"{world_size()} x {device_name(device)}" if world_size() > 1 else device_name(device)
 
 
 def device_slug(device: torch.device) -> str:

@@ -17,6 +17,7 @@ from typing import ContextManager
 import torch
 
 from fsl.config import ConfigError
+from fsl.distributed import device_name
 
 
 def check_precision(precision: str, device: torch.device) -> None:
@@ -28,9 +29,9 @@ def check_precision(precision: str, device: torch.device) -> None:
         major, _ = torch.cuda.get_device_capability(device)
         if major < 8:
             raise ConfigError(f"precision=tf32 needs an Ampere or newer GPU (compute capability >= 8.0); "
-                              f"{torch.cuda.get_device_name(device)} is {major}.x; fix: precision=fp32")
+                              f"{device_name(device)} is {major}.x; fix: precision=fp32")
     if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        raise ConfigError(f"precision=bf16 is not supported by {torch.cuda.get_device_name(device)}; fix: "
+        raise ConfigError(f"precision=bf16 is not supported by {device_name(device)}; fix: "
                           f"precision=fp32")
 
 
