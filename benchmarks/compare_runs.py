@@ -34,7 +34,8 @@ def tensors_equal(a, b) -> bool:
 def checks(a: Path, b: Path, cell: str) -> list[tuple[str, bool]]:
     results = []
     for name in ("latest.pth", "best_accuracy_mean.pth"):
-        ca, cb = (torch.load(root / "work_dirs" / cell / name, map_location="cpu", weights_only=False) for root in (a, b))
+        ca, cb = (torch.load(root / "work_dirs" / cell / name, map_location="cpu", weights_only=False)
+                  for root in (a, b))
         for part in ("model", "rates", "optimizer"):
             results.append((f"{name} {part}", tensors_equal(ca[part], cb[part])))
         results.append((f"{name} counters {', '.join(COUNTERS)}", all(ca.get(k) == cb.get(k) for k in COUNTERS)))
@@ -45,8 +46,8 @@ def checks(a: Path, b: Path, cell: str) -> list[tuple[str, bool]]:
         files = [root / "results" / cell / f"{stem}.csv" for root in (a, b)]
         if all(f.exists() for f in files):
             results.append((f"results/{cell}/{stem}.csv", files[0].read_bytes() == files[1].read_bytes()))
-    rows = [next(r for r in csv.DictReader(open(root / "results/summary.csv")) if r["run"] == cell and not r["test_tag"])
-            for root in (a, b)]
+    rows = [next(r for r in csv.DictReader(open(root / "results/summary.csv"))
+                 if r["run"] == cell and not r["test_tag"]) for root in (a, b)]
     results.append((f"summary row {', '.join(ROW_NUMBERS)}", all(rows[0][k] == rows[1][k] for k in ROW_NUMBERS)))
     for key in ("mean_acc", "ci95", "tasks_per_s", "commit"):
         print(f"  {key}: {rows[0][key]} | {rows[1][key]}")

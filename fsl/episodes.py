@@ -388,8 +388,9 @@ def training_episodes(cfg: Config, start: int, device: torch.device) -> EpisodeS
     under torchrun) at a time, built on `device` (augmented if data.train_augment)."""
     split = cell_split(cfg, "train")
     store = cell_store(cfg, split, "train", "train" if cfg.data.train_augment else "eval")
+    sizes = store.sizes if cfg.data.train_augment else None  # for the augmentation parameters
     episodes = EpisodeDataset(split, cfg.train.ways, cfg.train.shots, cfg.train.queries, seed=cfg.seed, start=start,
-                              count=cfg.train.tasks - start, image_sizes=store.sizes if cfg.data.train_augment else None)
+                              count=cfg.train.tasks - start, image_sizes=sizes)
     if distributed.world_size() > 1:
         episodes = RankShare(episodes, cfg.train.meta_batch, distributed.rank(), distributed.world_size())
     make = EpisodeMaker(store, cfg.train.ways, cfg.train.shots, cfg.train.queries, cfg.data.image_size, device)

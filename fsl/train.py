@@ -145,7 +145,8 @@ def probe_one_task(model: torch.nn.Module, rates: InnerRates | None, episodes: E
 def resolve_parallel_tasks(cfg: Config, model: torch.nn.Module, rates: InnerRates | None, episodes: Episode,
                            device: torch.device, state: TrainState, progress: tqdm) -> int:
     """train.parallel_tasks for this device (`auto`: probed on the run's first task, fsl.batching), kept in `state`."""
-    state.parallel_tasks, why = batching.resolve(cfg.train.parallel_tasks, distributed.tasks_per_rank(cfg.train.meta_batch), device,
+    local_batch = distributed.tasks_per_rank(cfg.train.meta_batch)
+    state.parallel_tasks, why = batching.resolve(cfg.train.parallel_tasks, local_batch, device,
                                                  probe_one_task(model, rates, episodes, cfg))
     if distributed.is_main():
         progress.write(f"train.parallel_tasks={state.parallel_tasks} ({why})")
