@@ -31,8 +31,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from fsl import batching, schedule  # noqa: E402
 from fsl.config import load_config  # noqa: E402
-from fsl.episodes import EpisodeDataset, EpisodeMaker, EpisodeStream, episode_loader  # noqa: E402
-from fsl.episodes import cell_split, cell_store  # noqa: E402
+from fsl.episodes import (EpisodeDataset, EpisodeMaker, EpisodeStream, cell_split, cell_store,  # noqa: E402
+                          episode_loader)
 from fsl.maml import InnerLoop, build_learner, meta_optimizer, meta_parameters, meta_train_step  # noqa: E402
 from fsl.opcount import OpCounter  # noqa: E402
 

@@ -11,7 +11,7 @@ from pathlib import Path
 from fsl import distributed
 from fsl.accuracy import evaluate, parallel_episodes
 from fsl.checkpoint import load_checkpoint_model, trained_tasks
-from fsl.config import Config, from_dict
+from fsl.config import Config
 from fsl.episodes import FixedEpisodes
 from fsl.maml import InnerLoop
 from fsl.precision import apply_precision
@@ -37,9 +37,8 @@ def run(requested: Config, checkpoint_path: str | Path, config_path: str | Path 
     start = time.time()
     accuracies = evaluate(model, episodes, InnerLoop.testing(cfg), device, rates=rates,
                           progress=f"test {cfg.run_name}", precision=cfg.precision, parallel=parallel)
-    row = summary_row(cfg, from_dict(checkpoint["config"]), accuracies, checkpoint, checkpoint_path,
-                      trained_tasks(checkpoint_path, checkpoint), parallel, device,
-                      distributed.describe_device(device), time.time() - start, config_path)
+    row = summary_row(cfg, accuracies, checkpoint, checkpoint_path, trained_tasks(checkpoint_path, checkpoint),
+                      parallel, device, time.time() - start, config_path)
     if not distributed.is_main():
         return row
     episodes_csv = write_test_episodes(test_episodes_path(cfg, row["test_tag"]), accuracies)

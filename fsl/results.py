@@ -23,7 +23,8 @@ import pandas as pd
 import torch
 
 from fsl import provenance
-from fsl.config import Config, config_files, variant_label
+from fsl.config import Config, config_files, from_dict, variant_label
+from fsl.distributed import describe_device
 from fsl.precision import describe_precision
 from fsl.reference import REFERENCE
 from fsl.utils import git_commit, write_atomic
@@ -214,12 +215,12 @@ def ci95(accuracies: np.ndarray) -> float:
     return float(1.96 * accuracies.std(ddof=0) / math.sqrt(len(accuracies)))
 
 
-def summary_row(tested: Config, trained: Config, accuracies: np.ndarray, checkpoint: dict, checkpoint_path: Path,
-                train_tasks: int, parallel_episodes: int, device: torch.device, device_name: str, seconds: float,
-                config_path: str | Path | None) -> dict:
-    """The SUMMARY row of one test: what it measured (`accuracies`, % per episode, over `seconds` on `device`,
-    described as `device_name`), the checkpoint it tested (trained under `trained`, `train_tasks` tasks in its run),
-    the settings it ran under (`tested`), and where all of it came from (fsl.provenance, commits)."""
+def summary_row(tested: Config, accuracies: np.ndarray, checkpoint: dict, checkpoint_path: Path, train_tasks: int,
+                parallel_episodes: int, device: torch.device, seconds: float, config_path: str | Path | None) -> dict:
+    """The SUMMARY row of one test: what it measured (`accuracies`, % per episode, over `seconds` on `device`), the
+    checkpoint it tested (trained under its own config, `train_tasks` tasks in its run), the settings it ran under
+    (`tested`), and where all of it came from (fsl.provenance, commits)."""
+    trained = from_dict(checkpoint["config"])
     comparable, why = provenance.comparability(trained, tested, train_tasks, checkpoint["tasks_done"],
                                                checkpoint["best_val_tasks"])
     reference = REFERENCE.get((tested.data.dataset, tested.model.arch, tested.test.shots), (None, None))
@@ -240,7 +241,7 @@ def summary_row(tested: Config, trained: Config, accuracies: np.ndarray, checkpo
         "parallel_tasks": checkpoint.get("parallel_tasks"), "parallel_episodes": parallel_episodes,
         "checkpoint": str(checkpoint_path), "commit": git_commit(),
         "config_commit": git_commit(*config_files(config_path)) if config_path else "unknown",
-        "device": device_name, "seconds": round(seconds, 1),
+        "device": describe_device(device), "seconds": round(seconds, 1),
         "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "reference_mean": reference[0], "reference_ci95": reference[1],
     }

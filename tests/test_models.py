@@ -57,7 +57,7 @@ def test_per_step_batchnorm_weights_are_chosen_by_the_forward_step_argument(arch
     torch.testing.assert_close(model(x, step=0), first, rtol=0, atol=0)  # after a step-1 forward: no state kept
     torch.testing.assert_close(model(x), first, rtol=0, atol=0)  # default: step 0
     plain = build_model(arch, ways=5, image_size=16).double()  # one weight per layer = row 0 of the per-step model
-    plain.load_state_dict({k: v[0] if k in {f"{n}.{p}" for n, m in model.named_modules()
-                                             if isinstance(m, TaskBatchNorm2d) for p in ("weight", "bias")} else v
-                           for k, v in model.state_dict().items()})
+    per_step = {f"{name}.{p}" for name, m in model.named_modules() if isinstance(m, TaskBatchNorm2d)
+                for p in ("weight", "bias")}
+    plain.load_state_dict({k: v[0] if k in per_step else v for k, v in model.state_dict().items()})
     torch.testing.assert_close(plain(x), first, rtol=0, atol=0)
