@@ -21,12 +21,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     test = commands.add_parser("test", help="meta-test a checkpoint on the fixed test episodes")
     test.add_argument("config")
-    test.add_argument("checkpoint", nargs="?", help="default: <work_dir>/<cell>/best_accuracy_mean.pth")
+    test.add_argument("checkpoint", nargs="?", help="default: <work_dir>/<run>/best_accuracy_mean.pth (latest.pth "
+                                                    "with test.weights=final)")
     test.add_argument("overrides", nargs="*")
 
     data = commands.add_parser("data", help="prepare (download), check or cache (decode once) a dataset")
     data.add_argument("action", choices=["prepare", "check", "cache"])
-    data.add_argument("dataset", choices=["cub", "mini-imagenet", "tiered-imagenet", "glyphs", "folder"],
+    data.add_argument("dataset", choices=["cub", "mini-imagenet", "tiered-imagenet", "omniglot", "glyphs", "folder"],
                       help="folder: your own images (class folders per split, or images/ + split CSVs)")
     data.add_argument("--root", help="dataset folder (default: data/<dataset>)")
     data.add_argument("--json", action="store_true", help="check: print one JSON object of counts per split")
@@ -101,10 +102,11 @@ def run_command(args: argparse.Namespace) -> int:
         train.run(load_config(args.config, args.overrides))
     elif args.command == "test":
         from fsl import episodes, evaluate
+        from fsl.checkpoint import tested_checkpoint
         split_checkpoint(args)
         cfg = load_config(args.config, args.overrides)
         episodes.check_test_episodes(cfg)  # a split too small for the episodes, before looking for a checkpoint
-        evaluate.run(cfg, args.checkpoint or cfg.run_dir / "best_accuracy_mean.pth", args.config)
+        evaluate.run(cfg, args.checkpoint or tested_checkpoint(cfg), args.config)
     elif args.command == "data":
         return data_command(args)
     elif args.command == "tables":
@@ -143,10 +145,11 @@ def data_command(args: argparse.Namespace) -> int:
 
     root = Path(args.root or Path("data") / args.dataset)
     if args.action == "cache":
-        from fsl.data import SPLITS, load_split
+        from fsl.data import READERS, SPLITS, load_split
         from fsl.data.store import open_store
-        for split in SPLITS:
-            kind = "train" if split == "train" and not args.no_augment else "eval"
+        for split in SPLITS:  # greyscale datasets are never augmented (fsl.config.validate)
+            augmented = split == "train" and not args.no_augment and READERS[args.dataset].channels == 3
+            kind = "train" if augmented else "eval"
             store = open_store(load_split(args.dataset, root, split), args.dataset, split, kind, args.image_size,
                                args.cache_dir)
             print(f"{args.dataset} {split:5s} {kind:5s}: {len(store):7d} images {store.pixels.shape[1]}x"
@@ -170,7 +173,12 @@ def data_command(args: argparse.Namespace) -> int:
         print(json.dumps(counts))
     else:
         for split, count in counts.items():
-            print(f"{args.dataset} {split:5s}: {count['classes']:4d} classes {count['images']:7d} images")
+            extra = "".join(f", {n:,} {kind}" for kind, n in count.items() if kind not in ("classes", "images"))
+            print(f"{args.dataset} {split:5s}: {count['classes']:5,d} classes {count['images']:7,d} images{extra}")
+        splits = [split for split in counts if split != "all"]
+        if splits:
+            sizes = " / ".join(f"{counts[split]['classes']:,}" for split in splits)
+            print(f"{args.dataset} split of the classes ({' / '.join(splits)}): {sizes}")
         print(f"{root}: {'OK' if not problems else f'{len(problems)} problem(s)'}")
     return 1 if problems else 0
 

@@ -19,12 +19,15 @@ from fsl.precision import autocast
 
 def parallel_episodes(cfg: Config, model: nn.Module, rates: InnerRates | None, episodes: FixedEpisodes,
                       device: torch.device) -> tuple[int, str]:
-    """(test.parallel_episodes resolved for this device, why): `auto` probes one episode's adaptation
-    (fsl.batching), at most 16 episodes at once."""
-    def run_one() -> None:
+    """(test.parallel_episodes resolved for this device, why): `auto` probes the adaptation of the first episodes
+    (fsl.batching: time on a CPU, one episode's memory on CUDA), at most 16 episodes at once."""
+    probed = list(range(min(len(episodes), 16)))
+
+    def run(group: int) -> None:
         with autocast(cfg.precision, device):
-            evaluate_tasks(model, next(episodes.batches([0], 1, device)), InnerLoop.testing(cfg), rates)
-    return batching.resolve(cfg.test.parallel_episodes, len(episodes), device, run_one, cap=16)
+            for batch in episodes.batches(probed, group, device):
+                evaluate_tasks(model, batch, InnerLoop.testing(cfg), rates)
+    return batching.resolve(cfg.test.parallel_episodes, len(episodes), device, run, cap=16)
 
 
 def evaluate(model: nn.Module, episodes: FixedEpisodes, loop: InnerLoop, device: torch.device,

@@ -2,15 +2,20 @@
 
 Adapting T tasks together (fsl.models, fsl.maml) turns T small kernel launches into one, which is what a GPU wants,
 and holds T tasks' graphs at once, which costs memory. `auto` chooses:
-    CPU   1: the CPU is compute-bound, batching gains nothing there and costs memory (~1.1 GB per conv4 task at 84x84
-          in flight, second order);
+    CPU   the fastest group, timed: the run's own meta-batch (its first episodes at test) in groups of 1, 2, 4, ...
+          tasks, each timed twice after a warm-up, until a group is slower than the best so far
+          (benchmarks/omniglot_peers.py: Omniglot's tiny tasks run fastest several at a time). Tasks slower than
+          SLOW_TASK_S each are compute-bound (conv4 at 84x84: ~4 s): 1, without timing more;
     CUDA  the largest group that fits the device's free memory, from one probe: the peak memory of one task (one
-          episode at test), measured on the run's own model and episodes; groups are balanced (8 tasks that fit 5 at
-          a time run as 4 + 4, not 5 + 3).
+          episode at test), measured on the run's own model and episodes.
+Groups are balanced (8 tasks that fit 5 at a time run as 4 + 4, not 5 + 3). The group size changes a result only by
+float rounding (tests/test_variant_reference.py); the resolved size is recorded in the checkpoint, reused on resume
+and written in the summary row.
 """
 from __future__ import annotations
 
 import math
+import time
 from typing import Callable
 
 import torch
@@ -18,6 +23,8 @@ import torch
 from fsl.distributed import device_name
 
 MEMORY_SHARE = 0.8  # of the free memory the groups may take: the rest is headroom for fragmentation
+SLOW_TASK_S = 0.25  # CPU: a task that takes this long alone is compute-bound; grouping cannot repay timing groups
+SLOWER = 1.1        # CPU: stop timing larger groups once one is this much slower per task than the best
 
 
 def balanced_group(total: int, fits: int) -> int:
@@ -43,17 +50,47 @@ def free_bytes(device: torch.device) -> int:
     return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
 
 
-def resolve(setting: int | str, total: int, device: torch.device, run_one: Callable[[], None],
+def candidate_groups(total: int) -> list[int]:
+    """Balanced group sizes 1, 2, 4, ... up to `total` (each at most `total`)."""
+    sizes, fits = [], 1
+    while fits < 2 * total:
+        sizes.append(balanced_group(total, fits))
+        fits *= 2
+    return sorted(set(sizes))
+
+
+def fastest_group(run: Callable[[int], None], total: int) -> tuple[int, str]:
+    """(the group size with the least CPU time per task, the timings): `run(p)` does the `total` tasks p at a
+    time."""
+    per_task: dict[int, float] = {}
+    for group in candidate_groups(total):
+        seconds = []
+        for _ in range(3):  # a warm-up (new shapes), then two timed runs
+            start = time.perf_counter()
+            run(group)
+            seconds.append((time.perf_counter() - start) / total)
+            if group == 1 and seconds[0] > SLOW_TASK_S:
+                return 1, f"auto: 1 on cpu (a task takes {seconds[0]:.2f} s: compute-bound, grouping gains nothing)"
+        per_task[group] = min(seconds[1:])
+        if per_task[group] > SLOWER * min(per_task.values()):
+            break
+    best = min(per_task, key=per_task.get)
+    timings = ", ".join(f"{group}: {1 / s:.0f}" for group, s in per_task.items())
+    return best, f"auto: the fastest group on cpu, timed (tasks/s at {timings})"
+
+
+def resolve(setting: int | str, total: int, device: torch.device, run: Callable[[int], None],
             cap: int | None = None) -> tuple[int, str]:
-    """(the group size for `setting`, why): a count is taken as it is (at most `total`); `auto` is 1 on a CPU and,
-    on CUDA, what MEMORY_SHARE of the free memory holds of `run_one`'s peak (one task's work), at most `total` (and
-    `cap`)."""
+    """(the group size for `setting`, why): a count is taken as it is (at most `total`); `auto` (at most `total`
+    and `cap`) is on a CPU the fastest `p` for `run(p)`, the work of the `total` tasks p at a time, and on CUDA what
+    MEMORY_SHARE of the free memory holds of `run(1)`'s peak (one task's graph at a time)."""
     if setting != "auto":
         return min(int(setting), total), "set in the config"
+    total = min(total, cap or total)
     if device.type != "cuda":
-        return 1, f"auto: 1 on {device.type} (compute-bound: batching gains nothing there)"
-    per_task = max(peak_bytes(run_one, device), 1)
+        return fastest_group(run, total)
+    per_task = max(peak_bytes(lambda: run(1), device), 1)
     fits = int(MEMORY_SHARE * free_bytes(device) // per_task)
-    group = balanced_group(min(total, cap or total), fits)
+    group = balanced_group(total, fits)
     return group, (f"auto: {per_task / 2**20:.0f} MiB per task, {fits} fit in {MEMORY_SHARE:.0%} of the free "
                    f"memory of {device_name(device)}")

@@ -44,6 +44,7 @@ class Checkpoints:
                  device: torch.device):
         self.cfg, self.model, self.rates, self.optimizer, self.device = cfg, model, rates, optimizer, device
         self.latest, self.best = cfg.run_dir / "latest.pth", cfg.run_dir / "best_accuracy_mean.pth"
+        self.tested = tested_checkpoint(cfg)
 
     def resume(self) -> TrainState:
         """Restore latest.pth if there is one (after fsl.provenance.check_resume); under torchrun rank 0 reads it and
@@ -83,6 +84,12 @@ class Checkpoints:
             state.peak_memory_mb = max(state.peak_memory_mb or 0.0, peak)
         save_checkpoint(self.best if best else self.latest, self.model, self.rates, self.optimizer, self.cfg,
                         asdict(state))
+
+
+def tested_checkpoint(cfg: Config) -> Path:
+    """The checkpoint `fsl test` takes by default (test.weights): <run_dir>/best_accuracy_mean.pth, the protocol's
+    validation-selected weights, or <run_dir>/latest.pth, the final weights (the MAML paper's Omniglot test)."""
+    return cfg.run_dir / ("latest.pth" if cfg.test.weights == "final" else "best_accuracy_mean.pth")
 
 
 def save_checkpoint(path: Path, model: nn.Module, rates: InnerRates | None, optimizer: torch.optim.Optimizer,

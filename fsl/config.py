@@ -27,11 +27,14 @@ IntOrAuto = int | str  # a count, or "auto": chosen at run time (see the key's c
 
 @dataclass
 class DataConfig:
-    dataset: str = "mini-imagenet"  # cub | mini-imagenet | tiered-imagenet | glyphs
+    dataset: str = "mini-imagenet"  # cub | mini-imagenet | tiered-imagenet | omniglot | glyphs | folder
     root: str = ""                  # dataset folder; empty: data/<dataset>
     image_size: int = 84            # square input size in pixels
     train_augment: bool = True      # protocol's RandomResizedCrop+flip+ColorJitter on training episodes
     bbox_crop: bool = False         # CUB only: crop images to bounding_boxes.txt
+    class_rotations: bool = False   # turn every class of every episode (train, val and test) by a random multiple of
+                                    # 90 degrees, all its images alike (learn2learn's RandomClassRotation; Finn et
+                                    # al.'s Omniglot tasks, data_generator.py)
     workers: int = -1               # DataLoader processes that describe training episodes; -1: the CPU cores but
                                     # one, at most 4 (fsl.episodes.default_workers)
     cache_dir: str = "data/cache"   # decoded-image stores (fsl.data.store), built once per split and image size
@@ -40,6 +43,18 @@ class DataConfig:
 @dataclass
 class ModelConfig:
     arch: str = "conv4"             # conv4 | resnet12
+    # conv4's details; the defaults are the protocol's (MMFewShot), the Omniglot cells set Finn et al.'s code
+    # (cbfinn/maml, maml.py and utils.py; see experiments/omniglot-*.yaml)
+    downsample: str = "maxpool"     # maxpool: conv (stride 1) -> BN -> ReLU -> MaxPool 2 | stride: conv with stride 2,
+                                    # no pooling (cbfinn's Omniglot network, FLAGS.max_pool=False)
+    head_input: str = "flatten"     # flatten: the last feature map, flattened | mean: its spatial mean (cbfinn's
+                                    # Omniglot network, tf.reduce_mean over height and width)
+    bn_scale: bool = True           # BatchNorm learns a scale; false: an offset only (cbfinn: tf.contrib.layers.
+                                    # batch_norm's default scale=False)
+    bn_eps: float = 1e-5            # BatchNorm's epsilon (cbfinn: 1e-3, tf.contrib.layers.batch_norm's default)
+    init: str = "kaiming"           # kaiming: the protocol's (convs kaiming-normal fan_out, BN 1/0, PyTorch's default
+                                    # head) | xavier: cbfinn's (convs glorot-uniform, zero biases, head weights N(0, 1),
+                                    # zero head bias)
 
 
 @dataclass
@@ -66,6 +81,12 @@ class MAMLConfig:
                                     # adapted (needs test_inner_steps <= inner_steps)
     first_order_fraction: float = 0.0  # MAML++ derivative-order annealing: first order for this share of the
                                        # training tasks, second order after
+    adapt_bn: bool = True           # the inner loop adapts BatchNorm's parameters too; false: they are meta-learned
+                                    # only (cbfinn: its BatchNorm variables are not among the adapted `weights`)
+    inner_loss: str = "mean"        # the support loss the inner loop descends: mean (the mean cross-entropy) |
+                                    # class_sum (the sum over classes of each class's mean, i.e. ways x the mean:
+                                    # cbfinn's utils.xent divides each image's loss by the shots, and tf.gradients
+                                    # sums them)
 
 
 VARIANTS: dict[str, dict[str, object]] = {
@@ -93,6 +114,8 @@ class TrainConfig:
     val_every: int = 2_000          # validate every this many tasks
     val_episodes: int = 100         # fixed validation episodes (ways/shots/queries of `test`)
     checkpoint_every: int = 4_000   # write latest.pth every this many tasks (also at validation and on SIGINT)
+    stop_at: int = 0                # stop after this many tasks, as an interruption would (latest.pth written; a
+                                    # rerun without it resumes towards train.tasks); 0: train all train.tasks
     log_every: int = 200            # write a training row to log.csv every this many tasks
     tensorboard: bool = True        # also write log.csv's numbers as TensorBoard scalars to <run dir>/tb
     parallel_tasks: IntOrAuto = "auto"  # tasks of a meta-batch adapted together in one batched forward (fsl.maml):
@@ -108,6 +131,9 @@ class TestConfig:
     queries: int = 15               # query images per class
     episodes: int = 2_000           # fixed test episodes
     seed: int = 0                   # seed of the fixed validation and test episodes (same for every model)
+    weights: str = "best"           # which weights `fsl test` tests: best (the protocol's best_accuracy_mean.pth,
+                                    # selected on validation) | final (latest.pth after all train.tasks: the MAML
+                                    # paper's Omniglot test; validation still runs and is logged)
     parallel_episodes: IntOrAuto = "auto"  # validation/test episodes adapted together in one batched forward; auto
                                     # as train.parallel_tasks (at most 16 on a GPU)
 
@@ -132,7 +158,10 @@ class Config:
 
     @property
     def cell(self) -> str:
-        return f"{self.data.dataset}-{self.model.arch}-{self.test.shots}shot"
+        """`{dataset}-{arch}-{K}shot`, with `-{N}way` before the shots when the episodes are not 5-way (the 12 cells
+        are all 5-way): e.g. omniglot-conv4-20way-1shot."""
+        ways = f"{self.test.ways}way-" if self.test.ways != 5 else ""
+        return f"{self.data.dataset}-{self.model.arch}-{ways}{self.test.shots}shot"
 
     @property
     def run_name(self) -> str:
@@ -313,6 +342,9 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
 
 
 META_LR_SCHEDULES = ("constant", "cosine")  # see fsl.schedule.meta_lr_at
+CHOICES = {"model.downsample": ("maxpool", "stride"), "model.head_input": ("flatten", "mean"),
+           "model.init": ("kaiming", "xavier"), "maml.inner_loss": ("mean", "class_sum"),
+           "test.weights": ("best", "final")}
 MIN_IMAGE_SIZE = 16  # conv4 and resnet12 both halve the image four times (16 -> 1 pixel)
 PRECISIONS = ("fp32", "tf32", "bf16")       # see fsl.precision
 
@@ -351,6 +383,25 @@ def validate(cfg: Config) -> None:
     if cfg.data.image_size < MIN_IMAGE_SIZE:
         raise ConfigError(f"data.image_size={cfg.data.image_size}: {cfg.model.arch} halves the image 4 times, so it "
                           f"needs at least {MIN_IMAGE_SIZE} pixels; fix: data.image_size=84, the protocol's")
+    flat = flat_dict(cfg)
+    for key, choices in CHOICES.items():
+        if flat[key] not in choices:
+            raise ConfigError(f"{key}={flat[key]!r}; choose {' or '.join(choices)}")
+    conv4_only = [f"{k}={flat[k]}" for k in ("model.downsample", "model.head_input") if flat[k] != CHOICES[k][0]]
+    if cfg.model.arch != "conv4" and conv4_only:
+        raise ConfigError(f"{' and '.join(conv4_only)} describe conv4's blocks; model.arch={cfg.model.arch} has its "
+                          f"own; fix: drop them or use model.arch=conv4")
+    if cfg.data.train_augment and cfg.data.class_rotations:
+        raise ConfigError("data.class_rotations turns the stored (un-augmented) images; with data.train_augment=true "
+                          "the training images are crops; fix: data.train_augment=false, or data.class_rotations=false")
+    if cfg.data.train_augment and READERS[cfg.data.dataset].channels == 1:
+        raise ConfigError(f"data.train_augment=true: the protocol's augmentation (crops, colour jitter) is for RGB "
+                          f"images, and {cfg.data.dataset} is greyscale; fix: data.train_augment=false")
+    if not cfg.model.bn_eps > 0:
+        raise ConfigError(f"model.bn_eps={cfg.model.bn_eps}: BatchNorm divides by sqrt(variance + eps), so eps must be "
+                          f"> 0; fix: 1e-5 (PyTorch's) or 1e-3 (TensorFlow's, cbfinn's)")
+    if cfg.train.stop_at < 0:
+        raise ConfigError(f"train.stop_at={cfg.train.stop_at}: a task count (0: train all train.tasks)")
     if cfg.train.meta_lr_schedule not in META_LR_SCHEDULES:
         raise ConfigError(f"train.meta_lr_schedule={cfg.train.meta_lr_schedule!r}; choose "
                           f"{' or '.join(META_LR_SCHEDULES)}")
@@ -447,7 +498,15 @@ def flat_dict(cfg: Config) -> dict[str, Any]:
     return _flatten(to_dict(cfg))
 
 
+# keys added after results were first hashed (fsl 0.2.0, issue #29): hashed only when set away from their default, so
+# that a row written before them keeps its identity (fsl done, fsl.provenance)
+NEWER_KEYS = ("data.class_rotations", "model.downsample", "model.head_input", "model.bn_scale", "model.bn_eps",
+              "model.init", "maml.adapt_bn", "maml.inner_loss", "test.weights")
+
+
 def settings_sha(cfg: Config, keys: list[str]) -> str:
-    """12-hex-digit hash of the values of `keys` (a stable identity for a set of settings)."""
-    flat = flat_dict(cfg)
-    return hashlib.sha256(json.dumps({k: flat[k] for k in sorted(keys)}).encode()).hexdigest()[:12]
+    """12-hex-digit hash of the values of `keys` (a stable identity for a set of settings); NEWER_KEYS count only
+    away from their defaults."""
+    flat, default = flat_dict(cfg), flat_dict(Config())
+    chosen = {k: flat[k] for k in sorted(keys) if not (k in NEWER_KEYS and flat[k] == default[k])}
+    return hashlib.sha256(json.dumps(chosen).encode()).hexdigest()[:12]

@@ -15,6 +15,7 @@ number of DataLoader workers, in any order, and after resuming at any task; the 
 """
 from __future__ import annotations
 
+import functools
 import os
 import queue
 import random
@@ -35,6 +36,7 @@ from fsl.data import load_split
 from fsl.data.augment import AugmentPlan, augment, draw_params, normalise, plan_augmentation, to_device
 from fsl.data.base import DatasetError, SplitDataset
 from fsl.data.store import ImageStore, open_store
+from fsl.data.transforms import IMAGENET, Normalisation
 
 
 class Episode(NamedTuple):
@@ -53,11 +55,13 @@ class Episode(NamedTuple):
 class EpisodeSpec(NamedTuple):
     """What an episode is, before any pixel is read: indices (ways*(shots+queries),) into the split, grouped by
     class (shots then queries within each class); labels (same shape) in 0..ways-1; params (same length,
-    len(fsl.data.augment.PARAMS)) augmentation parameters, or (0, 0) without augmentation. A batch from
-    `episode_loader` has a leading task dimension on every field."""
+    len(fsl.data.augment.PARAMS)) augmentation parameters, or (0, 0) without augmentation; turns (same shape)
+    each image's counter-clockwise quarter turns, its class's (`ClassRotations`), or (0,) without rotations. A batch
+    from `episode_loader` has a leading task dimension on every field."""
     indices: np.ndarray
     labels: np.ndarray
     params: np.ndarray
+    turns: np.ndarray
 
 
 @contextmanager
@@ -89,15 +93,41 @@ class SplitLabels(Dataset):
         return index, self.labels[index]
 
 
-def items_to_arrays(items: list[tuple[int, int]]) -> tuple[np.ndarray, np.ndarray]:
-    """A task's (index, label) items -> (indices, labels) int64 arrays: the Taskset's collate (torch's
-    default_collate took 5 ms per 105-image episode)."""
-    indices, labels = np.asarray(items, dtype=np.int64).reshape(-1, 2).T
-    return indices, labels
+def items_to_arrays(items: list[tuple[int, ...]]) -> np.ndarray:
+    """A task's (index, label[, quarter turns]) items -> one (fields, n) int64 array: the Taskset's collate
+    (torch's default_collate took 5 ms per 105-image episode)."""
+    return np.asarray(items, dtype=np.int64).reshape(len(items), -1).T
 
 
-def build_taskset(dataset: SplitDataset, ways: int, shots: int, queries: int) -> l2l.data.Taskset:
-    """learn2learn task pipeline drawing `ways` classes and `shots + queries` images of each."""
+def with_turns(item: tuple[int, int], turns: int) -> tuple[int, int, int]:
+    return (*item, turns)
+
+
+class ClassRotations(l2l.vision.transforms.RandomClassRotation):
+    """learn2learn's RandomClassRotation for a pipeline that moves image indices, not images: the same angles,
+    drawn the same way (`random.choice(degrees)` for each new class, in the task's order), recorded as quarter turns
+    in each item, (index, label) -> (index, label, turns); the pixels are turned when they are gathered
+    (`EpisodeMaker.gather`: np.rot90, the same pixels as torchvision's rotation by a multiple of 90 degrees;
+    tests/test_omniglot.py). Unlike learn2learn 0.2.0's transform, every class keeps its own angle: there, each
+    image's lambda reads the loop variable `rotation` late, so every image of a task gets the last class's angle."""
+
+    def __init__(self, dataset: l2l.data.MetaDataset):
+        super().__init__(dataset, [0.0, 90.0, 180.0, 270.0])
+
+    def __call__(self, task_description: list) -> list:
+        turns: dict[int, int] = {}
+        for description in task_description:
+            label = self.dataset.indices_to_labels[description.index]
+            if label not in turns:
+                turns[label] = int(random.choice(self.degrees)) // 90
+            description.transforms.append(functools.partial(with_turns, turns=turns[label]))
+        return task_description
+
+
+def build_taskset(dataset: SplitDataset, ways: int, shots: int, queries: int,
+                  rotations: bool = False) -> l2l.data.Taskset:
+    """learn2learn task pipeline drawing `ways` classes and `shots + queries` images of each; `rotations`: each class
+    turned by a random multiple of 90 degrees (`ClassRotations`)."""
     per_class = dataset.images_per_class()
     if len(per_class) < ways:
         raise DatasetError(f"{type(dataset).__name__} split has {len(per_class)} classes, fewer than ways={ways}")
@@ -113,7 +143,7 @@ def build_taskset(dataset: SplitDataset, ways: int, shots: int, queries: int) ->
         l2l.data.transforms.LoadData(meta),
         l2l.data.transforms.RemapLabels(meta, shuffle=True),
         l2l.data.transforms.ConsecutiveLabels(meta),
-    ]
+    ] + ([ClassRotations(meta)] if rotations else [])
     return l2l.data.Taskset(meta, task_transforms=transforms, task_collate=items_to_arrays)
 
 
@@ -121,11 +151,12 @@ class EpisodeDataset(Dataset):
     """Episodes `start .. start+count-1` of the stream defined by `seed` (see module docstring), as EpisodeSpecs.
 
     `image_sizes` (N, 2): the (height, width) of each image of the split, for the augmentation parameters; None for
-    episodes without augmentation (validation, test, or data.train_augment=false)."""
+    episodes without augmentation (validation, test, or data.train_augment=false). `rotations`: every class turned
+    by a random multiple of 90 degrees (data.class_rotations)."""
 
     def __init__(self, dataset: SplitDataset, ways: int, shots: int, queries: int, seed: int,
-                 count: int, start: int = 0, image_sizes: np.ndarray | None = None):
-        self.taskset = build_taskset(dataset, ways, shots, queries)
+                 count: int, start: int = 0, image_sizes: np.ndarray | None = None, rotations: bool = False):
+        self.taskset = build_taskset(dataset, ways, shots, queries, rotations)
         self.ways, self.shots, self.queries = ways, shots, queries
         self.seed, self.start, self.count = seed, start, count
         self.image_sizes = image_sizes
@@ -141,12 +172,12 @@ class EpisodeDataset(Dataset):
         if not 0 <= i < self.count:
             raise IndexError(i)
         with seeded(self.seed, self.start + i):
-            indices, labels = self.taskset.get_task(self.taskset.sample_task_description())
+            indices, labels, *turns = self.taskset.get_task(self.taskset.sample_task_description())
             # drawn after the task, image after image in loading order, as the per-image v1 transforms drew them
             params = draw_params(self.image_sizes[indices]) if self.image_sizes is not None else np.zeros((0, 0))
         grouped = labels.reshape(self.ways, self.shots + self.queries)  # ConsecutiveLabels: one row per class
         assert (grouped == grouped[:, :1]).all(), f"episode {i}: images are not grouped by class: {labels.tolist()}"
-        return EpisodeSpec(indices, labels, params)
+        return EpisodeSpec(indices, labels, params, turns[0] if turns else np.zeros(0, dtype=np.int64))
 
 
 class RankShare(Dataset):
@@ -223,22 +254,29 @@ class EpisodeMaker:
     (training) or take the images as stored (evaluation kind), normalise, split support and query). `build` makes
     no host sync, so it can run ahead of the training step (`EpisodeStream`).
 
-    images: from the store (T*n, S, S, 3) uint8 -> device -> (T, n, 3, image_size, image_size) float32."""
+    images: from the store (T*n, S, S, 3) uint8 -> device -> (T, n, C, image_size, image_size) float32, C the
+    channels of `normalisation` (the dataset's: ImageNet's RGB, or Omniglot's inverted greyscale, C = 1)."""
 
     def __init__(self, store: ImageStore, ways: int, shots: int, queries: int, image_size: int,
-                 device: torch.device, chunk: int | None = None):
+                 device: torch.device, chunk: int | None = None, normalisation: Normalisation = IMAGENET):
         self.store, self.image_size, self.device = store, image_size, torch.device(device)
         self.ways, self.shots, self.queries = ways, shots, queries
         self.chunk = chunk or (64 if self.device.type == "cpu" else None)  # images augmented at a time; None: all
+        self.normalisation = normalisation
 
     def __call__(self, specs: EpisodeSpec) -> Episode:
         return self.build(self.gather(specs))
 
-    def host_images(self, indices: np.ndarray) -> torch.Tensor:
-        """The stored uint8 images `indices` (N,) as (N, S, S, 3), read into pinned memory for a GPU."""
+    def host_images(self, indices: np.ndarray, turns: np.ndarray | None = None) -> torch.Tensor:
+        """The stored uint8 images `indices` (N,) as (N, S, S, 3), read into pinned memory for a GPU; each turned
+        counter-clockwise by its `turns` (N,) quarter turns, if given (square eval-kind images only)."""
         pixels = torch.empty((len(indices), *self.store.pixels.shape[1:]), dtype=torch.uint8,
                              pin_memory=self.device.type == "cuda")
-        self.store.gather(indices, out=pixels.numpy())
+        array = self.store.gather(indices, out=pixels.numpy())
+        for k in (1, 2, 3) if turns is not None and turns.size else ():
+            turned = turns == k
+            if turned.any():
+                array[turned] = np.rot90(array[turned], k, axes=(1, 2))
         return pixels
 
     def gather(self, specs: EpisodeSpec) -> Gathered:
@@ -247,7 +285,9 @@ class EpisodeMaker:
         meta-batch); the images are read in the plan's processing order."""
         tasks, per_task = specs.indices.shape
         indices, labels, plan = specs.indices.reshape(-1), specs.labels.reshape(-1), None
+        turns = specs.turns.reshape(-1) if specs.turns.size else None
         if specs.params.size:
+            assert turns is None, "class rotations turn whole stored images: eval-kind (un-augmented) episodes only"
             position = np.arange(tasks * per_task).reshape(tasks, self.ways, self.shots + self.queries)
             k = self.shots
             order = np.concatenate([position[:, :, :k].ravel(), position[:, :, k:].ravel()])
@@ -256,17 +296,19 @@ class EpisodeMaker:
                                      self.store.stored_sizes[indices], self.image_size)
             indices = indices[plan.order]
         labels = torch.from_numpy(np.ascontiguousarray(labels, dtype=np.int64))
-        return Gathered(self.host_images(indices), labels.pin_memory() if self.device.type == "cuda" else labels,
-                        tasks, plan)
+        return Gathered(self.host_images(indices, turns),
+                        labels.pin_memory() if self.device.type == "cuda" else labels, tasks, plan)
 
     def build(self, gathered: Gathered) -> Episode:
         """Device side: the Episode batch of a gathered meta-batch, without a host sync."""
-        images = to_device(gathered.pixels, self.device).permute(0, 3, 1, 2)  # (N, 3, S, S), a view
+        channels = len(self.normalisation.mean)
+        images = to_device(gathered.pixels, self.device).permute(0, 3, 1, 2)[:, :channels]  # (N, C, S, S), a view
         y = to_device(gathered.labels, self.device)
         tasks, k = gathered.tasks, self.shots
         if gathered.plan is None:
             assert images.shape[-1] == self.image_size, (images.shape, self.image_size)
-            x = normalise(images).view(tasks, self.ways, self.shots + self.queries, *images.shape[1:])
+            x = normalise(images, normalisation=self.normalisation).view(tasks, self.ways, self.shots + self.queries,
+                                                                         *images.shape[1:])
             y = y.view(tasks, self.ways, -1)
             # memory layout as the committed results had it (a 1-shot support set keeps the store's NHWC strides,
             # and convolutions round differently on them): changing it moves e.g. the demo's accuracy by ~0.4 points
@@ -390,10 +432,11 @@ def training_episodes(cfg: Config, start: int, device: torch.device) -> EpisodeS
     store = cell_store(cfg, split, "train", "train" if cfg.data.train_augment else "eval")
     sizes = store.sizes if cfg.data.train_augment else None  # for the augmentation parameters
     episodes = EpisodeDataset(split, cfg.train.ways, cfg.train.shots, cfg.train.queries, seed=cfg.seed, start=start,
-                              count=cfg.train.tasks - start, image_sizes=sizes)
+                              count=cfg.train.tasks - start, image_sizes=sizes, rotations=cfg.data.class_rotations)
     if distributed.world_size() > 1:
         episodes = RankShare(episodes, cfg.train.meta_batch, distributed.rank(), distributed.world_size())
-    make = EpisodeMaker(store, cfg.train.ways, cfg.train.shots, cfg.train.queries, cfg.data.image_size, device)
+    make = EpisodeMaker(store, cfg.train.ways, cfg.train.shots, cfg.train.queries, cfg.data.image_size, device,
+                        normalisation=split.normalisation)
     loader = episode_loader(episodes, distributed.tasks_per_rank(cfg.train.meta_batch), cfg.data.workers)
     return EpisodeStream(loader, make)
 
@@ -413,15 +456,16 @@ class FixedEpisodes:
         dataset = cell_split(cfg, split)
         self.store = cell_store(cfg, dataset, split, "eval")
         stream = EpisodeDataset(dataset, cfg.test.ways, cfg.test.shots, cfg.test.queries, seed=cfg.test.seed,
-                                count=count)
+                                count=count, rotations=cfg.data.class_rotations)
         self.specs = [stream[i] for i in range(count)]
         self.shape = (cfg.test.ways, cfg.test.shots, cfg.test.queries, cfg.data.image_size)
+        self.normalisation = dataset.normalisation
 
     def __len__(self) -> int:
         return len(self.specs)
 
     def batches(self, indices: list[int], size: int, device: torch.device) -> Iterator[Episode]:
         """Episodes `indices`, `size` at a time, as tensors on `device`."""
-        make = EpisodeMaker(self.store, *self.shape, device)
+        make = EpisodeMaker(self.store, *self.shape, device, normalisation=self.normalisation)
         for start in range(0, len(indices), size):
             yield make(collate_specs([self.specs[i] for i in indices[start:start + size]]))

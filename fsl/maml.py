@@ -26,6 +26,7 @@ from torch import nn
 
 from fsl import distributed
 from fsl.config import Config
+from fsl.data import READERS
 from fsl.episodes import Episode
 from fsl.models import TaskBatchNorm2d, build_model
 
@@ -42,20 +43,28 @@ class InnerLoop:
                                  # adapted
     meta_gradient: bool = True   # a meta-gradient is taken through the loop (training); False: validation and test,
                                  # which build no graph back to the meta-parameters or the learned rates
+    adapt_bn: bool = True        # maml.adapt_bn: BatchNorm's parameters adapt too (else meta-learned only)
+    loss_scale: float = 1.0      # the support loss is this x the mean cross-entropy (maml.inner_loss=class_sum: ways)
 
     @classmethod
     def training(cls, cfg: Config, first_order: bool | None = None) -> "InnerLoop":
         """Meta-training's loop; `first_order` overrides maml.first_order (derivative-order annealing)."""
         m = cfg.maml
         return cls(m.inner_steps, m.inner_lr, m.first_order if first_order is None else first_order, m.zero_head,
-                   m.adapt == "head", m.per_step_bn)
+                   m.adapt == "head", m.per_step_bn, adapt_bn=m.adapt_bn, loss_scale=support_loss_scale(cfg))
 
     @classmethod
     def testing(cls, cfg: Config) -> "InnerLoop":
         """Validation's and test's loop: maml.test_inner_steps, first order (no meta-gradient is taken)."""
         m = cfg.maml
         return cls(m.test_inner_steps, m.inner_lr, True, m.zero_head, m.adapt == "head", m.per_step_bn,
-                   meta_gradient=False)
+                   meta_gradient=False, adapt_bn=m.adapt_bn, loss_scale=support_loss_scale(cfg))
+
+
+def support_loss_scale(cfg: Config) -> float:
+    """maml.inner_loss as a factor of the mean cross-entropy: 1 (mean), or the ways (class_sum: cbfinn's utils.xent
+    is each image's loss / shots, and tf.gradients sums over the images: ways x the mean)."""
+    return float(cfg.test.ways) if cfg.maml.inner_loss == "class_sum" else 1.0
 
 
 def task_losses(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -79,8 +88,9 @@ def norm_parameter_names(model: nn.Module) -> set[str]:
 
 
 def adapted_mask(model: nn.Module, loop: InnerLoop) -> list[bool]:
-    """For each parameter of `model` (in order): does the inner loop adapt it?"""
-    norms = norm_parameter_names(model) if loop.per_step_bn else set()
+    """For each parameter of `model` (in order): does the inner loop adapt it? Not BatchNorm's with MAML++'s per-step
+    weights or maml.adapt_bn=false; only the head's with ANIL."""
+    norms = norm_parameter_names(model) if loop.per_step_bn or not loop.adapt_bn else set()
     return [is_head(name) if loop.head_only else name not in norms for name, _ in model.named_parameters()]
 
 
@@ -107,7 +117,8 @@ def build_learner(cfg: Config, device: torch.device | str = "cpu") -> tuple[nn.M
     """The run's model (fsl.models.build_model with the cell's settings) and its learned inner rates
     (maml.learned_lr), or None, freshly initialised on `device`."""
     model = build_model(cfg.model.arch, cfg.train.ways, cfg.data.image_size, cfg.maml.zero_head,
-                        cfg.maml.inner_steps if cfg.maml.per_step_bn else 0).to(device)
+                        cfg.maml.inner_steps if cfg.maml.per_step_bn else 0, cfg.model,
+                        READERS[cfg.data.dataset].channels).to(device)
     if cfg.maml.learned_lr == "none":
         return model, None
     return model, InnerRates(model, InnerLoop.training(cfg), cfg.maml.learned_lr, cfg.maml.inner_lr).to(device)
@@ -179,7 +190,8 @@ def adapt_steps(model: nn.Module, support_x: torch.Tensor, support_y: torch.Tens
         support_logits = lambda step: fmodel(support_x, step=step)  # noqa: E731
     update = inner_update(model, fmodel, mask, loop, rates, track)
     for step in range(loop.steps):
-        update(task_losses(support_logits(step), support_y).sum(), step)  # tasks are independent: sum, not mean
+        loss = task_losses(support_logits(step), support_y).sum()  # tasks are independent: sum, not mean
+        update(loss * loop.loss_scale if loop.loss_scale != 1.0 else loss, step)
         yield HeadAdapted(model, fmodel) if loop.head_only else Adapted(fmodel, step)
 
 
@@ -190,7 +202,12 @@ def inner_update(model: nn.Module, fmodel: higher.patch._MonkeyPatchBase, mask: 
         first order + learned rates   a constant gradient, an update differentiable in the rates (`first_order_step`)
         otherwise                     higher's differentiable SGD on the fast weights where `mask` says they adapt:
                                       second order (MAML), or untracked (FOMAML); learned rates (Meta-SGD, LSLR)
-                                      replace loop.lr, one rate (tensor) per parameter tensor
+                                      replace loop.lr, one rate (tensor) per parameter tensor. higher is handed
+                                      the adapted fast weights only: given the whole model, it differentiates the
+                                      support loss w.r.t. every fast weight, and one that never adapts (BatchNorm's
+                                      with maml.adapt_bn=false or MAML++'s per-step weights) is the meta-parameter
+                                      itself, reached through every earlier step's graph: each step would redo all
+                                      the earlier ones, for a gradient it then drops
 
     `loop.zero_head` says `model.classifier` is zero (`maml.zero_head`). Then the first step's gradient w.r.t. the
     backbone is exactly zero, and so is its derivative w.r.t. the backbone (every term carries the zero head:
@@ -199,9 +216,9 @@ def inner_update(model: nn.Module, fmodel: higher.patch._MonkeyPatchBase, mask: 
     training at one inner step; tests/test_maml.py checks both). Only the head's own meta-gradient changes, and the
     head is not meta-learned."""
     params = list((model.classifier if loop.head_only else model).parameters())
-    groups = [{"params": [p]} for p, adapts in zip(params, mask) if adapts]  # one group each: rates per tensor
-    sgd = higher.optim.DifferentiableSGD(torch.optim.SGD(groups, lr=loop.lr), params, fmodel=fmodel,
-                                         track_higher_grads=track)
+    adapted = [p for p, adapts in zip(params, mask) if adapts]
+    groups = [{"params": [p]} for p in adapted]  # one group each: rates per tensor
+    sgd = higher.optim.DifferentiableSGD(torch.optim.SGD(groups, lr=loop.lr), adapted, track_higher_grads=track)
 
     def update(loss: torch.Tensor, step: int) -> None:
         if step == 0 and loop.zero_head and not loop.head_only:
@@ -209,7 +226,10 @@ def inner_update(model: nn.Module, fmodel: higher.patch._MonkeyPatchBase, mask: 
         elif loop.first_order and track:
             first_order_step(fmodel, loss, mask, rates.at(step) if rates is not None else None, loop.lr)
         else:
-            sgd.step(loss, override={"lr": rates.at(step)} if rates is not None else None)
+            fast = list(fmodel.fast_params)
+            new = iter(sgd.step(loss, params=[p for p, adapts in zip(fast, mask) if adapts],
+                                override={"lr": rates.at(step)} if rates is not None else None))
+            fmodel.update_params([next(new) if adapts else p for p, adapts in zip(fast, mask)])
     return update
 
 

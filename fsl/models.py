@@ -13,9 +13,14 @@ weights (`build_model(per_step_bn=S)`), which use their row `step`; the inner lo
 """
 from __future__ import annotations
 
+import functools
+from typing import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from fsl.config import ModelConfig
 
 
 class TaskConv2d(nn.Conv2d):
@@ -40,27 +45,42 @@ class TaskConv2d(nn.Conv2d):
 class TaskBatchNorm2d(nn.BatchNorm2d):
     """BatchNorm over task-stacked channels (N, T*C, H, W), always with the statistics of the batch it is given
     (no running statistics), so each task is normalised by its own statistics. weight/bias: (C,) shared or (T, C)
-    per task. After `per_step(S)` (MAML++'s per-step BatchNorm weights and biases) they are (S, C) or (T, S, C) and
-    the forward's `step` picks the row."""
+    per task; `scale=False`: no weight, an offset only (TensorFlow's batch_norm default, cbfinn's network), run with
+    a constant all-ones scale (torch's batch_norm double backward fails without a weight once the bias is
+    differentiated too: "Expected a proper Tensor but got None ... 'other'"). After
+    `per_step(S)` (MAML++'s per-step BatchNorm weights and biases) they are (S, C) or (T, S, C) and the forward's
+    `step` picks the row."""
 
-    def __init__(self, channels: int):
-        super().__init__(channels, track_running_stats=False)
+    def __init__(self, channels: int, scale: bool = True, eps: float = 1e-5):
+        super().__init__(channels, eps=eps, track_running_stats=False)
+        if not scale:
+            self.weight = None
         self.steps = 0  # per-step weights: how many rows (0: one weight, no rows)
+        self.unit: torch.Tensor | None = None  # the constant scale of `scale=False`, made at first use
 
     def per_step(self, steps: int) -> None:
-        """One weight and bias per inner step: (steps, C), initialised to 1 and 0."""
+        """One weight (if any) and bias per inner step: (steps, C), initialised to 1 and 0."""
         self.steps = steps
-        self.weight = nn.Parameter(torch.ones(steps, self.num_features))
+        if self.weight is not None:
+            self.weight = nn.Parameter(torch.ones(steps, self.num_features))
         self.bias = nn.Parameter(torch.zeros(steps, self.num_features))
 
     def forward(self, x: torch.Tensor, step: int = 0) -> torch.Tensor:
         tasks = x.shape[1] // self.num_features
         weight, bias = self.weight, self.bias
         if self.steps:
-            weight, bias = weight[..., step, :], bias[..., step, :]
-        if weight.dim() == 1 and tasks > 1:
-            weight, bias = weight.repeat(tasks), bias.repeat(tasks)
-        return F.batch_norm(x, None, None, weight.flatten(), bias.flatten(), True, 0.0, self.eps)
+            weight, bias = None if weight is None else weight[..., step, :], bias[..., step, :]
+        if bias.dim() == 1 and tasks > 1:
+            weight, bias = None if weight is None else weight.repeat(tasks), bias.repeat(tasks)
+        return F.batch_norm(x, None, None, self.unit_scale(x) if weight is None else weight.flatten(), bias.flatten(),
+                            True, 0.0, self.eps)
+
+    def unit_scale(self, x: torch.Tensor) -> torch.Tensor:
+        """Ones (x's channels,), kept between calls: the scale of a BatchNorm without one."""
+        if self.unit is None or self.unit.shape[0] != x.shape[1] or self.unit.dtype != x.dtype \
+                or self.unit.device != x.device:
+            self.unit = torch.ones(x.shape[1], dtype=x.dtype, device=x.device)
+        return self.unit
 
 
 class TaskLinear(nn.Linear):
@@ -82,8 +102,15 @@ class StepSequential(nn.Sequential):
 
 
 def batch_norm(channels: int) -> TaskBatchNorm2d:
-    """BatchNorm that always uses batch statistics (no running mean/var buffers)."""
+    """BatchNorm that always uses batch statistics (no running mean/var buffers), the protocol's."""
     return TaskBatchNorm2d(channels)
+
+
+class SpatialMean(nn.Module):
+    """(N, C, H, W) -> (N, C, 1, 1): the mean over height and width (cbfinn's Omniglot head input)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.mean((2, 3), keepdim=True)
 
 
 class FewShotClassifier(nn.Module):
@@ -111,14 +138,21 @@ class FewShotClassifier(nn.Module):
         return self.classifier(self.embed(x, step=step))                  # (T, N, ways)
 
 
-def conv4_features(channels: int = 64) -> StepSequential:
-    """4 x [Conv3x3(pad 1, bias) -> BN -> ReLU -> MaxPool2]; 84x84 -> 64x5x5 (flattened: 1600)."""
+def conv4_features(channels: int = 64, in_channels: int = 3, downsample: str = "maxpool", head_input: str = "flatten",
+                   norm: Callable[[int], nn.Module] = batch_norm) -> StepSequential:
+    """4 blocks of 3x3 convolutions (padding 1, bias) -> BN -> ReLU, each halving the image, then the head's input.
+
+    downsample maxpool (the protocol's): stride 1, then MaxPool 2; 84x84 -> 64x5x5 (flattened: 1600).
+    downsample stride (Finn et al.'s Omniglot network): stride 2, no pooling; 28x28 -> 14 -> 7 -> 4 -> 64x2x2.
+    head_input flatten: the last map flattened; mean: its spatial mean (64, whatever the image size)."""
     layers: list[nn.Module] = []
-    in_channels = 3
+    stride = 2 if downsample == "stride" else 1
     for _ in range(4):
-        layers += [TaskConv2d(in_channels, channels, 3, padding=1, bias=True), batch_norm(channels), nn.ReLU(),
-                   nn.MaxPool2d(2)]
+        layers += [TaskConv2d(in_channels, channels, 3, stride=stride, padding=1, bias=True), norm(channels),
+                   nn.ReLU()]
+        layers += [nn.MaxPool2d(2)] if downsample == "maxpool" else []
         in_channels = channels
+    layers += [SpatialMean()] if head_input == "mean" else []
     return StepSequential(*layers)
 
 
@@ -126,15 +160,15 @@ class ResidualBlock(nn.Module):
     """3 x (Conv3x3 no bias -> BN), LeakyReLU(0.1) after the first two and after the residual sum,
     shortcut Conv1x1 + BN, then MaxPool2. (B, in, H, W) -> (B, out, H//2, W//2)."""
 
-    def __init__(self, in_channels: int, out_channels: int):
+    def __init__(self, in_channels: int, out_channels: int, norm: Callable[[int], nn.Module] = batch_norm):
         super().__init__()
         self.conv1 = TaskConv2d(in_channels, out_channels, 3, padding=1, bias=False)
-        self.bn1 = batch_norm(out_channels)
+        self.bn1 = norm(out_channels)
         self.conv2 = TaskConv2d(out_channels, out_channels, 3, padding=1, bias=False)
-        self.bn2 = batch_norm(out_channels)
+        self.bn2 = norm(out_channels)
         self.conv3 = TaskConv2d(out_channels, out_channels, 3, padding=1, bias=False)
-        self.bn3 = batch_norm(out_channels)
-        self.shortcut = StepSequential(TaskConv2d(in_channels, out_channels, 1, bias=False), batch_norm(out_channels))
+        self.bn3 = norm(out_channels)
+        self.shortcut = StepSequential(TaskConv2d(in_channels, out_channels, 1, bias=False), norm(out_channels))
         self.act = nn.LeakyReLU(0.1)
         self.pool = nn.MaxPool2d(2)
 
@@ -148,12 +182,12 @@ class ResidualBlock(nn.Module):
 STEPPED = (TaskBatchNorm2d, ResidualBlock, StepSequential)  # the layers whose forward takes the inner step
 
 
-def resnet12_features(channels: tuple[int, ...] = (64, 160, 320, 640)) -> StepSequential:
+def resnet12_features(channels: tuple[int, ...] = (64, 160, 320, 640), in_channels: int = 3,
+                      norm: Callable[[int], nn.Module] = batch_norm) -> StepSequential:
     """4 residual blocks (64-160-320-640) then global average pooling; 84x84 -> 640x5x5 -> 640."""
     blocks: list[nn.Module] = []
-    in_channels = 3
     for out_channels in channels:
-        blocks.append(ResidualBlock(in_channels, out_channels))
+        blocks.append(ResidualBlock(in_channels, out_channels, norm))
         in_channels = out_channels
     return StepSequential(*blocks, nn.AdaptiveAvgPool2d(1))
 
@@ -161,36 +195,51 @@ def resnet12_features(channels: tuple[int, ...] = (64, 160, 320, 640)) -> StepSe
 BACKBONES = {"conv4": conv4_features, "resnet12": resnet12_features}
 
 
-def init_weights(model: nn.Module) -> None:
-    """Protocol initialisation: convs kaiming-normal (fan_out) with zero bias, BN weight 1 / bias 0.
-    The linear head keeps PyTorch's default initialisation."""
+def init_weights(model: nn.Module, init: str = "kaiming") -> None:
+    """kaiming (the protocol's): convs kaiming-normal (fan_out) with zero bias, BN weight 1 / bias 0, the linear head
+    PyTorch's default. xavier (cbfinn's maml.py): convs glorot-uniform (tf xavier_initializer_conv2d) with zero bias,
+    BN offset 0, head weights N(0, 1) (tf.random_normal) and zero head bias."""
     for module in model.modules():
         if isinstance(module, nn.Conv2d):
-            nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+            if init == "xavier":
+                nn.init.xavier_uniform_(module.weight)
+            else:
+                nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
             if module.bias is not None:
                 nn.init.zeros_(module.bias)
         elif isinstance(module, nn.BatchNorm2d):
-            nn.init.ones_(module.weight)
+            if module.weight is not None:
+                nn.init.ones_(module.weight)
             nn.init.zeros_(module.bias)
+    if init == "xavier" and isinstance(model, FewShotClassifier):
+        nn.init.normal_(model.classifier.weight, 0.0, 1.0)
+        nn.init.zeros_(model.classifier.bias)
 
 
-def build_model(arch: str, ways: int, image_size: int = 84, zero_head: bool = False,
-                per_step_bn: int = 0) -> FewShotClassifier:
-    """Backbone `arch` with a `ways`-way linear head sized for `image_size` x `image_size` RGB inputs.
-    `zero_head`: the head's weight and bias start at zero (`maml.zero_head`; fsl.maml.meta_parameters then leaves
-    them out of the meta-optimizer, so every adaptation starts from a zero head). `per_step_bn`: that many
-    BatchNorm weights and biases per layer, one per inner step (MAML++ BNWB; 0 = one)."""
+def build_model(arch: str, ways: int, image_size: int = 84, zero_head: bool = False, per_step_bn: int = 0,
+                options: ModelConfig | None = None, in_channels: int = 3) -> FewShotClassifier:
+    """Backbone `arch` with a `ways`-way linear head sized for `image_size` x `image_size` inputs of `in_channels`
+    channels. `options`: the model.* settings (fsl.config.ModelConfig; None: the protocol's). `zero_head`: the
+    head's weight and bias start at zero (`maml.zero_head`; fsl.maml.meta_parameters then leaves them out of the
+    meta-optimizer, so every adaptation starts from a zero head). `per_step_bn`: that many BatchNorm weights and
+    biases per layer, one per inner step (MAML++ BNWB; 0 = one)."""
     if arch not in BACKBONES:
         raise ValueError(f"unknown arch {arch!r}; choose one of {sorted(BACKBONES)}")
-    features = BACKBONES[arch]()
+    options = options or ModelConfig(arch=arch)
+    norm = functools.partial(TaskBatchNorm2d, scale=options.bn_scale, eps=options.bn_eps)
+    if arch == "conv4":
+        features = conv4_features(in_channels=in_channels, downsample=options.downsample,
+                                  head_input=options.head_input, norm=norm)
+    else:
+        features = resnet12_features(in_channels=in_channels, norm=norm)
     with torch.no_grad():  # head width follows from the image size (conv4: 1600 at 84x84, 64 at 28x28)
-        feature_dim = features(torch.zeros(2, 3, image_size, image_size)).flatten(1).shape[1]
+        feature_dim = features(torch.zeros(2, in_channels, image_size, image_size)).flatten(1).shape[1]
     model = FewShotClassifier(features, feature_dim, ways)
     if per_step_bn:
         for module in model.modules():
             if isinstance(module, TaskBatchNorm2d):
                 module.per_step(per_step_bn)
-    init_weights(model)
+    init_weights(model, options.init)
     if zero_head:
         nn.init.zeros_(model.classifier.weight)
         nn.init.zeros_(model.classifier.bias)

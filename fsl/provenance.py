@@ -14,13 +14,13 @@ from pathlib import Path
 from typing import Any
 
 from fsl import schedule
-from fsl.config import Config, ConfigError, all_keys, flat_dict, load_config, set_key, settings_sha
-from fsl.reference import REFERENCE
+from fsl.config import Config, ConfigError, all_keys, flat_dict, load_config, set_key, settings_sha, variant_label
+from fsl.reference import reference
 
 REPO = Path(__file__).resolve().parents[1]
 RUN_KEYS = ("device", "name", "work_dir", "results_dir", "data.root", "data.workers", "data.cache_dir",
             "train.log_every", "train.checkpoint_every", "train.tensorboard", "cudnn_benchmark", "train.parallel_tasks",
-            "test.parallel_episodes")
+            "test.parallel_episodes", "train.stop_at")
 TEST_KEYS = tuple(k for k in all_keys() if k.startswith("test.")) + ("maml.test_inner_steps", "precision")
 SHARED_KEYS = ("test.ways", "test.shots", "test.queries", "test.seed", "maml.test_inner_steps", "precision")
 # validation and training use these too: they define the trained (validation-selected) model, and a test may still
@@ -103,9 +103,16 @@ def check_resume(stored: Config, current: Config, checkpoint: str | Path, tasks_
                       f"in another folder (work_dir=...)")
 
 
+def protocol_file(cfg: Config) -> Path:
+    """The committed config of `cfg`'s cell (experiments/<cell>.yaml) or, for a named variant, of that variant
+    (experiments/variants/<cell>-<variant>.yaml: Omniglot's FOMAML has a published number of its own)."""
+    variant = cfg.maml.variant
+    return REPO / "experiments" / (f"{cfg.cell}.yaml" if variant == "maml" else f"variants/{cfg.cell}-{variant}.yaml")
+
+
 def protocol_config(cfg: Config) -> Config | None:
-    """The committed config of `cfg`'s cell (experiments/<cell>.yaml, no overrides); None if there is none."""
-    path = REPO / "experiments" / f"{cfg.cell}.yaml"
+    """The config of `protocol_file` (no overrides); None if there is none."""
+    path = protocol_file(cfg)
     return load_config(path) if path.exists() else None
 
 
@@ -115,7 +122,8 @@ COMPARABLE_PRECISIONS = ("fp32", "tf32")
 def comparability(trained: Config, tested: Config, train_tasks: int | None, checkpoint_tasks: int | None,
                   best_val_tasks: int | None) -> tuple[bool, str]:
     """Whether testing a model trained under `trained` with the effective test config `tested` is the reference's
-    protocol: the cell's committed config for both, all its training tasks, the validation-selected weights.
+    protocol: the cell's committed config for both, all its training tasks, the weights test.weights names (the
+    validation-selected ones, or the final ones).
     Returns (comparable, the reasons it is not). Precision (fsl.precision): fp32 and tf32 are comparable (float32
     weights, gradients and accumulation; TF32 is PyTorch's own default for cuDNN convolutions, which the reference
     ran with); bf16, in training or in the test, is not (8-bit mantissas change the numbers beyond rounding)."""
@@ -123,14 +131,14 @@ def comparability(trained: Config, tested: Config, train_tasks: int | None, chec
     for stage, precision in (("training", trained.precision), ("test", tested.precision)):
         if precision not in COMPARABLE_PRECISIONS:
             reasons.append(f"{stage} in precision={precision} (comparable: {', '.join(COMPARABLE_PRECISIONS)})")
-    cell = (tested.data.dataset, tested.model.arch, tested.test.shots)
-    if cell not in REFERENCE:
-        reasons.append("no reference number for this cell")
+    if reference(tested.data.dataset, tested.model.arch, tested.test.ways, tested.test.shots,
+                 variant_label(trained)) is None:
+        reasons.append(f"no reference number for this cell and variant ({variant_label(trained)})")
     protocol = protocol_config(tested)
     if tested.quick:
         reasons.append("quick sanity run")
     elif protocol is None:
-        reasons.append(f"no committed config experiments/{tested.cell}.yaml to compare with")
+        reasons.append(f"no committed config {protocol_file(tested).relative_to(REPO)} to compare with")
     else:
         compared = lambda keys: [k for k in keys if k not in ("precision", "quick")]  # noqa: E731
         diffs = differences(protocol, trained, compared(model_keys()))
@@ -140,7 +148,10 @@ def comparability(trained: Config, tested: Config, train_tasks: int | None, chec
                                                                               for k, a, b in diffs))
     if train_tasks is None or train_tasks < trained.train.tasks:
         reasons.append(f"training stopped at {train_tasks} of {trained.train.tasks} tasks")
-    if checkpoint_tasks is not None and best_val_tasks is not None and checkpoint_tasks != best_val_tasks:
+    if tested.test.weights == "final":
+        if checkpoint_tasks is not None and train_tasks is not None and checkpoint_tasks != train_tasks:
+            reasons.append(f"tested weights of task {checkpoint_tasks}, not the final ones (task {train_tasks})")
+    elif checkpoint_tasks is not None and best_val_tasks is not None and checkpoint_tasks != best_val_tasks:
         reasons.append(f"tested weights of task {checkpoint_tasks}, not the validation-selected ones "
                        f"(task {best_val_tasks})")
     return not reasons, "; ".join(reasons)

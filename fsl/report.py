@@ -1,12 +1,14 @@
 """Tables and plots from the result CSVs (never from memory): `python -m fsl tables [--results DIR]`.
 
 Reads  results/summary.csv, results/<cell>/test_episodes*.csv, results/<cell>/train_log*.csv (through fsl.results)
-Writes results/tables/<dataset>.md         MMFewShot's README format (its "std" column is our ci95), every run
+Writes results/tables/<dataset>.md         MMFewShot's README format (its "std" column is our ci95), every run;
+                                           omniglot.md first sets each run beside the MAML paper's Table 1
        results/tables/comparison.md        each of the 12 reference cells: our comparable result beside the reference
        results/tables/not_comparable.md    every other row, with why it is not the reference's protocol
        results/tables/variants.md          cells run under several inner-loop variants, side by side (#17)
        results/tables/seeds.md             runs under several training seeds: across-seed mean and std
-       results/plots/*.png                 bar chart vs the reference, learning curves, per-episode histograms
+       results/plots/*.png                 bar chart vs the reference (and omniglot_vs_paper.png), learning curves,
+                                           per-episode histograms
 Same CSVs in, same bytes out.
 """
 from __future__ import annotations
@@ -22,12 +24,12 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from fsl import results as results_io  # noqa: E402
-from fsl.reference import REFERENCE  # noqa: E402
+from fsl.reference import OMNIGLOT, OMNIGLOT_SOURCE, REFERENCE, reference  # noqa: E402
 from fsl.results import ResultsError  # noqa: E402, F401  (raised by the readers; re-exported for callers)
 from fsl.utils import write_text_atomic  # noqa: E402
 
 DATASET_TITLES = {"cub": "CUB", "mini-imagenet": "mini-ImageNet", "tiered-imagenet": "tiered-ImageNet",
-                  "glyphs": "glyphs (built-in demo)"}
+                  "omniglot": "Omniglot", "glyphs": "glyphs (built-in demo)"}
 
 
 def read_summary(results: str | Path) -> pd.DataFrame:
@@ -73,6 +75,69 @@ def comparison_table(summary: pd.DataFrame) -> str:
         lines.append(f"| {cell} | {fmt(row.mean_acc, row.ci95)} | {fmt(ref_mean, ref_ci)} | "
                      f"{row.mean_acc - ref_mean:+.2f} | {'yes' if overlap else 'no'} |")
     return "\n".join(lines) + "\n"
+
+
+def budget(row) -> str:
+    """'64,000 of 1,920,000 (3.3%)': the tasks the run trained, of its config's."""
+    if pd.isna(row.train_tasks):
+        return ""
+    if pd.isna(row.planned_tasks) or row.planned_tasks == row.train_tasks:
+        return f"{int(row.train_tasks):,}"
+    return f"{int(row.train_tasks):,} of {int(row.planned_tasks):,} ({100 * row.train_tasks / row.planned_tasks:.2g}%)"
+
+
+def paper_table(rows: pd.DataFrame) -> str:
+    """Omniglot's runs beside the MAML paper: each run's mean ± ci95 and the published one for its ways, shots and
+    variant (fsl.reference.OMNIGLOT), the tasks it trained of its config's, whether it is the full protocol; the
+    paper's cells without a run are listed as such."""
+    lines = ["| cell | variant | fsl (mean ± ci95) | paper | source | difference | trained tasks | comparable | "
+             "device | run |", "|---|---|---|---|---|---|---|---|---|---|"]
+    seen = set()
+    for row in rows.itertuples():
+        base = "fomaml" if row.variant.startswith("fomaml") else row.variant
+        published = reference(row.dataset, row.arch, row.ways, row.shots, base)
+        paper = fmt(*published) if published else "none"
+        difference = f"{row.mean_acc - published[0]:+.2f}" if published else ""
+        seen.add((row.ways, row.shots, base))
+        lines.append(f"| {row.ways}-way {row.shots}-shot | {row.variant} | {fmt(row.mean_acc, row.ci95)} | {paper} | "
+                     f"{OMNIGLOT_SOURCE.get(base, '')} | {difference} | {budget(row)} | "
+                     f"{'yes' if row.comparable else 'no'} | {row.device} | {row.run} |")
+    for (ways, shots, variant), published in OMNIGLOT.items():
+        if (ways, shots, variant) not in seen:
+            lines.append(f"| {ways}-way {shots}-shot | {variant} | not run | {fmt(*published)} | "
+                         f"{OMNIGLOT_SOURCE[variant]} | | | | | |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_omniglot(rows: pd.DataFrame, path: Path) -> None:
+    """Omniglot's four cells: the published MAML and FOMAML accuracies, and fsl's runs beside them (each bar
+    labelled with the share of its config's tasks it trained)."""
+    cells = [(ways, shots) for ways in (5, 20) for shots in (1, 5)]
+    x = np.arange(len(cells))
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for k, (variant, label) in enumerate((("maml", "MAML"), ("fomaml", "first-order MAML"))):
+        paper = [OMNIGLOT[(w, s, variant)] for w, s in cells]
+        ax.bar(x + (2 * k - 1.5) * 0.2, [m for m, _ in paper], 0.2, yerr=[c for _, c in paper], capsize=2,
+               color=f"C{2 * k}", alpha=0.5, label=f"{label}: {OMNIGLOT_SOURCE[variant]}")
+        ours = rows[rows["variant"].str.startswith(variant) if variant == "fomaml"
+                    else ~rows["variant"].str.startswith("fomaml")]
+        for i, (ways, shots) in enumerate(cells):
+            match = ours[(ours["ways"] == ways) & (ours["shots"] == shots)]
+            if match.empty:
+                continue
+            row = next(match.itertuples())
+            position = x[i] + (2 * k - 0.5) * 0.2
+            ax.bar(position, row.mean_acc, 0.2, yerr=row.ci95, capsize=2, color=f"C{2 * k + 1}",
+                   label=f"fsl, {label}" if f"fsl, {label}" not in ax.get_legend_handles_labels()[1] else None)
+            share = "" if pd.isna(row.planned_tasks) else f"{100 * row.train_tasks / row.planned_tasks:.2g}%"
+            ax.text(position, 1, share, ha="center", va="bottom", fontsize=7, rotation=90)
+    ax.set_xticks(x, [f"{w}-way {s}-shot" for w, s in cells])
+    ax.set_ylabel("test accuracy (%) ± 95% CI")
+    ax.set_ylim(0, 100)
+    ax.set_title("Omniglot: fsl beside the MAML paper (bar labels: share of the protocol's tasks trained)", fontsize=9)
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.08), ncol=2)
+    fig.tight_layout()
+    save_figure(fig, path)
 
 
 def not_comparable_table(summary: pd.DataFrame) -> str:
@@ -225,7 +290,12 @@ def tables(summary: pd.DataFrame) -> dict[str, str]:
     """{file name: markdown} of every table the summary allows (what `run` writes under results/tables)."""
     written = {}
     for dataset, rows in summary[~summary["quick"]].groupby("dataset", sort=True):
-        written[f"{dataset}.md"] = (f"# {DATASET_TITLES.get(dataset, dataset)}: MAML, 5-way\n\n"
+        ways = ", ".join(f"{w}-way" for w in sorted(rows["ways"].unique()))
+        paper = ("## Beside the paper\n\nMean ± 95% half-width over the test tasks; trained tasks: of the config's "
+                 "train.tasks (runs stopped early with train.stop_at are never comparable). Plot: "
+                 "plots/omniglot_vs_paper.png\n\n" + paper_table(rows) + "\n## Every run\n\n"
+                 if dataset == "omniglot" else "")
+        written[f"{dataset}.md"] = (f"# {DATASET_TITLES.get(dataset, dataset)}: MAML, {ways}\n\n" + paper +
                                     f"std = 95% confidence half-width (1.96 * std / sqrt(episodes)), as MMFewShot; "
                                     f"comparable = the reference's full protocol (see not_comparable.md)\n\n"
                                     + dataset_table(rows))
@@ -279,6 +349,10 @@ def run(results_dir: str | Path = "results") -> list[Path]:
     if len(variant_rows(summary)):
         plot_variants(summary, plots / "variants.png")
         written.append(plots / "variants.png")
+    omniglot = summary[(summary["dataset"] == "omniglot") & ~summary["quick"]]
+    if len(omniglot):
+        plot_omniglot(omniglot, plots / "omniglot_vs_paper.png")
+        written.append(plots / "omniglot_vs_paper.png")
     for row in summary.itertuples():
         episodes_csv = results_io.run_file(results, row.cell, row.run, "test_episodes")
         if episodes_csv.exists():

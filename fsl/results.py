@@ -26,7 +26,7 @@ from fsl import provenance
 from fsl.config import Config, config_files, from_dict, variant_label
 from fsl.distributed import describe_device
 from fsl.precision import describe_precision
-from fsl.reference import REFERENCE
+from fsl.reference import reference
 from fsl.utils import git_commit, write_atomic
 
 
@@ -63,7 +63,8 @@ SUMMARY = _schema(
     Column("mean_acc", float, required=True),     # mean per-episode query accuracy, %
     Column("ci95", float, required=True),         # 95% confidence half-width, % (MMFewShot's "std")
     Column("episodes", int, required=True),       # test episodes
-    Column("train_tasks", int),                   # tasks the checkpoint was trained for
+    Column("train_tasks", int),                   # tasks the run behind the checkpoint trained
+    Column("planned_tasks", int),                 # train.tasks of its config (train.stop_at may stop it before)
     Column("best_val_tasks", int),                # task count of the validation-selected checkpoint
     Column("quick", bool, default=False),
     Column("comparable", bool, default=False),    # the full protocol of a reference cell (see fsl.provenance)
@@ -223,7 +224,8 @@ def summary_row(tested: Config, accuracies: np.ndarray, checkpoint: dict, checkp
     trained = from_dict(checkpoint["config"])
     comparable, why = provenance.comparability(trained, tested, train_tasks, checkpoint["tasks_done"],
                                                checkpoint["best_val_tasks"])
-    reference = REFERENCE.get((tested.data.dataset, tested.model.arch, tested.test.shots), (None, None))
+    cell = (tested.data.dataset, tested.model.arch, tested.test.ways, tested.test.shots)
+    published = reference(*cell, variant_label(trained)) or reference(*cell) or (None, None)  # else MAML's
     return {
         "run": tested.run_name, "test_tag": provenance.test_tag(trained, tested), "cell": tested.cell,
         "variant": variant_label(tested), "dataset": tested.data.dataset, "data_root": tested.data_root.name,
@@ -232,7 +234,8 @@ def summary_row(tested: Config, accuracies: np.ndarray, checkpoint: dict, checkp
         "train_batch": tested.train.ways * (tested.train.shots + tested.train.queries),
         "mean_acc": round(float(accuracies.mean()), 4), "ci95": round(ci95(accuracies), 4),
         "episodes": len(accuracies),
-        "train_tasks": train_tasks, "best_val_tasks": checkpoint["best_val_tasks"], "quick": tested.quick,
+        "train_tasks": train_tasks, "planned_tasks": trained.train.tasks,
+        "best_val_tasks": checkpoint["best_val_tasks"], "quick": tested.quick,
         "comparable": comparable, "not_comparable_why": why, "seed": tested.seed,
         "precision": describe_precision(trained.precision, device, trained.cudnn_benchmark),
         "test_precision": describe_precision(tested.precision, device, tested.cudnn_benchmark),
@@ -243,7 +246,7 @@ def summary_row(tested: Config, accuracies: np.ndarray, checkpoint: dict, checkp
         "config_commit": git_commit(*config_files(config_path)) if config_path else "unknown",
         "device": describe_device(device), "seconds": round(seconds, 1),
         "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "reference_mean": reference[0], "reference_ci95": reference[1],
+        "reference_mean": published[0], "reference_ci95": published[1],
     }
 
 

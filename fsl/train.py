@@ -66,6 +66,9 @@ def meta_train(cfg: Config, device: torch.device) -> Path:
     state = checkpoints.resume()
     if state.tasks_done >= cfg.train.tasks:
         return finish(state, checkpoints, "training already finished")
+    if cfg.train.stop_at and state.tasks_done >= cfg.train.stop_at:
+        return finish(state, checkpoints, f"already stopped at train.stop_at={cfg.train.stop_at} (rerun without it to "
+                                          f"train on to {cfg.train.tasks})")
     stream = training_episodes(cfg, state.tasks_done, device)
     validation = Validation(cfg, model, rates, device)
     log = RunLog(cfg, resume_at=state.tasks_done) if main else None
@@ -97,6 +100,10 @@ def meta_train(cfg: Config, device: torch.device) -> Path:
             if due.stop:
                 progress.close()
                 stop.raise_stopped(state.tasks_done, checkpoints.latest)
+            if due.end and state.tasks_done < cfg.train.tasks:
+                progress.close()
+                return finish(state, checkpoints, f"stopped at train.stop_at={cfg.train.stop_at} (rerun without it "
+                                                  f"to train on to {cfg.train.tasks})")
     progress.close()
     return finish(state, checkpoints, "finished")
 
@@ -121,33 +128,39 @@ def start_run(cfg: Config, device: torch.device) -> None:
 
 
 def finish(state: TrainState, checkpoints: Checkpoints, what: str) -> Path:
-    """Say where the run ended and return the best checkpoint's path."""
+    """Say where the run ended and return the path of the checkpoint its test takes (test.weights)."""
     if distributed.is_main():
         print(f"{what}: {state.tasks_done} tasks; best validation {state.best_val_mean:.2f}% at task "
               f"{state.best_val_tasks}: {checkpoints.best}", flush=True)
-    return checkpoints.best
+    return checkpoints.tested
 
 
-def probe_one_task(model: torch.nn.Module, rates: InnerRates | None, episodes: Episode,
-                   cfg: Config) -> Callable[[], None]:
-    """One task's meta-gradient under the run's most memory-hungry loop (second order unless first order
-    throughout, every step's query loss if MSL), for fsl.batching's memory probe; leaves no gradient behind."""
+def probe_tasks(model: torch.nn.Module, rates: InnerRates | None, episodes: Episode,
+                cfg: Config) -> Callable[[int], None]:
+    """`run(p)`: the meta-gradient of the meta-batch `episodes`, p tasks adapted at a time, under the run's most
+    memory-hungry loop (second order unless first order throughout, every step's query loss if MSL), for
+    fsl.batching's probes (memory on CUDA, time on a CPU); leaves no gradient behind."""
     loop = InnerLoop.training(cfg, first_order=cfg.maml.first_order)
     weights = [1.0] * loop.steps if cfg.maml.multi_step_loss else None
 
-    def run_one() -> None:
-        task_meta_gradient(model, chunks(episodes, 1)[0], loop, 1.0, rates, weights)
+    def run(group: int) -> None:
+        for chunk in chunks(episodes, group):
+            task_meta_gradient(model, chunk, loop, 1.0, rates, weights)
         for _, p in named_meta_parameters(model, rates):
             p.grad = None
-    return run_one
+    return run
 
 
 def resolve_parallel_tasks(cfg: Config, model: torch.nn.Module, rates: InnerRates | None, episodes: Episode,
                            device: torch.device, state: TrainState, progress: tqdm) -> int:
-    """train.parallel_tasks for this device (`auto`: probed on the run's first task, fsl.batching), kept in `state`."""
+    """train.parallel_tasks for this device (`auto`: probed on the run's first meta-batch, fsl.batching; a resumed
+    run keeps the size its checkpoint recorded, so that it continues bit for bit), kept in `state`."""
     local_batch = distributed.tasks_per_rank(cfg.train.meta_batch)
-    state.parallel_tasks, why = batching.resolve(cfg.train.parallel_tasks, local_batch, device,
-                                                 probe_one_task(model, rates, episodes, cfg))
+    if cfg.train.parallel_tasks == "auto" and state.parallel_tasks is not None:
+        why = f"auto: as resolved when the run started ({cfg.run_dir / 'latest.pth'})"
+    else:
+        state.parallel_tasks, why = batching.resolve(cfg.train.parallel_tasks, local_batch, device,
+                                                     probe_tasks(model, rates, episodes, cfg))
     if distributed.is_main():
         progress.write(f"train.parallel_tasks={state.parallel_tasks} ({why})")
     return state.parallel_tasks
@@ -184,18 +197,21 @@ def crossed(tasks_done: int, step_tasks: int, every: int) -> bool:
 class Due:
     """What is due after an outer step: a log row (every train.log_every tasks), validation with model selection and
     a checkpoint (every train.val_every), a checkpoint alone (every train.checkpoint_every, or on a stop request),
-    stopping. The last step logs and validates."""
+    stopping on a request, the end of the run (all train.tasks, or train.stop_at). The last step logs and
+    validates."""
     log: bool
     validate: bool
     checkpoint: bool
     stop: bool
+    end: bool
 
     @classmethod
     def after(cls, cfg: Config, tasks_done: int, step_tasks: int, stop: bool) -> "Due":
-        last = tasks_done == cfg.train.tasks
-        return cls(log=crossed(tasks_done, step_tasks, cfg.train.log_every) or last,
-                   validate=crossed(tasks_done, step_tasks, cfg.train.val_every) or last,
-                   checkpoint=crossed(tasks_done, step_tasks, cfg.train.checkpoint_every) or stop, stop=stop)
+        end = tasks_done == cfg.train.tasks or 0 < cfg.train.stop_at <= tasks_done
+        return cls(log=crossed(tasks_done, step_tasks, cfg.train.log_every) or end,
+                   validate=crossed(tasks_done, step_tasks, cfg.train.val_every) or end,
+                   checkpoint=crossed(tasks_done, step_tasks, cfg.train.checkpoint_every) or stop, stop=stop,
+                   end=end)
 
     @property
     def read(self) -> bool:

@@ -12,7 +12,7 @@ import torch
 
 from conftest import REPO, STORE_CACHE, fixture_root
 
-TINY = ["data.image_size=28", "data.workers=0", f"data.cache_dir={STORE_CACHE}", "train.meta_batch=2",
+TINY = ["data.image_size=28", "data.workers=0", "train.parallel_tasks=1", "test.parallel_episodes=1", f"data.cache_dir={STORE_CACHE}", "train.meta_batch=2",
         "train.queries=2", "train.val_episodes=2", "train.log_every=2", "train.val_every=2", "test.episodes=3"]
 
 

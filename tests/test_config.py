@@ -8,19 +8,21 @@ REPO = Path(__file__).resolve().parents[1]
 CELLS = sorted(p for p in (REPO / "experiments").glob("*.yaml") if not p.name.startswith("_"))
 
 
-def test_twelve_paper_cells_plus_demo():
+def test_twelve_paper_cells_plus_omniglot_and_demo():
     names = {p.stem for p in CELLS}
     paper = {f"{d}-{a}-{k}shot" for d in ("cub", "mini-imagenet", "tiered-imagenet") for a in ("conv4", "resnet12")
              for k in (1, 5)}
-    assert paper <= names
-    assert names - paper == {"glyphs-conv4-1shot", "glyphs-conv4-5shot", "folder-conv4-5shot"}
+    omniglot = {f"omniglot-conv4-{w}{k}shot" for w in ("", "20way-") for k in (1, 5)}
+    assert paper <= names and omniglot <= names
+    assert names - paper - omniglot == {"glyphs-conv4-1shot", "glyphs-conv4-5shot", "folder-conv4-5shot"}
 
 
 @pytest.mark.parametrize("path", CELLS, ids=lambda p: p.stem)
 def test_cell_id_matches_file_name_and_protocol(path):
     cfg = load_config(path)
     assert cfg.cell == path.stem
-    if cfg.data.dataset != "glyphs":  # the protocol's values, from PROTOCOL.md
+    if cfg.data.dataset not in ("glyphs", "omniglot"):  # the protocol's values, from PROTOCOL.md (Omniglot's: the
+        # MAML paper's, tests/test_omniglot.py)
         assert (cfg.train.ways, cfg.train.shots, cfg.train.queries, cfg.train.meta_batch) == (5, 5, 16, 8)
         assert (cfg.maml.inner_lr, cfg.maml.inner_steps, cfg.maml.test_inner_steps) == (0.01, 2, 5)
         assert not cfg.maml.first_order

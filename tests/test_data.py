@@ -46,7 +46,7 @@ def test_data_check_cli_json():
     out = subprocess.run([sys.executable, "-m", "fsl", "data", "check", "mini-imagenet", "--root", str(root), "--json"],
                          capture_output=True, text=True, cwd=REPO, check=True).stdout
     assert json.loads(out) == {"train": {"classes": 64, "images": 3840}, "val": {"classes": 16, "images": 960},
-                               "test": {"classes": 20, "images": 1200}}
+                               "test": {"classes": 20, "images": 1200}, "all": {"classes": 100, "images": 6000}}
 
 
 def test_transform_outputs():

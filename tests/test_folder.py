@@ -87,7 +87,7 @@ def trained_folder_cell(tmp_path_factory):
     """A folder cell trained (tiny) and tested through the command line, as `make folder-conv4-5shot` runs it."""
     tmp = tmp_path_factory.mktemp("folder-cell")
     root = class_folders(tmp / "my-birds")
-    settings = [f"data.root={root}", "data.image_size=28", "data.workers=0", f"data.cache_dir={STORE_CACHE}",
+    settings = [f"data.root={root}", "data.image_size=28", "data.workers=0", "train.parallel_tasks=1", "test.parallel_episodes=1", f"data.cache_dir={STORE_CACHE}",
                 "train.tasks=4", "train.meta_batch=2", "train.queries=2", "train.val_every=4", "train.val_episodes=2",
                 "test.episodes=4", "test.queries=2", "train.log_every=2", f"work_dir={tmp / 'work'}",
                 f"results_dir={tmp / 'results'}", "device=cpu"]

@@ -80,11 +80,27 @@ def test_comparability_names_every_reason():
     quick = cfg("quick=true")
     assert comparability(quick, quick, 400, 400, 400) == (False, "quick sanity run")
     glyphs = load_config(REPO / "experiments/glyphs-conv4-1shot.yaml")
-    assert comparability(glyphs, glyphs, 9600, 9600, 9600) == (False, "no reference number for this cell")
+    assert comparability(glyphs, glyphs, 9600, 9600, 9600) == \
+        (False, "no reference number for this cell and variant (maml+zero_head+cosine)")
+    mini_fomaml = load_config(REPO / "experiments/variants/mini-imagenet-conv4-1shot-fomaml.yaml")
+    assert comparability(mini_fomaml, mini_fomaml, 100_000, 96_000, 96_000) == \
+        (False, "no reference number for this cell and variant (fomaml)")
+
+
+def test_omniglot_comparability_tests_the_final_weights_and_its_fomaml_has_a_reference():
+    omniglot = load_config(REPO / "experiments/omniglot-conv4-1shot.yaml")
+    assert comparability(omniglot, omniglot, 1_920_000, 1_920_000, 16_000) == (True, "")
+    assert comparability(omniglot, omniglot, 1_920_000, 16_000, 16_000) == \
+        (False, "tested weights of task 16000, not the final ones (task 1920000)")
+    stopped = load_config(REPO / "experiments/omniglot-conv4-1shot.yaml", ["train.stop_at=64000"])
+    assert comparability(stopped, stopped, 64_000, 64_000, 48_000) == \
+        (False, "training stopped at 64000 of 1920000 tasks")
+    fomaml = load_config(REPO / "experiments/variants/omniglot-conv4-20way-5shot-fomaml.yaml")
+    assert comparability(fomaml, fomaml, 960_000, 960_000, 8_000) == (True, "")
 
 
 def tiny(tmp_path, *extra):
-    return [f"data.root={fixture_root('mini-imagenet')}", "data.image_size=28", "data.workers=0",
+    return [f"data.root={fixture_root('mini-imagenet')}", "data.image_size=28", "data.workers=0", "train.parallel_tasks=1", "test.parallel_episodes=1",
             f"data.cache_dir={STORE_CACHE}", "device=cpu", "train.meta_batch=2", "train.queries=2",
             "train.val_episodes=2", "train.log_every=2", "test.episodes=5", f"work_dir={tmp_path / 'work'}",
             f"results_dir={tmp_path / 'results'}", *extra]

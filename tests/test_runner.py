@@ -19,7 +19,7 @@ CONFIG = REPO / "experiments/mini-imagenet-conv4-1shot.yaml"
 
 def tiny(root, tmp_path, *extra):
     """Tiny but real: 28x28 images, 2 queries, 2 tasks per outer step."""
-    return [f"data.root={root}", "data.image_size=28", "data.workers=0", f"data.cache_dir={STORE_CACHE}",
+    return [f"data.root={root}", "data.image_size=28", "data.workers=0", "train.parallel_tasks=1", "test.parallel_episodes=1", f"data.cache_dir={STORE_CACHE}",
             "device=cpu", "train.meta_batch=2", "train.queries=2", "train.val_episodes=2", "train.log_every=2",
             "test.episodes=5", f"work_dir={tmp_path / 'work'}", f"results_dir={tmp_path / 'results'}", *extra]
 

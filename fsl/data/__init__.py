@@ -9,10 +9,11 @@ from fsl.data.cub import CUB
 from fsl.data.folder import Folder
 from fsl.data.glyphs import Glyphs
 from fsl.data.mini_imagenet import MiniImageNet
+from fsl.data.omniglot import Omniglot
 from fsl.data.tiered_imagenet import TieredImageNet
 
-READERS = {"cub": CUB, "mini-imagenet": MiniImageNet, "tiered-imagenet": TieredImageNet, "glyphs": Glyphs,
-           "folder": Folder}
+READERS = {"cub": CUB, "mini-imagenet": MiniImageNet, "tiered-imagenet": TieredImageNet, "omniglot": Omniglot,
+           "glyphs": Glyphs, "folder": Folder}
 
 
 def load_split(name: str, root: str | Path, split: str, transform: Callable | None = None,

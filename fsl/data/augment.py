@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torchvision.ops import roi_align
 
-from fsl.data.transforms import MEAN_255, STD_255
+from fsl.data.transforms import IMAGENET, Normalisation
 
 SCALE, RATIO, FLIP, JITTER = (0.08, 1.0), (3 / 4, 4 / 3), 0.5, 0.4
 PARAMS = ("top", "left", "height", "width", "flip", "order0", "order1", "order2", "order3", "brightness",
@@ -75,23 +75,26 @@ def resized_crop_params(draw: torch.Tensor, integer: torch.Tensor, height: int, 
     return (height - h) // 2, (width - w) // 2, h, w
 
 
-_CONSTANTS: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+_CONSTANTS: dict[tuple[torch.device, Normalisation], tuple[torch.Tensor, torch.Tensor]] = {}
 
 
-def normalisation_constants(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """ImageNet's (mean / std, 1 / std), each (1, 3, 1, 1) float32 on `device`, on the 0-255 scale: made once per
-    device (a fresh host-to-device copy per batch would be a blocking copy)."""
-    device = torch.device(device)
-    if device not in _CONSTANTS:
-        std = torch.tensor(STD_255).view(1, 3, 1, 1)
-        _CONSTANTS[device] = ((torch.tensor(MEAN_255).view(1, 3, 1, 1) / std).to(device), (1 / std).to(device))
-    return _CONSTANTS[device]
+def normalisation_constants(device: torch.device, normalisation: Normalisation = IMAGENET
+                            ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean / std, 1 / std), each (1, C, 1, 1) float32 on `device`, on the 0-255 scale: made once per device (a
+    fresh host-to-device copy per batch would be a blocking copy)."""
+    key = (torch.device(device), normalisation)
+    if key not in _CONSTANTS:
+        std = torch.tensor(normalisation.std).view(1, -1, 1, 1)
+        mean = torch.tensor(normalisation.mean).view(1, -1, 1, 1)
+        _CONSTANTS[key] = ((mean / std).to(device), (1 / std).to(device))
+    return _CONSTANTS[key]
 
 
-def normalise(images: torch.Tensor, scale: float = 1.0, out: torch.Tensor | None = None) -> torch.Tensor:
-    """(B, 3, H, W) pixels on the 0-255 scale / `scale` (uint8 or float) -> float32 (pixel - mean) / std, ImageNet's;
-    written into `out` when given."""
-    shift, inverse_std = normalisation_constants(images.device)
+def normalise(images: torch.Tensor, scale: float = 1.0, out: torch.Tensor | None = None,
+              normalisation: Normalisation = IMAGENET) -> torch.Tensor:
+    """(B, C, H, W) pixels on the 0-255 scale / `scale` (uint8 or float) -> float32 (pixel - mean) / std (ImageNet's
+    by default, C = 3); written into `out` when given."""
+    shift, inverse_std = normalisation_constants(images.device, normalisation)
     return torch.addcmul(-shift, images.float(), inverse_std * scale if scale != 1.0 else inverse_std, out=out)
 
 

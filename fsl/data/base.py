@@ -10,6 +10,8 @@ from typing import Callable, Iterable
 from PIL import Image
 from torch.utils.data import Dataset
 
+from fsl.data.transforms import IMAGENET, Normalisation, eval_resize_crop
+
 SPLITS = ("train", "val", "test")
 
 
@@ -41,6 +43,14 @@ class SplitDataset(Dataset):
     # images a class needs per split: protocol training episodes take 5 shots + 16 queries, validation and test
     # episodes up to 5 shots + 15 queries (checked by `fsl data check`)
     min_images = {"train": 5 + 16, "val": 5 + 15, "test": 5 + 15}
+    normalisation: Normalisation = IMAGENET  # what the network sees of a stored pixel (fsl.data.transforms)
+    channels = 3                             # the network's input channels: len(normalisation.mean)
+
+    @staticmethod
+    def eval_transform(image_size: int) -> Callable[[Image.Image], Image.Image]:
+        """PIL -> PIL: what the store's eval kind holds of each image (validation, test and un-augmented training):
+        the protocol's short-side resize and centre crop (fsl.data.transforms.eval_resize_crop)."""
+        return eval_resize_crop(image_size)
 
     def __init__(self, transform: Callable | None = None):
         self.transform = transform
@@ -73,6 +83,11 @@ class SplitDataset(Dataset):
     @property
     def num_classes(self) -> int:
         return len(self.class_names)
+
+    def groups(self) -> dict[str, set[str]]:
+        """Groups of classes that `fsl data check` counts besides classes and images, by kind (Omniglot's
+        alphabets); none by default."""
+        return {}
 
     def images_per_class(self) -> Counter:
         """class index -> number of images."""

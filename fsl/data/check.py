@@ -12,17 +12,22 @@ from fsl.data.base import DatasetError
 
 def check_dataset(name: str, root: str | Path, decode: bool = True, progress: bool = False,
                   min_images: dict[str, int] | None = None) -> tuple[dict, list[str]]:
-    """Return ({split: {"classes": C, "images": I}}, problems). `problems` lists every error found, each naming
-    the file and the fix; an empty list means the dataset is ready. Classes need the images per split that the
-    reader declares (`SplitDataset.min_images`) unless `min_images` says otherwise."""
-    counts, problems, class_owner, source_owner = {}, [], {}, {}
+    """Return ({split: {"classes": C, "images": I, <group kind>: G...}, "all": the same over the splits},
+    problems). `problems` lists every error found, each naming the file and the fix; an empty list means the dataset
+    is ready. Classes need the images per split that the reader declares (`SplitDataset.min_images`) unless
+    `min_images` says otherwise."""
+    counts, problems, class_owner, source_owner, groups = {}, [], {}, {}, {}
     for split in SPLITS:
         try:
             dataset = load_split(name, root, split)
         except DatasetError as error:
             problems.append(str(error))
             continue
-        counts[split] = {"classes": dataset.num_classes, "images": len(dataset)}
+        split_groups = dataset.groups()
+        counts[split] = {"classes": dataset.num_classes, "images": len(dataset),
+                         **{kind: len(members) for kind, members in split_groups.items()}}
+        for kind, members in split_groups.items():
+            groups.setdefault(kind, set()).update(members)
         needed = (min_images or dataset.min_images)[split]
         for class_id, count in sorted(dataset.images_per_class().items()):
             if count < needed:
@@ -46,4 +51,8 @@ def check_dataset(name: str, root: str | Path, decode: bool = True, progress: bo
                 except Exception as error:  # PIL raises many types for corrupt files; report each with its file
                     problems.append(f"unreadable or truncated image {dataset.source(index)}: {error}; "
                                     f"fix: replace the file")
+    if counts:
+        counts["all"] = {"classes": sum(c["classes"] for c in counts.values()),
+                         "images": sum(c["images"] for c in counts.values()),
+                         **{kind: len(members) for kind, members in groups.items()}}
     return counts, problems

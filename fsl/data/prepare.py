@@ -14,7 +14,7 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-from fsl.data import cub, glyphs, mini_imagenet, tiered_imagenet
+from fsl.data import cub, glyphs, mini_imagenet, omniglot, tiered_imagenet
 from fsl.data.base import DatasetError
 
 
@@ -26,6 +26,7 @@ class Download:
 
 
 ZENODO = "https://zenodo.org/record/7978538/files"  # learn2learn's mirror of the few-shot releases
+OMNIGLOT = "https://raw.githubusercontent.com/brendenlake/omniglot/master/python"  # the release; torchvision's too
 SOURCES: dict[str, list[Download]] = {
     "cub": [Download(["https://data.caltech.edu/records/65de6-vp158/files/CUB_200_2011.tgz",
                       "https://zenodo.org/record/8000562/files/CUB_200_2011.tgz"],
@@ -34,6 +35,11 @@ SOURCES: dict[str, list[Download]] = {
                       for split in ("train", "validation", "test")],
     "tiered-imagenet": [Download([f"{ZENODO}/tiered-imagenet-{split}_{kind}.pkl"], f"{split}_{kind}.pkl")
                         for split in ("train", "val", "test") for kind in ("images_png", "labels")],
+    # the md5s torchvision.datasets.Omniglot checks the same files against
+    "omniglot": [Download([f"{OMNIGLOT}/images_background.zip"], "images_background.zip",
+                          md5="68d2efa1b9178cc56df9314c21c6e718"),
+                 Download([f"{OMNIGLOT}/images_evaluation.zip"], "images_evaluation.zip",
+                          md5="6b91aef0f799c5bb55b94e3f2daec811")],
 }
 
 MANUAL_STEPS = {
@@ -51,6 +57,11 @@ MANUAL_STEPS = {
      learn2learn's copies tiered-imagenet-<split>_<kind>.pkl from {ZENODO}/ (rename to <split>_<kind>.pkl)
   2. place them under --root / data.root
 {tiered_imagenet.LAYOUT}""",
+    "omniglot": f"""manual steps:
+  1. download images_background.zip (md5 {SOURCES['omniglot'][0].md5}) and images_evaluation.zip
+     (md5 {SOURCES['omniglot'][1].md5}) from https://github.com/brendenlake/omniglot/tree/master/python
+  2. place both under --root / data.root (extracting them is optional)
+{omniglot.LAYOUT}""",
 }
 
 

@@ -12,7 +12,8 @@ Two kinds per split, built from the published layout by `fsl data cache` or on f
            the rest filled by repeating its last row and column, so that sampling at its border clamps to it. Crop
            parameters are drawn for the original size, as torchvision would, and scaled to the stored one
            (fsl.data.augment).
-    eval   the deterministic evaluation transform's output (short side to 96/84 x image_size, centre crop), uint8.
+    eval   the deterministic evaluation transform's output, uint8: the reader's `eval_transform` (the protocol's
+           short side to 96/84 x image_size and centre crop; Omniglot's LANCZOS resize of the whole image).
 
 Files under `cache_dir`: <name>.npy (pixels, (N, S, S, 3)), <name>.sizes.npy ((N, 4): original height and width,
 stored height and width) and <name>.json, the stamp (format version, the reader's source fingerprint, count, bytes),
@@ -41,7 +42,6 @@ from tqdm import tqdm
 
 from fsl.data.augment import RATIO, SCALE
 from fsl.data.base import DatasetError, SplitDataset
-from fsl.data.transforms import eval_resize_crop
 
 FORMAT = "fsl-image-store-2"
 KINDS = ("train", "eval")
@@ -209,7 +209,7 @@ def build(dataset: SplitDataset, base: Path, stamp: dict, kind: str, image_size:
     stored = np.asarray([stored_size(h, w, image_size) if kind == "train" else (image_size, image_size)
                          for h, w in sizes.tolist()], dtype=np.int32).reshape(len(dataset), 2)
     side = int(stored.max()) if len(stored) else image_size
-    transform = eval_resize_crop(image_size) if kind == "eval" else None
+    transform = dataset.eval_transform(image_size) if kind == "eval" else None
     final = paths(base)
     base.parent.mkdir(parents=True, exist_ok=True)
     temporary = {}
