@@ -6,7 +6,8 @@ to a handful of labelled images of new classes, then labels new images.
 
 The adaptation is the checkpoint's own meta-test inner loop (fsl.maml.InnerLoop.testing: maml.test_inner_steps SGD
 steps from the meta-learned weights, with its learned rates if any), on the images as the test episodes see them
-(the evaluation transform, fsl.data.transforms.eval_resize_crop, then the normalisation). BatchNorm uses the
+(the trained dataset's evaluation transform and normalisation: the protocol's resize and centre crop, or Omniglot's
+LANCZOS resize and inverted greyscale). BatchNorm uses the
 statistics of the batch it is given (as in every fsl meta-test), so the queries are classified in batches of
 ways x test.queries images, the size of a test episode's query set. Writes a CSV (file, predicted class, one
 probability column per class) and prints a short table; where a query sits in a folder named like a support class,
@@ -21,19 +22,19 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from fsl.data.augment import normalise
-from fsl.data.base import DatasetError, open_rgb
-from fsl.data.folder import class_folder_images, is_image
-from fsl.data.transforms import eval_resize_crop
 from fsl.checkpoint import load_checkpoint_model
+from fsl.data import READERS
+from fsl.data.augment import normalise
+from fsl.data.base import DatasetError, SplitDataset, open_rgb
+from fsl.data.folder import class_folder_images, is_image
 from fsl.maml import InnerLoop, adapt
 from fsl.utils import resolve_device, write_atomic
 
 
-def read_images(paths: list[Path], image_size: int) -> torch.Tensor:
-    """(N, 3, S, S) float32, normalised: each image as the test episodes see it; DatasetError naming an unreadable
-    file."""
-    resize = eval_resize_crop(image_size)
+def read_images(paths: list[Path], image_size: int, reader: type[SplitDataset] = SplitDataset) -> torch.Tensor:
+    """(N, C, S, S) float32, normalised: each image as the test episodes of `reader`'s dataset see it (its
+    eval_transform and normalisation, C its channels); DatasetError naming an unreadable file."""
+    resize = reader.eval_transform(image_size)
     arrays = []
     for path in paths:
         try:
@@ -41,7 +42,8 @@ def read_images(paths: list[Path], image_size: int) -> torch.Tensor:
         except Exception as error:  # PIL raises many types for broken files; all mean the same to the user
             raise DatasetError(f"cannot read image {path} ({type(error).__name__}: {error})\n  fix: replace or "
                                f"remove the file") from error
-    return normalise(torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2))
+    pixels = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)[:, :reader.channels]
+    return normalise(pixels, normalisation=reader.normalisation)
 
 
 def support_set(folder: Path, ways: int) -> tuple[list[str], list[Path], list[int]]:
@@ -84,8 +86,8 @@ def run(checkpoint: str | Path, support_dir: str | Path, queries: list[str], out
     model, rates, _, cfg = load_checkpoint_model(checkpoint, None, device)
     classes, support_paths, labels = support_set(Path(support_dir), cfg.train.ways)
     files = query_files(queries)
-    size = cfg.data.image_size
-    support_x = read_images(support_paths, size).to(device).unsqueeze(0)           # (1, N, 3, S, S)
+    size, reader = cfg.data.image_size, READERS[cfg.data.dataset]
+    support_x = read_images(support_paths, size, reader).to(device).unsqueeze(0)   # (1, N, C, S, S)
     support_y = torch.tensor(labels, device=device).unsqueeze(0)                  # (1, N)
     with torch.enable_grad():
         adapted = adapt(model, support_x, support_y, InnerLoop.testing(cfg), rates)
@@ -93,7 +95,7 @@ def run(checkpoint: str | Path, support_dir: str | Path, queries: list[str], out
     probabilities = []
     with torch.no_grad():
         for start in range(0, len(files), batch):
-            x = read_images(files[start:start + batch], size).to(device).unsqueeze(0)
+            x = read_images(files[start:start + batch], size, reader).to(device).unsqueeze(0)
             probabilities.append(F.softmax(adapted(x)[0], dim=-1).cpu())
     probabilities = torch.cat(probabilities)                                      # (Q, ways)
     rows = []

@@ -13,7 +13,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("FSL_SHARED_DATA", REPO.parent / "shared" / "data"))
 FIXTURES = {"mini-imagenet": "mini-imagenet-lite", "cub": "CUB_200_2011-lite",
-            "tiered-imagenet": "tiered-imagenet-lite"}
+            "tiered-imagenet": "tiered-imagenet-lite", "omniglot": "omniglot"}
 
 torch.set_num_threads(2)
 # decoded-image stores (fsl.data.store) shared by every test of the session, built on first use
