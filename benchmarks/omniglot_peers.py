@@ -221,7 +221,7 @@ def time_cell(cfg: Config, own: Config, batch: Episode, rounds: int) -> tuple[di
     model, _ = build_learner(cfg)
     loop = InnerLoop.training(cfg)
     fsl = Fsl(cfg, model, loop)
-    auto, why = batching.resolve("auto", len(batch.query_y), torch.device("cpu"), probe_tasks(model, None, batch, cfg))
+    auto, why = batching.resolve("auto", len(batch.query_y), torch.device("cpu"), probe_tasks(model, None, batch, cfg, torch.device("cpu")))
     steps: dict[str, Callable[[], None]] = {f"fsl, auto ({auto} at once)": lambda: fsl.step(batch, auto)}
     for group in batching.candidate_groups(len(batch.query_y)):
         steps[f"fsl, {group} at once"] = lambda group=group: fsl.step(batch, group)
@@ -233,7 +233,7 @@ def time_cell(cfg: Config, own: Config, batch: Episode, rounds: int) -> tuple[di
     own_model, _ = build_learner(own)
     own_fsl = Fsl(own, own_model, InnerLoop.training(own))
     own_auto, _ = batching.resolve("auto", len(batch.query_y), torch.device("cpu"),
-                                   probe_tasks(own_model, None, batch, own))
+                                   probe_tasks(own_model, None, batch, own, torch.device("cpu")))
     steps[f"fsl, the cell's loop (BatchNorm not adapted), auto ({own_auto})"] = lambda: own_fsl.step(batch, own_auto)
     seconds: dict[str, list[float]] = {name: [] for name in steps}
     for step in steps.values():  # warm-up

@@ -5,6 +5,8 @@ result is one accuracy (%) per episode (fsl.results.ci95 summarises them).
 """
 from __future__ import annotations
 
+from contextlib import closing
+
 import numpy as np
 import torch
 from torch import nn
@@ -32,18 +34,38 @@ def parallel_episodes(cfg: Config, model: nn.Module, rates: InnerRates | None, e
 
 def evaluate(model: nn.Module, episodes: FixedEpisodes, loop: InnerLoop, device: torch.device,
              rates: InnerRates | None = None, progress: str | None = None, precision: str = "fp32",
-             parallel: int = 1) -> np.ndarray:
+             parallel: int = 1, prefetch: str = "auto") -> np.ndarray:
     """Per-episode query accuracy (%) of `model` adapted by `loop` (with learned `rates`, if any) on each episode, in
-    episode order; `parallel` episodes are adapted together (fsl.maml.evaluate_tasks), one host sync per batch.
+    episode order; `parallel` episodes are adapted together (fsl.maml.evaluate_tasks), their input built ahead
+    (`prefetch`, fsl.episodes.EpisodeStream), the accuracies kept on the device and read once, at the end.
 
     Under torchrun the episodes are dealt out round-robin across the processes (all of them must call this) and
     every process gets the full array, identical to a single-process run's."""
     share = list(distributed.my_share(len(episodes)))
     accuracies = []
     with tqdm(total=len(share), desc=progress, unit="ep", leave=False,
-              disable=progress is None or not distributed.is_main()) as bar:
-        for batch in episodes.batches(share, parallel, device):
+              disable=progress is None or not distributed.is_main()) as bar, \
+            closing(episodes.batches(share, parallel, device, prefetch)) as batches:
+        for batch in batches:
             with autocast(precision, device):
-                accuracies += evaluate_tasks(model, batch, loop, rates).tolist()
+                accuracies.append(evaluate_tasks(model, batch, loop, rates))
             bar.update(len(batch.query_y))
-    return np.asarray(distributed.gather_shares(accuracies, len(episodes)), dtype=np.float64)
+    values = torch.cat(accuracies).tolist() if accuracies else []  # the one host sync
+    return np.asarray(distributed.gather_shares(values, len(episodes)), dtype=np.float64)
+
+
+def evaluate_fitting(model: nn.Module, episodes: FixedEpisodes, loop: InnerLoop, device: torch.device,
+                     rates: InnerRates | None = None, progress: str | None = None, precision: str = "fp32",
+                     parallel: int = 1, prefetch: str = "auto") -> tuple[np.ndarray, int]:
+    """`evaluate`, retried with half as many episodes at once after running out of device memory (the group size
+    changes no accuracy beyond float rounding), down to one at a time: (the accuracies, the group that fitted)."""
+    while True:
+        try:
+            return evaluate(model, episodes, loop, device, rates, progress, precision, parallel, prefetch), parallel
+        except torch.cuda.OutOfMemoryError as error:
+            if parallel == 1:
+                raise batching.OutOfMemory(
+                    f"out of memory on {distributed.device_name(device)} adapting one {loop.steps}-step episode "
+                    f"({error}); fix: fewer test.queries or test.shots, precision=bf16, or a GPU with more "
+                    f"memory") from error
+        parallel = batching.halved(parallel, device, "test.parallel_episodes")

@@ -5,11 +5,11 @@ to a handful of labelled images of new classes, then labels new images.
     QUERY                         image files, or folders searched recursively
 
 The adaptation is the checkpoint's own meta-test inner loop (fsl.maml.InnerLoop.testing: maml.test_inner_steps SGD
-steps from the meta-learned weights, with its learned rates if any), on the images as the test episodes see them
-(the trained dataset's evaluation transform and normalisation: the protocol's resize and centre crop, or Omniglot's
-LANCZOS resize and inverted greyscale). BatchNorm uses the
-statistics of the batch it is given (as in every fsl meta-test), so the queries are classified in batches of
-ways x test.queries images, the size of a test episode's query set. Writes a CSV (file, predicted class, one
+steps from the meta-learned weights, with its learned rates if any), in its precision (fp32 without TF32, tf32, or
+bf16 autocast: fsl.precision), on the images as the test episodes see them (the trained dataset's evaluation
+transform and normalisation: the protocol's resize and centre crop, or Omniglot's LANCZOS resize and inverted
+greyscale). BatchNorm uses the statistics of the batch it is given (as in every fsl meta-test), so the queries
+are classified in batches of ways x test.queries images, the size of a test episode's query set. Writes a CSV (file, predicted class, one
 probability column per class) and prints a short table; where a query sits in a folder named like a support class,
 that is taken as its true class and the accuracy is printed too.
 """
@@ -28,6 +28,7 @@ from fsl.data.augment import normalise
 from fsl.data.base import DatasetError, SplitDataset, open_rgb
 from fsl.data.folder import class_folder_images, is_image
 from fsl.maml import InnerLoop, adapt
+from fsl.precision import apply_precision, autocast
 from fsl.utils import resolve_device, write_atomic
 
 
@@ -84,19 +85,20 @@ def run(checkpoint: str | Path, support_dir: str | Path, queries: list[str], out
     None}."""
     device = resolve_device(device)
     model, rates, _, cfg = load_checkpoint_model(checkpoint, None, device)
+    apply_precision(cfg.precision, device, cfg.cudnn_benchmark, cfg.deterministic)  # as the checkpoint was tested
     classes, support_paths, labels = support_set(Path(support_dir), cfg.train.ways)
     files = query_files(queries)
     size, reader = cfg.data.image_size, READERS[cfg.data.dataset]
     support_x = read_images(support_paths, size, reader).to(device).unsqueeze(0)   # (1, N, C, S, S)
     support_y = torch.tensor(labels, device=device).unsqueeze(0)                  # (1, N)
-    with torch.enable_grad():
+    with torch.enable_grad(), autocast(cfg.precision, device):
         adapted = adapt(model, support_x, support_y, InnerLoop.testing(cfg), rates)
     batch = cfg.test.ways * cfg.test.queries
     probabilities = []
-    with torch.no_grad():
+    with torch.no_grad(), autocast(cfg.precision, device):
         for start in range(0, len(files), batch):
             x = read_images(files[start:start + batch], size, reader).to(device).unsqueeze(0)
-            probabilities.append(F.softmax(adapted(x)[0], dim=-1).cpu())
+            probabilities.append(F.softmax(adapted(x)[0].float(), dim=-1).cpu())
     probabilities = torch.cat(probabilities)                                      # (Q, ways)
     rows = []
     for path, p in zip(files, probabilities.tolist()):

@@ -15,6 +15,7 @@ and written in the summary row.
 from __future__ import annotations
 
 import math
+import sys
 import time
 from typing import Callable
 
@@ -27,6 +28,21 @@ SLOW_TASK_S = 0.25  # CPU: a task that takes this long alone is compute-bound; g
 SLOWER = 1.1        # CPU: stop timing larger groups once one is this much slower per task than the best
 
 
+class OutOfMemory(RuntimeError):
+    """Even one task (episode) at a time does not fit the device's memory; the message names what and the fixes."""
+
+
+def halved(group: int, device: torch.device, key: str) -> int:
+    """The group size after running out of memory at `group` (half, at least 1), with the freed memory returned to
+    the device and a note on stderr; called after the failed attempt's tensors are gone."""
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    smaller = max(1, group // 2)
+    print(f"out of memory on {device_name(device)} with {key}={group}: retrying with {smaller} (the same result "
+          f"up to float rounding; kept for the rest of the run)", file=sys.stderr, flush=True)
+    return smaller
+
+
 def balanced_group(total: int, fits: int) -> int:
     """The group size that splits `total` tasks into the fewest groups of at most `fits`, as evenly as possible."""
     fits = max(1, min(total, fits))
@@ -34,9 +50,19 @@ def balanced_group(total: int, fits: int) -> int:
     return math.ceil(total / groups)
 
 
+_RUN_PEAK: dict[torch.device, int] = {}  # the process's peak before the probes reset torch's counter
+
+
+def run_peak_bytes(device: torch.device) -> int:
+    """The process's peak allocated CUDA memory on `device`, across the probes' resets of torch's peak counter."""
+    return max(_RUN_PEAK.get(device, 0), torch.cuda.max_memory_allocated(device))
+
+
 def peak_bytes(run_one: Callable[[], None], device: torch.device) -> int:
-    """Peak CUDA memory `run_one()` allocates beyond what was allocated before it."""
+    """Peak CUDA memory `run_one()` allocates beyond what was allocated before it (the run's peak so far is kept:
+    `run_peak_bytes`)."""
     torch.cuda.synchronize(device)
+    _RUN_PEAK[device] = run_peak_bytes(device)
     torch.cuda.reset_peak_memory_stats(device)
     before = torch.cuda.memory_allocated(device)
     run_one()
@@ -65,12 +91,18 @@ def fastest_group(run: Callable[[int], None], total: int) -> tuple[int, str]:
     per_task: dict[int, float] = {}
     for group in candidate_groups(total):
         seconds = []
-        for _ in range(3):  # a warm-up (new shapes), then two timed runs
-            start = time.perf_counter()
-            run(group)
-            seconds.append((time.perf_counter() - start) / total)
-            if group == 1 and seconds[0] > SLOW_TASK_S:
-                return 1, f"auto: 1 on cpu (a task takes {seconds[0]:.2f} s: compute-bound, grouping gains nothing)"
+        try:
+            for _ in range(3):  # a warm-up (new shapes), then two timed runs
+                start = time.perf_counter()
+                run(group)
+                seconds.append((time.perf_counter() - start) / total)
+                if group == 1 and seconds[0] > SLOW_TASK_S:
+                    return 1, (f"auto: 1 on cpu (a task takes {seconds[0]:.2f} s: compute-bound, grouping gains "
+                               f"nothing)")
+        except torch.cuda.OutOfMemoryError:  # out of memory at this group: no larger group either
+            if group == 1:
+                raise
+            break
         per_task[group] = min(seconds[1:])
         if per_task[group] > SLOWER * min(per_task.values()):
             break
@@ -89,7 +121,12 @@ def resolve(setting: int | str, total: int, device: torch.device, run: Callable[
     total = min(total, cap or total)
     if device.type != "cuda":
         return fastest_group(run, total)
-    per_task = max(peak_bytes(lambda: run(1), device), 1)
+    try:
+        per_task = max(peak_bytes(lambda: run(1), device), 1)
+    except torch.cuda.OutOfMemoryError as error:
+        raise OutOfMemory(f"out of memory on {device_name(device)} probing one task ({error}); even one task's "
+                          f"graph does not fit. Fix: precision=bf16 (about half the memory), fewer queries or "
+                          f"shots, maml.first_order=true (changes results), or a GPU with more memory") from error
     fits = int(MEMORY_SHARE * free_bytes(device) // per_task)
     group = balanced_group(total, fits)
     return group, (f"auto: {per_task / 2**20:.0f} MiB per task, {fits} fit in {MEMORY_SHARE:.0%} of the free "

@@ -17,8 +17,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from fsl import distributed, provenance
+from fsl import batching, distributed, provenance
 from fsl.config import Config, from_dict, to_dict
+from fsl.episodes import SEEDED
 from fsl.maml import InnerRates, build_learner, make_fused
 from fsl.utils import rng_states, set_rng_states, write_atomic
 
@@ -33,8 +34,10 @@ class TrainState:
     train_seconds: float = 0.0           # wall time of the outer steps, validation excluded
     tasks_per_s: float | None = None     # tasks_done / train_seconds at the last save
     peak_memory_mb: float | None = None  # peak GPU memory of the run (CUDA only)
-    parallel_tasks: int | None = None    # train.parallel_tasks as resolved on this device
+    parallel_tasks: int | None = None    # train.parallel_tasks as resolved on this device (or halved: out of memory)
+    parallel_tasks_setting: str | None = None  # the train.parallel_tasks it was resolved from
     parallel_episodes: int | None = None  # test.parallel_episodes as resolved for validation
+    parallel_episodes_setting: str | None = None
 
 
 class Checkpoints:
@@ -80,7 +83,7 @@ class Checkpoints:
             return
         state.tasks_per_s = state.tasks_done / max(state.train_seconds, 1e-9)
         if self.device.type == "cuda":
-            peak = torch.cuda.max_memory_allocated(self.device) / 2**20
+            peak = batching.run_peak_bytes(self.device) / 2**20
             state.peak_memory_mb = max(state.peak_memory_mb or 0.0, peak)
         save_checkpoint(self.best if best else self.latest, self.model, self.rates, self.optimizer, self.cfg,
                         asdict(state))
@@ -95,8 +98,10 @@ def tested_checkpoint(cfg: Config) -> Path:
 def save_checkpoint(path: Path, model: nn.Module, rates: InnerRates | None, optimizer: torch.optim.Optimizer,
                     cfg: Config, state: dict) -> None:
     """Everything a resume or a test needs: weights, learned inner rates, optimizer, config, RNG states, counters."""
+    with SEEDED:  # the RNGs' own states, not those an episode producer has seeded for a moment (fsl.episodes)
+        rng = rng_states()
     checkpoint = {"model": model.state_dict(), "rates": rates.state_dict() if rates is not None else None,
-                  "optimizer": optimizer.state_dict(), "config": to_dict(cfg), "rng": rng_states(), **state}
+                  "optimizer": optimizer.state_dict(), "config": to_dict(cfg), "rng": rng, **state}
     write_atomic(path, lambda tmp: torch.save(checkpoint, tmp))
 
 

@@ -38,6 +38,9 @@ class DataConfig:
     workers: int = -1               # DataLoader processes that describe training episodes; -1: the CPU cores but
                                     # one, at most 4 (fsl.episodes.default_workers)
     cache_dir: str = "data/cache"   # decoded-image stores (fsl.data.store), built once per split and image size
+    prefetch: str = "auto"          # where the next batch of episodes is built while a step runs: thread (a
+                                    # producer thread, on a side stream on CUDA) | inline (in the training thread,
+                                    # when asked for) | auto: thread on CUDA, inline on a CPU (fsl.episodes.EpisodeStream)
 
 
 @dataclass
@@ -150,6 +153,9 @@ class Config:
     precision: str = "fp32"         # fp32 (IEEE float32 everywhere) | tf32 (CUDA Ampere+: TF32 convolutions and
                                     # matmuls) | bf16 (autocast to bfloat16); see fsl.precision
     cudnn_benchmark: bool = False   # let cuDNN autotune convolution algorithms (faster, not bit-reproducible)
+    deterministic: bool = False     # deterministic kernels (torch.use_deterministic_algorithms, cudnn.deterministic,
+                                    # CUBLAS_WORKSPACE_CONFIG): on CUDA, what a resumed run needs to end bit for bit
+                                    # as an uninterrupted one; slower. Recorded in the summary row (precision)
     name: str = ""                  # the run's tag within its cell (work dir and summary row <cell>-<name>);
                                     # default: maml.variant, if not maml
     work_dir: str = "work_dirs"     # checkpoints and logs go to <work_dir>/<cell>[-<name>][-seed<N>][-quick]
@@ -344,7 +350,7 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
 META_LR_SCHEDULES = ("constant", "cosine")  # see fsl.schedule.meta_lr_at
 CHOICES = {"model.downsample": ("maxpool", "stride"), "model.head_input": ("flatten", "mean"),
            "model.init": ("kaiming", "xavier"), "maml.inner_loss": ("mean", "class_sum"),
-           "test.weights": ("best", "final")}
+           "test.weights": ("best", "final"), "data.prefetch": ("auto", "thread", "inline")}
 MIN_IMAGE_SIZE = 16  # conv4 and resnet12 both halve the image four times (16 -> 1 pixel)
 PRECISIONS = ("fp32", "tf32", "bf16")       # see fsl.precision
 
@@ -397,6 +403,9 @@ def validate(cfg: Config) -> None:
     if cfg.data.train_augment and READERS[cfg.data.dataset].channels == 1:
         raise ConfigError(f"data.train_augment=true: the protocol's augmentation (crops, colour jitter) is for RGB "
                           f"images, and {cfg.data.dataset} is greyscale; fix: data.train_augment=false")
+    if cfg.deterministic and cfg.cudnn_benchmark:
+        raise ConfigError("deterministic=true with cudnn_benchmark=true: cuDNN's autotuner picks convolution "
+                          "algorithms by timing them, so two runs can pick differently; fix: one of the two")
     if not cfg.model.bn_eps > 0:
         raise ConfigError(f"model.bn_eps={cfg.model.bn_eps}: BatchNorm divides by sqrt(variance + eps), so eps must be "
                           f"> 0; fix: 1e-5 (PyTorch's) or 1e-3 (TensorFlow's, cbfinn's)")

@@ -32,7 +32,8 @@ def run(overrides: list[str] | None = None) -> dict:
     test_episodes = FixedEpisodes(cfg, "test", cfg.test.episodes)
     parallel, _ = parallel_episodes(cfg, untrained, rates, test_episodes, device)
     untrained_acc = episode_accuracies(untrained, test_episodes, InnerLoop.testing(cfg), device, rates=rates,
-                                       progress="untrained init", precision=cfg.precision, parallel=parallel)
+                                       progress="untrained init", precision=cfg.precision, parallel=parallel,
+                                       prefetch=cfg.data.prefetch)
     write_test_episodes(cell_file(cfg, "untrained_test_episodes"), untrained_acc)
 
     from_scratch = not (cfg.run_dir / "latest.pth").exists()  # False: a rerun that resumes or reuses the training

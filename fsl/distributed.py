@@ -80,18 +80,21 @@ def tasks_per_rank(meta_batch: int) -> int:
     return meta_batch // world
 
 
-def all_reduce_gradients(parameters: list[torch.Tensor]) -> None:
-    """Sum every parameter's .grad across ranks (one flat all-reduce). Each rank's gradient is already scaled by
-    1/(global meta-batch), so the sum is the meta-batch mean."""
+def all_reduce_gradients(parameters: list[torch.Tensor], extra: torch.Tensor | None = None) -> torch.Tensor | None:
+    """Sum every parameter's .grad across ranks, and `extra` (the step's loss and accuracy sums) with them: one
+    flat all-reduce, the step's only collective. Each rank's gradient is already scaled by 1/(global meta-batch), so
+    the sum is the meta-batch mean. Returns `extra` summed (itself for one process)."""
     if world_size() == 1:
-        return
+        return extra
     grads = [p.grad for p in parameters if p.grad is not None]  # fsl.maml checks for missing ones
-    flat = torch.cat([g.reshape(-1) for g in grads])
+    tail = [] if extra is None else [extra.reshape(-1).to(grads[0].dtype)]
+    flat = torch.cat([g.reshape(-1) for g in grads] + tail)
     dist.all_reduce(flat)
     offset = 0
     for g in grads:
         g.copy_(flat[offset:offset + g.numel()].view_as(g))
         offset += g.numel()
+    return None if extra is None else flat[offset:].view_as(extra).to(extra.dtype)
 
 
 def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:

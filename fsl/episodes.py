@@ -15,6 +15,7 @@ number of DataLoader workers, in any order, and after resuming at any task; the 
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import queue
@@ -64,12 +65,19 @@ class EpisodeSpec(NamedTuple):
     turns: np.ndarray
 
 
+SEEDED = threading.RLock()  # one seeded draw at a time in this process (`seeded`)
+
+
 @contextmanager
 def seeded(seed: int, index: int) -> Iterator[None]:
-    """Seed Python's `random` and torch's CPU RNG from (seed, index) inside the block; restore them after."""
-    python_state = random.getstate()
+    """Seed Python's `random` and torch's CPU RNG from (seed, index) inside the block; restore them after.
+
+    Both are process-wide (learn2learn's transforms call the `random` module's functions), so the block holds a
+    process-wide lock: an EpisodeStream's producer thread drawing training episodes while the trainer draws
+    validation ones would otherwise interleave their draws (2 to 5 of 200 episodes differed, issue #30)."""
     derived = int(np.random.SeedSequence([seed, index]).generate_state(1, dtype=np.uint64)[0])
-    with torch.random.fork_rng(devices=[]):
+    with SEEDED, torch.random.fork_rng(devices=[]):
+        python_state = random.getstate()
         random.seed(derived)
         # the CPU generator only: torch.manual_seed would also queue seeds for CUDA/XPU/MTIA, capturing a Python
         # stack trace each time (~2 ms per episode)
@@ -326,42 +334,76 @@ class _End:
     """The loader is exhausted."""
 
 
+class _Failed(NamedTuple):
+    """The producer thread failed with `error`."""
+    error: BaseException
+
+
+def threaded(prefetch: str, device: torch.device) -> bool:
+    """data.prefetch: a producer thread (thread, or auto on CUDA), or batches built when asked for (inline, or auto
+    on a CPU)."""
+    return prefetch == "thread" or (prefetch == "auto" and device.type == "cuda")
+
+
 class EpisodeStream:
-    """The loader's meta-batches as Episodes on `device`; on a GPU the next one is prepared while the current step
-    runs.
+    """Meta-batches of EpisodeSpecs (a loader, or any iterable) as Episodes on `device`, built ahead by a producer
+    thread (`prefetch`: thread, inline, or auto: thread on CUDA, fsl.episodes.threaded).
 
-    GPU: a background thread takes the next descriptions from the loader, gathers their pixels into pinned host
-    memory, copies and augments them on a side CUDA stream and records an event; the consumer's stream waits for that
-    event (the host does not), and the tensors are marked as used by it, so the caching allocator keeps them until
-    the step is done. `depth` batches wait at most. CPU: each batch is described, gathered and built when asked for,
-    in the consumer's thread: the step already uses every core, and a second Python thread would only contend for the
-    interpreter lock (it slowed the glyphs demo's training on 2 cores). `input_seconds`: the host time the
-    consumer spent in `next()`, waiting or (CPU) building: the time the step waited for its input."""
+    thread: a background thread takes the next descriptions, gathers their pixels (into pinned host memory for a
+    GPU) and builds the batch; on CUDA on a side stream, recording an event that the consumer's stream waits for
+    (the host does not), with the tensors marked as used by the consumer's stream so that the caching allocator
+    keeps them until the step is done. `depth` batches wait at most. With `hold_first`, the thread stops after the
+    first batch until `release()` (the trainer probes memory on that batch alone). An error in the thread is raised
+    by every later `next()`. Episodes are the same as inline: each is a pure function of (seed, index) (`seeded`
+    holds a lock), whatever the main thread draws meanwhile.
+    inline: each batch is described, gathered and built when asked for, in the consumer's thread: on a CPU the
+    step already uses every core, and a second Python thread would contend for the interpreter lock (it slowed the
+    glyphs demo's training on 2 cores). `input_seconds`: the host time the consumer spent in `next()`, waiting or
+    (inline) building: the time the step waited for its input."""
 
-    def __init__(self, loader: DataLoader, make: EpisodeMaker, depth: int = 2):
+    def __init__(self, specs, make: EpisodeMaker, prefetch: str = "auto", depth: int = 2,
+                 hold_first: bool = False):
         self.make, self.device = make, make.device
-        self.specs = iter(loader)
+        self.specs = iter(specs)
         self.input_seconds = 0.0
         self.side = self.thread = None
-        if self.device.type == "cuda":
-            self.side = torch.cuda.Stream(self.device)
+        if threaded(prefetch, self.device):
+            self.side = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
             self.ready: queue.Queue = queue.Queue(maxsize=depth)
-            self.stopping = threading.Event()
+            self.stopping, self.released = threading.Event(), threading.Event()
+            if not hold_first:
+                self.released.set()
             self.thread = threading.Thread(target=self._produce, args=(self.specs,), daemon=True,
                                            name="fsl-episode-stream")
             self.thread.start()
 
+    def release(self) -> None:
+        """Let a `hold_first` producer build ahead."""
+        if self.thread is not None:
+            self.released.set()
+
     def _produce(self, specs: Iterator[EpisodeSpec]) -> None:
         try:
-            for spec in specs:
+            if self.side is not None:
+                # a new thread's current device is 0: leaving torch.cuda.stream() would restore device 0's stream
+                # and start a CUDA context there, in every process of a torchrun job
+                torch.cuda.set_device(self.device)
+            for count, spec in enumerate(specs):
                 gathered = self.make.gather(spec)
-                with torch.cuda.stream(self.side):
-                    item = (self.make.build(gathered), self.side.record_event())
-                if not self._put(item):
+                with torch.cuda.stream(self.side) if self.side is not None else contextlib.nullcontext():
+                    item = (self.make.build(gathered), self.side.record_event() if self.side is not None else None)
+                if not self._put(item) or (count == 0 and not self._wait(self.released)):
                     return
             self._put(_End)
         except BaseException as error:  # handed to the consumer, raised there
-            self._put(error)
+            self._put(_Failed(error))
+
+    def _wait(self, event: threading.Event) -> bool:
+        """Wait for `event` unless the stream is closing; whether it came."""
+        while not self.stopping.is_set():
+            if event.wait(timeout=0.1):
+                return True
+        return False
 
     def _put(self, item) -> bool:
         while not self.stopping.is_set():
@@ -381,16 +423,17 @@ class EpisodeStream:
             episode = self.make(next(self.specs))
         else:
             item = self.ready.get()
-            if item is _End:
-                self.ready.put(_End)
-                raise StopIteration
-            if isinstance(item, BaseException):
-                raise item
+            if item is _End or isinstance(item, _Failed):
+                self.ready.put(item)  # for every later next() too: the producer has stopped
+                if item is _End:
+                    raise StopIteration
+                raise item.error
             episode, event = item
-            consumer = torch.cuda.current_stream(self.device)
-            consumer.wait_event(event)
-            for tensor in episode:
-                tensor.record_stream(consumer)
+            if event is not None:
+                consumer = torch.cuda.current_stream(self.device)
+                consumer.wait_event(event)
+                for tensor in episode:
+                    tensor.record_stream(consumer)
         self.input_seconds += time.perf_counter() - start
         return episode
 
@@ -427,7 +470,8 @@ def cell_store(cfg: Config, dataset: SplitDataset, split: str, kind: str) -> Ima
 
 def training_episodes(cfg: Config, start: int, device: torch.device) -> EpisodeStream:
     """The training episodes `start` .. train.tasks - 1 of the cell, one meta-batch (this process's share of it,
-    under torchrun) at a time, built on `device` (augmented if data.train_augment)."""
+    under torchrun) at a time, built on `device` (augmented if data.train_augment), ahead by a thread with
+    data.prefetch, which holds after the first batch until `release()`."""
     split = cell_split(cfg, "train")
     store = cell_store(cfg, split, "train", "train" if cfg.data.train_augment else "eval")
     sizes = store.sizes if cfg.data.train_augment else None  # for the augmentation parameters
@@ -438,7 +482,7 @@ def training_episodes(cfg: Config, start: int, device: torch.device) -> EpisodeS
     make = EpisodeMaker(store, cfg.train.ways, cfg.train.shots, cfg.train.queries, cfg.data.image_size, device,
                         normalisation=split.normalisation)
     loader = episode_loader(episodes, distributed.tasks_per_rank(cfg.train.meta_batch), cfg.data.workers)
-    return EpisodeStream(loader, make)
+    return EpisodeStream(loader, make, cfg.data.prefetch, hold_first=True)
 
 
 def check_test_episodes(cfg: Config) -> None:
@@ -464,8 +508,10 @@ class FixedEpisodes:
     def __len__(self) -> int:
         return len(self.specs)
 
-    def batches(self, indices: list[int], size: int, device: torch.device) -> Iterator[Episode]:
-        """Episodes `indices`, `size` at a time, as tensors on `device`."""
+    def batches(self, indices: list[int], size: int, device: torch.device, prefetch: str = "inline") -> EpisodeStream:
+        """Episodes `indices`, `size` at a time, as tensors on `device`, built ahead by a thread with `prefetch`
+        (data.prefetch): an EpisodeStream, to be closed (`contextlib.closing`)."""
         make = EpisodeMaker(self.store, *self.shape, device, normalisation=self.normalisation)
-        for start in range(0, len(indices), size):
-            yield make(collate_specs([self.specs[i] for i in indices[start:start + size]]))
+        specs = (collate_specs([self.specs[i] for i in indices[start:start + size]])
+                 for start in range(0, len(indices), size))
+        return EpisodeStream(specs, make, prefetch)

@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 from fsl import distributed
-from fsl.accuracy import evaluate, parallel_episodes
+from fsl.accuracy import evaluate_fitting, parallel_episodes
 from fsl.checkpoint import load_checkpoint_model, trained_tasks
 from fsl.config import Config
 from fsl.episodes import FixedEpisodes
@@ -29,14 +29,15 @@ def run(requested: Config, checkpoint_path: str | Path, config_path: str | Path 
     device = distributed.setup(requested.device)
     checkpoint_path = Path(checkpoint_path)
     model, rates, checkpoint, cfg = load_checkpoint_model(checkpoint_path, requested, device)
-    apply_precision(cfg.precision, device, cfg.cudnn_benchmark)
+    apply_precision(cfg.precision, device, cfg.cudnn_benchmark, cfg.deterministic)
     episodes = episodes or FixedEpisodes(cfg, "test", cfg.test.episodes)
     parallel, why = parallel_episodes(cfg, model, rates, episodes, device)
     if distributed.is_main():
         print(f"test.parallel_episodes={parallel} ({why})", flush=True)
     start = time.time()
-    accuracies = evaluate(model, episodes, InnerLoop.testing(cfg), device, rates=rates,
-                          progress=f"test {cfg.run_name}", precision=cfg.precision, parallel=parallel)
+    accuracies, parallel = evaluate_fitting(model, episodes, InnerLoop.testing(cfg), device, rates=rates,
+                                            progress=f"test {cfg.run_name}", precision=cfg.precision,
+                                            parallel=parallel, prefetch=cfg.data.prefetch)
     row = summary_row(cfg, accuracies, checkpoint, checkpoint_path, trained_tasks(checkpoint_path, checkpoint),
                       parallel, device, time.time() - start, config_path)
     if not distributed.is_main():

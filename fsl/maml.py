@@ -395,13 +395,16 @@ def meta_train_step(model: nn.Module, meta_optimizer: torch.optim.Optimizer, epi
         loss, acc = task_meta_gradient(model, group, loop, 1 / meta_batch, rates, step_weights)
         losses.append(loss)
         accuracies.append(acc)
-    sums = distributed.all_reduce_sum(torch.stack([torch.cat(losses).sum(), torch.cat(accuracies).sum()]).float())
-    distributed.all_reduce_gradients([p for _, p in named])
     check_meta_gradients(named)
+    sums = torch.stack([torch.cat(losses).sum(), torch.cat(accuracies).sum()]).float()
+    sums = distributed.all_reduce_gradients([p for _, p in named], extra=sums)  # the step's one collective
     skipped = non_finite([p.grad for _, p in named] + [sums])
     if getattr(meta_optimizer, "_step_supports_amp_scaling", False):
         meta_optimizer.found_inf = skipped
-        meta_optimizer.step()
+        try:
+            meta_optimizer.step()
+        finally:  # as GradScaler does: a later step() without a flag must not reuse this one
+            del meta_optimizer.found_inf
     elif not skipped.item():
         meta_optimizer.step()
     return torch.cat([sums, skipped.view(1)])
@@ -411,11 +414,11 @@ def evaluate_tasks(model: nn.Module, episodes: Episode, loop: InnerLoop,
                    rates: InnerRates | None = None) -> torch.Tensor:
     """Meta-test T episodes at once: `loop.steps` SGD steps from the meta-learned weights (head included), then
     classify each whole query set in one batch (BatchNorm uses its statistics). Returns query accuracies % (T,), on
-    the CPU. `model`'s parameters are left untouched."""
+    the episodes' device (no host sync). `model`'s parameters are left untouched."""
     with torch.enable_grad():
         fmodel = adapt(model, episodes.support_x, episodes.support_y, loop, rates)
     with torch.no_grad():
-        return task_accuracies(fmodel(episodes.query_x), episodes.query_y).cpu()
+        return task_accuracies(fmodel(episodes.query_x), episodes.query_y)
 
 
 def evaluate_episode(model: nn.Module, episode: Episode, loop: InnerLoop, rates: InnerRates | None = None) -> float:

@@ -20,7 +20,7 @@ from fsl.reference import reference
 REPO = Path(__file__).resolve().parents[1]
 RUN_KEYS = ("device", "name", "work_dir", "results_dir", "data.root", "data.workers", "data.cache_dir",
             "train.log_every", "train.checkpoint_every", "train.tensorboard", "cudnn_benchmark", "train.parallel_tasks",
-            "test.parallel_episodes", "train.stop_at")
+            "test.parallel_episodes", "train.stop_at", "data.prefetch", "deterministic")
 TEST_KEYS = tuple(k for k in all_keys() if k.startswith("test.")) + ("maml.test_inner_steps", "precision")
 SHARED_KEYS = ("test.ways", "test.shots", "test.queries", "test.seed", "maml.test_inner_steps", "precision")
 # validation and training use these too: they define the trained (validation-selected) model, and a test may still

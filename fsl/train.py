@@ -17,6 +17,7 @@ Writes into `cfg.run_dir`: config.yaml (the resolved config), log.csv, latest.pt
 """
 from __future__ import annotations
 
+import itertools
 import math
 import signal
 import time
@@ -30,7 +31,7 @@ import torch
 from tqdm import tqdm
 
 from fsl import batching, distributed, schedule
-from fsl.accuracy import evaluate, parallel_episodes
+from fsl.accuracy import evaluate_fitting, parallel_episodes
 from fsl.checkpoint import Checkpoints, RunDirLock, TrainState
 from fsl.config import Config, ConfigError, dump_yaml
 from fsl.episodes import Episode, FixedEpisodes, training_episodes
@@ -75,17 +76,19 @@ def meta_train(cfg: Config, device: torch.device) -> Path:
     window = StepWindow(*state.window, started=state.train_seconds)
     progress = tqdm(total=cfg.train.tasks, initial=state.tasks_done, unit="task", desc=cfg.run_name,
                     dynamic_ncols=True, smoothing=0.05, disable=not main)
-    clock, parallel = time.time(), None
+    clock = time.time()
     with StopRequest() as stop, closing(stream), closing(log) if log is not None else nullcontext():
-        for episodes in stream:
-            parallel = parallel or resolve_parallel_tasks(cfg, model, rates, episodes, device, state, progress)
+        first = next(stream)
+        resolve_parallel_tasks(cfg, model, rates, first, device, state, progress)
+        stream.release()  # the producer builds ahead only now: the probe measured this process's memory alone
+        for episodes in itertools.chain([first], stream):
             settings = schedule.at(cfg, state.tasks_done)
-            stats = outer_step(cfg, model, optimizer, rates, episodes, settings, parallel, state, device)
+            stats = outer_step(cfg, model, optimizer, rates, episodes, settings, state, device)
             step_tasks = len(episodes.query_y) * distributed.world_size()
             window.add(stats, state.tasks_done + 1, state.tasks_done + step_tasks)
             state.tasks_done += step_tasks
             progress.update(step_tasks)
-            due = Due.after(cfg, state.tasks_done, step_tasks, distributed.any_rank(stop.signal is not None, device))
+            due = Due.after(cfg, state.tasks_done, step_tasks, lambda boundary: stop.requested(boundary, device))
             if due.read:
                 window.read(checkpoints.latest)  # the step's only sync, and only at these boundaries
             state.train_seconds, clock = state.train_seconds + time.time() - clock, time.time()
@@ -93,6 +96,7 @@ def meta_train(cfg: Config, device: torch.device) -> Path:
                 window.log(log, progress, state)
             state.window = [window.loss, window.accuracy, window.tasks]
             if due.validate:
+                checkpoints.save(state)  # first: a validation that fails loses no training
                 validation(state, checkpoints, log, progress)
                 clock = time.time()  # validation time does not count as training time
             elif due.checkpoint:
@@ -117,7 +121,7 @@ def start_run(cfg: Config, device: torch.device) -> None:
                           f"{cfg.train.meta_batch}; with several processes every outer step must be a full "
                           f"meta-batch. Fix: train.tasks="
                           f"{cfg.train.tasks // cfg.train.meta_batch * cfg.train.meta_batch}")
-    apply_precision(cfg.precision, device, cfg.cudnn_benchmark)
+    apply_precision(cfg.precision, device, cfg.cudnn_benchmark, cfg.deterministic)
     if distributed.is_main():
         cfg.run_dir.mkdir(parents=True, exist_ok=True)
         local_batch = distributed.tasks_per_rank(cfg.train.meta_batch)
@@ -135,57 +139,63 @@ def finish(state: TrainState, checkpoints: Checkpoints, what: str) -> Path:
     return checkpoints.tested
 
 
-def probe_tasks(model: torch.nn.Module, rates: InnerRates | None, episodes: Episode,
-                cfg: Config) -> Callable[[int], None]:
+def probe_tasks(model: torch.nn.Module, rates: InnerRates | None, episodes: Episode, cfg: Config,
+                device: torch.device) -> Callable[[int], None]:
     """`run(p)`: the meta-gradient of the meta-batch `episodes`, p tasks adapted at a time, under the run's most
-    memory-hungry loop (second order unless first order throughout, every step's query loss if MSL), for
-    fsl.batching's probes (memory on CUDA, time on a CPU); leaves no gradient behind."""
+    memory-hungry loop (second order unless first order throughout, every step's query loss if MSL) and its
+    precision, for fsl.batching's probes (memory on CUDA, time on a CPU); leaves no gradient behind."""
     loop = InnerLoop.training(cfg, first_order=cfg.maml.first_order)
     weights = [1.0] * loop.steps if cfg.maml.multi_step_loss else None
 
     def run(group: int) -> None:
-        for chunk in chunks(episodes, group):
-            task_meta_gradient(model, chunk, loop, 1.0, rates, weights)
+        with autocast(cfg.precision, device):
+            for chunk in chunks(episodes, group):
+                task_meta_gradient(model, chunk, loop, 1.0, rates, weights)
         for _, p in named_meta_parameters(model, rates):
             p.grad = None
     return run
 
 
 def resolve_parallel_tasks(cfg: Config, model: torch.nn.Module, rates: InnerRates | None, episodes: Episode,
-                           device: torch.device, state: TrainState, progress: tqdm) -> int:
-    """train.parallel_tasks for this device (`auto`: probed on the run's first meta-batch, fsl.batching; a resumed
-    run keeps the size its checkpoint recorded, so that it continues bit for bit), kept in `state`."""
-    local_batch = distributed.tasks_per_rank(cfg.train.meta_batch)
-    if cfg.train.parallel_tasks == "auto" and state.parallel_tasks is not None:
-        why = f"auto: as resolved when the run started ({cfg.run_dir / 'latest.pth'})"
+                           device: torch.device, state: TrainState, progress: tqdm) -> None:
+    """state.parallel_tasks for train.parallel_tasks on this device (`auto`: probed on the run's first meta-batch,
+    fsl.batching). A resumed run under the same setting keeps the size its checkpoint recorded (as resolved, or as
+    halved after running out of memory), so that it continues bit for bit."""
+    setting = str(cfg.train.parallel_tasks)
+    if state.parallel_tasks is not None and state.parallel_tasks_setting == setting:
+        why = f"as recorded in {cfg.run_dir / 'latest.pth'} for train.parallel_tasks={setting}"
     else:
-        state.parallel_tasks, why = batching.resolve(cfg.train.parallel_tasks, local_batch, device,
-                                                     probe_tasks(model, rates, episodes, cfg))
+        state.parallel_tasks, why = batching.resolve(cfg.train.parallel_tasks, distributed.tasks_per_rank(
+            cfg.train.meta_batch), device, probe_tasks(model, rates, episodes, cfg, device))
+        state.parallel_tasks_setting = setting
     if distributed.is_main():
         progress.write(f"train.parallel_tasks={state.parallel_tasks} ({why})")
-    return state.parallel_tasks
 
 
 def outer_step(cfg: Config, model: torch.nn.Module, optimizer: torch.optim.Optimizer, rates: InnerRates | None,
-               episodes: Episode, settings: schedule.StepSettings, parallel: int, state: TrainState,
+               episodes: Episode, settings: schedule.StepSettings, state: TrainState,
                device: torch.device) -> torch.Tensor:
-    """One outer step on the meta-batch `episodes` under the schedule's `settings`, `parallel` tasks adapted at a
-    time; returns fsl.maml.STEP_STATS on the device. Out of GPU memory: TrainingError with the fixes."""
+    """One outer step on the meta-batch `episodes` under the schedule's `settings`, state.parallel_tasks tasks
+    adapted at a time; returns fsl.maml.STEP_STATS on the device. Out of memory, the step is taken again with half
+    as many tasks at once (the same step up to float rounding; the new size is kept in `state`, so a resumed run
+    continues with it); at one task at a time, fsl.batching.OutOfMemory with the fixes."""
     for group in optimizer.param_groups:
         group["lr"] = settings.meta_lr
     loop = InnerLoop.training(cfg, first_order=settings.first_order)
-    try:
-        with autocast(cfg.precision, device):
-            return meta_train_step(model, optimizer, episodes, loop, rates, settings.step_weights, parallel)
-    except torch.cuda.OutOfMemoryError as error:
-        raise TrainingError(
-            f"CUDA out of memory at task {state.tasks_done} ({cfg.model.arch}, second order="
-            f"{not cfg.maml.first_order}, precision={cfg.precision}, train.parallel_tasks={parallel} "
-            f"({cfg.train.parallel_tasks} in the config): the graphs of that many tasks are held at once). "
-            f"Fix, without changing results: a smaller train.parallel_tasks (1 = one task's graph at a "
-            f"time), then precision=bf16 (about half the memory); or maml.first_order=true (changes "
-            f"results), or a GPU with more memory. {cfg.run_dir / 'latest.pth'} holds the last checkpoint; rerun to "
-            f"resume.") from error
+    while True:
+        try:
+            with autocast(cfg.precision, device):
+                return meta_train_step(model, optimizer, episodes, loop, rates, settings.step_weights,
+                                       state.parallel_tasks)
+        except torch.cuda.OutOfMemoryError as error:
+            if state.parallel_tasks == 1:
+                raise batching.OutOfMemory(
+                    f"out of memory on {distributed.device_name(device)} at task {state.tasks_done} with one task's "
+                    f"graph at a time ({cfg.model.arch}, second order={not loop.first_order}, precision="
+                    f"{cfg.precision}): {error}. Fix: precision=bf16 (about half the memory), maml.first_order=true "
+                    f"(changes results) or a GPU with more memory. {cfg.run_dir / 'latest.pth'} holds the last "
+                    f"checkpoint; rerun to resume.") from error
+        state.parallel_tasks = batching.halved(state.parallel_tasks, device, "train.parallel_tasks")
 
 
 def crossed(tasks_done: int, step_tasks: int, every: int) -> bool:
@@ -206,12 +216,15 @@ class Due:
     end: bool
 
     @classmethod
-    def after(cls, cfg: Config, tasks_done: int, step_tasks: int, stop: bool) -> "Due":
+    def after(cls, cfg: Config, tasks_done: int, step_tasks: int, stop: Callable[[bool], bool]) -> "Due":
+        """`stop(boundary)`: whether a stop was requested (`StopRequest.requested`), told whether this step is a
+        boundary (log, validation, checkpoint or the end)."""
         end = tasks_done == cfg.train.tasks or 0 < cfg.train.stop_at <= tasks_done
-        return cls(log=crossed(tasks_done, step_tasks, cfg.train.log_every) or end,
-                   validate=crossed(tasks_done, step_tasks, cfg.train.val_every) or end,
-                   checkpoint=crossed(tasks_done, step_tasks, cfg.train.checkpoint_every) or stop, stop=stop,
-                   end=end)
+        log = crossed(tasks_done, step_tasks, cfg.train.log_every) or end
+        validate = crossed(tasks_done, step_tasks, cfg.train.val_every) or end
+        checkpoint = crossed(tasks_done, step_tasks, cfg.train.checkpoint_every)
+        stopping = stop(log or validate or checkpoint or end)
+        return cls(log=log, validate=validate, checkpoint=checkpoint or stopping, stop=stopping, end=end)
 
     @property
     def read(self) -> bool:
@@ -268,14 +281,16 @@ class Validation:
 
     def __call__(self, state: TrainState, checkpoints: Checkpoints, log: RunLog | None, progress: tqdm) -> None:
         """Validate at state.tasks_done; save the best checkpoint if it improved, then latest.pth; log it."""
-        start, main = time.time(), distributed.is_main()
-        if state.parallel_episodes is None:
+        start, main, setting = time.time(), distributed.is_main(), str(self.cfg.test.parallel_episodes)
+        if state.parallel_episodes is None or state.parallel_episodes_setting != setting:
             state.parallel_episodes, why = parallel_episodes(self.cfg, self.model, self.rates, self.episodes,
                                                              self.device)
+            state.parallel_episodes_setting = setting
             if main:
                 progress.write(f"test.parallel_episodes={state.parallel_episodes} ({why})")
-        accuracies = evaluate(self.model, self.episodes, InnerLoop.testing(self.cfg), self.device, rates=self.rates,
-                              precision=self.cfg.precision, parallel=state.parallel_episodes)
+        accuracies, state.parallel_episodes = evaluate_fitting(
+            self.model, self.episodes, InnerLoop.testing(self.cfg), self.device, rates=self.rates,
+            precision=self.cfg.precision, parallel=state.parallel_episodes, prefetch=self.cfg.data.prefetch)
         mean = float(np.mean(accuracies))
         improved = mean > state.best_val_mean
         if improved:
@@ -298,6 +313,14 @@ class StopRequest:
     def __enter__(self) -> "StopRequest":
         self.previous = {s: signal.signal(s, self.handle) for s in (signal.SIGINT, signal.SIGTERM)}
         return self
+
+    def requested(self, boundary: bool, device: torch.device) -> bool:
+        """Whether to stop after this step: one process checks its own signal every step; under torchrun the ranks
+        agree on it (any rank's signal stops all) at the boundaries only, which are the same steps on every rank:
+        no collective, and no host sync, in the steps between."""
+        if distributed.world_size() == 1:
+            return self.signal is not None
+        return boundary and distributed.any_rank(self.signal is not None, device)
 
     def handle(self, signum, frame) -> None:
         if self.signal is not None:  # second Ctrl-C: stop at once

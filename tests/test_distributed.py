@@ -155,6 +155,29 @@ def test_crashed_rank_stops_all_and_resume_continues(tmp_path):
     pd.testing.assert_frame_equal(log.drop(columns=timings), log_straight.drop(columns=timings))
 
 
+def test_a_steady_state_step_makes_one_collective_and_no_host_sync(tmp_path):
+    """#30.7: under torchrun, each outer step made three collectives (gradients, loss and accuracy sums, the stop
+    flag) and two host syncs (the flag's copy to the device and its .item()). Now the sums ride with the gradients,
+    and the ranks agree on a stop request at the boundaries only (log, validation, checkpoint, end)."""
+    import json
+    out = tmp_path / "counts"
+    out.mkdir()
+    helper = TORCHRUN + [str(REPO / "tests/helpers/count_collectives.py"), str(out)]
+    schedule = ["train.tasks=24", "train.log_every=12", "train.val_every=24", "train.checkpoint_every=24",
+                "train.tensorboard=false"]
+    result = run(helper + ["train", CONFIG] + tiny(fixture_root("mini-imagenet"), tmp_path) + schedule)
+    assert result.returncode == 0, result.stderr[-3000:]
+    boundaries = {3, 6}  # steps of 4 tasks: 12 and 24 tasks
+    for rank in (0, 1):
+        counts = json.loads((out / f"rank{rank}.json").read_text())
+        for k in range(2, 7):  # step 1 includes the set-up (broadcast of the initial weights)
+            assert [name for _, phase, name in counts["collectives"] if phase == f"step {k}"] == ["all_reduce"], k
+        stop_checks = [done for done, phase, _ in counts["collectives"] if phase == "stop-check"]
+        assert sorted(stop_checks) == sorted(boundaries)
+        steady = [(phase, op) for phase, op in counts["syncs"] if phase in {f"step {k}" for k in range(2, 7)}]
+        assert steady == [], f"rank {rank}: host syncs in steady-state steps: {steady}"
+
+
 def test_tasks_must_fill_whole_meta_batches_under_torchrun(tmp_path):
     result = run(TORCHRUN + ["-m", "fsl", "train", CONFIG, "train.tasks=10"] + tiny(fixture_root("mini-imagenet"),
                                                                                       tmp_path))

@@ -57,7 +57,7 @@ def test_both_layouts_are_detected_read_and_checked(tmp_path, make, layout):
     assert problems == [] and counts["test"] == {"classes": 5, "images": 125}
     out = subprocess.run([sys.executable, "-m", "fsl", "data", "check", "folder", "--root", str(root)], cwd=REPO,
                          capture_output=True, text=True)
-    assert out.returncode == 0 and f"layout {layout}" in out.stdout and "folder train:    6 classes" in out.stdout
+    assert out.returncode == 0 and f"layout {layout}" in out.stdout and "folder train:     6 classes" in out.stdout
 
 
 def test_check_names_every_problem(tmp_path):

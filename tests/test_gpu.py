@@ -1,5 +1,8 @@
-"""CUDA specifics (#14): precision flags, the task-batched loop and the batched augmentation on the GPU. Skipped on
-machines without a GPU (CI); run on a GPU with `python -m pytest tests/test_gpu.py` (benchmarks/gpu_session.sh)."""
+"""CUDA specifics (#14, #30): precision flags, the task-batched loop and the batched augmentation on the GPU, every
+CUDA-only branch of the training loop once (fused Adam's skip on the device, the memory probe on a real task, a
+whole short run with the producer thread under sync-debug mode "error", NCCL with 2 GPUs). Skipped on machines
+without a GPU (CI); run on a GPU with `python -m pytest tests/test_gpu.py` (benchmarks/gpu_session.sh). What a CPU
+can reproduce of the GPU path is in tests/test_gpu_path.py."""
 import copy
 
 import pytest
@@ -132,6 +135,61 @@ def test_auto_group_fits_the_gpu_and_is_recorded():
     from fsl import batching
     device = torch.device("cuda")
     x = torch.zeros(1, device=device)
-    group, why = batching.resolve("auto", 8, device, lambda: torch.empty(2**20, device=device) + x)
+    group, why = batching.resolve("auto", 8, device, lambda group: torch.empty(2**20, device=device) + x)
     assert group == 8 and "MiB per task" in why
     assert batching.balanced_group(8, 5) == 4 and batching.balanced_group(8, 3) == 3
+
+
+@cuda
+def test_fused_adam_skips_a_non_finite_step_on_the_device_and_drops_the_flag():
+    from fsl.maml import meta_optimizer
+    torch.manual_seed(0)
+    model = build_model("conv4", ways=3, image_size=16).cuda()
+    optimizer = meta_optimizer(list(model.parameters()), 1e-3)
+    episodes = batch_of(*(make_episode(ways=3, shots=2, queries=3, seed=s) for s in range(2)))
+    episodes = type(episodes)(*((t.float() if t.is_floating_point() else t).cuda() for t in episodes))
+    before = [p.detach().clone() for p in model.parameters()]
+    with torch.no_grad():
+        episodes.query_x[0, 0, 0, 0, 0] = float("nan")
+    stats = meta_train_step(model, optimizer, episodes, InnerLoop(1, 0.1))
+    assert stats[2].item() == 1.0 and not hasattr(optimizer, "found_inf")
+    assert all(torch.equal(a, p) for a, p in zip(before, model.parameters()))
+
+
+def cuda_run(tmp_path, *extra):
+    from conftest import REPO, STORE_CACHE, fixture_root
+    from fsl.config import load_config
+    return load_config(REPO / "experiments/mini-imagenet-conv4-5shot.yaml", [
+        f"data.root={fixture_root('mini-imagenet')}", f"data.cache_dir={STORE_CACHE}", "data.workers=0",
+        "device=cuda", "train.meta_batch=4", "train.tasks=8", "train.log_every=4", "train.val_every=8",
+        "train.val_episodes=4", "train.tensorboard=false", f"work_dir={tmp_path}", f"results_dir={tmp_path / 'r'}",
+        *extra])
+
+
+@cuda
+def test_the_memory_probe_on_a_real_task_is_recorded_and_reused(tmp_path, capsys):
+    from fsl import train
+    cfg = cuda_run(tmp_path)
+    train.run(cfg)
+    state = torch.load(cfg.run_dir / "latest.pth", weights_only=False)
+    assert 1 <= state["parallel_tasks"] <= 4 and state["parallel_tasks_setting"] == "auto"
+    assert "MiB per task" in capsys.readouterr().out and state["peak_memory_mb"] > 0
+    train.run(cuda_run(tmp_path, "train.tasks=12"))
+    assert "as recorded in" in capsys.readouterr().out
+
+
+@cuda
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs")
+def test_nccl_two_processes_train(tmp_path):
+    import os
+    import subprocess
+    import sys
+    from conftest import REPO, STORE_CACHE, fixture_root
+    args = [f"data.root={fixture_root('mini-imagenet')}", f"data.cache_dir={STORE_CACHE}", "data.workers=0",
+            "device=cuda", "train.meta_batch=4", "train.tasks=8", "train.val_every=8", "train.val_episodes=4",
+            f"work_dir={tmp_path}", f"results_dir={tmp_path / 'r'}"]
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                             "-m", "fsl", "train", str(REPO / "experiments/mini-imagenet-conv4-1shot.yaml"), *args],
+                            cwd=REPO, capture_output=True, text=True, env=os.environ)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert torch.load(tmp_path / "mini-imagenet-conv4-1shot" / "latest.pth", weights_only=False)["tasks_done"] == 8

@@ -84,7 +84,7 @@ def test_resume_gives_bit_identical_weights(tmp_path):
 
 def test_best_checkpoint_keeps_the_best_validation(tmp_path, monkeypatch):
     scores = iter([50.0, 70.0, 60.0])
-    monkeypatch.setattr(train, "evaluate", lambda *a, **k: np.array([next(scores)]))
+    monkeypatch.setattr(train, "evaluate_fitting", lambda *a, parallel=1, **k: (np.array([next(scores)]), parallel))
     cfg = load_config(CONFIG, tiny(fixture_root("mini-imagenet"), tmp_path, "train.tasks=6", "train.val_every=2"))
     train.run(cfg)
     best = torch.load(cfg.run_dir / "best_accuracy_mean.pth", weights_only=False)

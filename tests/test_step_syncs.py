@@ -93,16 +93,6 @@ def test_a_blocking_device_copy_counts_as_a_sync(non_blocking, sync):
                                                                  "non_blocking": non_blocking}) == sync
 
 
-def test_auto_group_is_one_on_a_cpu_and_counts_are_taken_as_set():
-    from fsl import batching
-    cpu = torch.device("cpu")
-    assert batching.resolve("auto", 8, cpu, lambda: None) == (1, "auto: 1 on cpu (compute-bound: batching gains "
-                                                                   "nothing there)")
-    assert batching.resolve(4, 8, cpu, lambda: None)[0] == 4 and batching.resolve(16, 8, cpu, lambda: None)[0] == 8
-    # balanced groups: the fewest groups of at most `fits`, as even as possible
-    assert [batching.balanced_group(8, fits) for fits in (1, 3, 4, 5, 7, 8, 100)] == [1, 3, 4, 4, 4, 8, 8]
-
-
 def test_first_order_with_learned_rates_builds_no_double_backward_graph(monkeypatch):
     """MAML++'s first-order phase and Meta-SGD/MAML++ validation and test: every inner gradient is taken without
     create_graph (the learned rates still get their meta-gradient, through fast' = fast - rate * g)."""
