@@ -16,7 +16,8 @@ STAMP := $(VENV)/.fsl-setup-stamp
 
 CONFIGS := $(filter-out experiments/_%,$(wildcard experiments/*.yaml))
 CELLS := $(patsubst experiments/%.yaml,%,$(CONFIGS))
-PAPER_CELLS := $(filter-out glyphs-% folder-%,$(CELLS))
+PAPER_CELLS := $(filter-out glyphs-% folder-% omniglot-%,$(CELLS))
+OMNIGLOT_CELLS := $(filter omniglot-%,$(CELLS))
 VARIANT_CONFIGS := $(wildcard experiments/variants/*.yaml)
 VARIANTS := $(patsubst experiments/variants/%.yaml,%,$(VARIANT_CONFIGS))
 GLYPHS_RUNS := $(filter glyphs-%,$(CELLS)) $(filter glyphs-%,$(VARIANTS))
@@ -26,11 +27,16 @@ ARGS ?=
 RUN_ARGS := $(ARGS) $(if $(QUICK),quick=true,)
 GPUS ?= 1
 SEEDS ?=
+ifneq ($(SEEDS),)
+ifeq ($(shell [ "$(SEEDS)" -ge 1 ] 2>/dev/null && echo ok),)
+$(error SEEDS=$(SEEDS): the number of seeds to run (seeds 0 .. SEEDS-1), a whole number >= 1; e.g. SEEDS=3)
+endif
+endif
 SEED_ARGS := $(if $(SEEDS),$(foreach s,$(shell seq 0 $$(($(SEEDS) - 1))),seed=$(s)),_)
 FSL := $(if $(filter-out 1,$(GPUS)),$(VENV)/bin/torchrun --standalone --nproc_per_node $(GPUS) -m fsl,$(PY) -m fsl)
 
-.PHONY: help setup test demo all-tables slurm variants tables bench bench-data data-cub data-mini-imagenet \
-	data-tiered-imagenet clean-venv $(CELLS) $(VARIANTS)
+.PHONY: help setup test demo all-tables omniglot slurm variants tables bench bench-data data-cub data-mini-imagenet \
+	data-tiered-imagenet data-omniglot clean-venv $(CELLS) $(VARIANTS)
 
 help:
 	@echo "make setup                 create .venv (Python 3.11) with the pinned stack and the fsl command"
@@ -41,11 +47,12 @@ help:
 	@echo "make all-tables            run every paper cell not yet done, then build the tables"
 	@echo "make all-tables GPUS_PER_CELL=K  the same, cells concurrently on groups of K visible GPUs (fsl sweep)"
 	@echo "make slurm PARTITION=p ACCOUNT=a TIME=hh:mm:ss [GPUS_PER_CELL=K] [SUBMIT=1]  Slurm job array of them"
+	@echo "make omniglot              the MAML paper's 4 Omniglot cells not yet done, then the tables (results/tables/omniglot.md)"
 	@echo "make variants              every glyphs variant not yet done (CPU, ~1.5 h), then results/tables/variants.md"
 	@echo "make tables                build results/tables and results/plots from results/*.csv"
 	@echo "make bench [QUICK=1]       GPU speed proxies (ops per task, syncs, input wait), then meta-training speed and memory"
 	@echo "make bench-data            episode pipeline throughput and memory benchmark"
-	@echo "make data-cub|data-mini-imagenet|data-tiered-imagenet   download and lay out a dataset under data/"
+	@echo "make data-cub|data-mini-imagenet|data-tiered-imagenet|data-omniglot   download and lay out a dataset under data/"
 
 setup: $(STAMP)
 
@@ -81,11 +88,21 @@ ifdef GPUS_PER_CELL
 	$(PY) -m fsl sweep $(addprefix experiments/,$(addsuffix .yaml,$(PAPER_CELLS))) $(RUN_ARGS) --gpus-per-cell $(GPUS_PER_CELL)
 else
 	@for cell in $(PAPER_CELLS); do \
-	  if $(PY) -m fsl done experiments/$$cell.yaml $(RUN_ARGS); then echo "skip $$cell: comparable result exists for this config"; \
-	  else $(MAKE) --no-print-directory $$cell || exit 1; fi; \
+	  $(PY) -m fsl done experiments/$$cell.yaml $(RUN_ARGS); done=$$?; \
+	  if [ $$done = 0 ]; then echo "skip $$cell: comparable result exists for this config"; \
+	  elif [ $$done = 1 ]; then $(MAKE) --no-print-directory $$cell || exit 1; else exit $$done; fi; \
 	done
 	$(PY) -m fsl tables
 endif
+
+# fsl done exits 0 (done), 1 (not done) or 2 (an error, e.g. a malformed summary.csv: stop rather than retrain)
+omniglot: $(STAMP)
+	@for cell in $(OMNIGLOT_CELLS); do \
+	  $(PY) -m fsl done experiments/$$cell.yaml $(RUN_ARGS); done=$$?; \
+	  if [ $$done = 0 ]; then echo "skip $$cell: result exists for this config"; \
+	  elif [ $$done = 1 ]; then $(MAKE) --no-print-directory $$cell || exit 1; else exit $$done; fi; \
+	done
+	$(PY) -m fsl tables
 
 slurm: $(STAMP)
 	$(PY) -m fsl slurm $(addprefix experiments/,$(addsuffix .yaml,$(PAPER_CELLS))) $(RUN_ARGS) \
@@ -95,8 +112,9 @@ slurm: $(STAMP)
 variants: $(STAMP)
 	@for run in $(GLYPHS_RUNS); do \
 	  config=experiments/$$run.yaml; [ -f $$config ] || config=experiments/variants/$$run.yaml; \
-	  if $(PY) -m fsl done $$config $(RUN_ARGS); then echo "skip $$run: result exists for this config"; \
-	  else $(MAKE) --no-print-directory $$run || exit 1; fi; \
+	  $(PY) -m fsl done $$config $(RUN_ARGS); done=$$?; \
+	  if [ $$done = 0 ]; then echo "skip $$run: result exists for this config"; \
+	  elif [ $$done = 1 ]; then $(MAKE) --no-print-directory $$run || exit 1; else exit $$done; fi; \
 	done
 	$(PY) -m fsl tables
 
@@ -110,7 +128,7 @@ bench: $(STAMP)
 bench-data: $(STAMP)
 	$(PY) benchmarks/episode_pipeline.py
 
-data-cub data-mini-imagenet data-tiered-imagenet: data-%: $(STAMP)
+data-cub data-mini-imagenet data-tiered-imagenet data-omniglot: data-%: $(STAMP)
 	$(PY) -m fsl data prepare $* --root data/$*
 
 clean-venv:

@@ -31,7 +31,12 @@ def build_parser() -> argparse.ArgumentParser:
                       help="folder: your own images (class folders per split, or images/ + split CSVs)")
     data.add_argument("--root", help="dataset folder (default: data/<dataset>)")
     data.add_argument("--json", action="store_true", help="check: print one JSON object of counts per split")
-    data.add_argument("--no-decode", action="store_true", help="check: skip decoding every image")
+    data.add_argument("--no-decode", action="store_true", help="check: skip decoding every image (the files' "
+                                                                  "structure is still checked)")
+    data.add_argument("--config", help="check: the cell whose episodes the classes must fill (its shots + queries, "
+                                       "train and test; and its data.root)")
+    data.add_argument("--shots", type=int, help="check: support images per class an episode takes")
+    data.add_argument("--queries", type=int, help="check: query images per class an episode takes")
     data.add_argument("--image-size", type=int, default=84, help="cache: the cell's data.image_size")
     data.add_argument("--cache-dir", default="data/cache", help="cache: where the stores go (data.cache_dir)")
     data.add_argument("--no-augment", action="store_true", help="cache: for data.train_augment=false")
@@ -69,14 +74,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run one command; errors that carry their fix are printed without a traceback (exit 2: bad input, 1: the run
-    failed, 130: stopped by a signal, after writing latest.pth)."""
+    """Run one command; errors that carry their fix are printed without a traceback (exit 2: bad input, a config,
+    dataset, results file or checkpoint; 1: the run failed; 130: stopped by a signal, after writing latest.pth).
+    `fsl done` exits 0 (done), 1 (not done) or 2 (an error)."""
     args = build_parser().parse_args(argv)
     from fsl import distributed
     where = f" (process {distributed.rank_from_env()} of a torchrun job)" if distributed.launched_by_torchrun() else ""
+    from fsl.results import ResultsError
     try:
         return run_command(args)
-    except (ConfigError, DatasetError, FileNotFoundError, ValueError) as error:
+    except (ConfigError, DatasetError, ResultsError, FileNotFoundError, ValueError) as error:
         print(f"error{where}: {error}", file=sys.stderr)
         return 2
     except RuntimeError as error:  # TrainingError, ResultsError and device errors carry their own fix
@@ -102,11 +109,10 @@ def run_command(args: argparse.Namespace) -> int:
         train.run(load_config(args.config, args.overrides))
     elif args.command == "test":
         from fsl import episodes, evaluate
-        from fsl.checkpoint import tested_checkpoint
         split_checkpoint(args)
         cfg = load_config(args.config, args.overrides)
         episodes.check_test_episodes(cfg)  # a split too small for the episodes, before looking for a checkpoint
-        evaluate.run(cfg, args.checkpoint or tested_checkpoint(cfg), args.config)
+        evaluate.run(cfg, args.checkpoint or default_checkpoint(args, cfg), args.config)
     elif args.command == "data":
         return data_command(args)
     elif args.command == "tables":
@@ -129,8 +135,21 @@ def run_command(args: argparse.Namespace) -> int:
         slurm.run(configs, overrides, args.time, args.gpus, args.cpus, args.partition, args.account, args.submit)
     elif args.command == "done":
         from fsl.provenance import is_done
-        return 0 if is_done(load_config(args.config, args.overrides)) else 1
+        return 0 if is_done(load_config(args.config, args.overrides), args.config) else 1
     return 0
+
+
+def default_checkpoint(args: argparse.Namespace, cfg):
+    """The checkpoint `fsl test` takes when none is named: the run's (fsl.checkpoint.tested_checkpoint). A test
+    with other ways or shots than the run's (a 1-shot run tested 5-shot) names another cell: its run is then the
+    one of the config file's own ways and shots, if that one exists."""
+    from fsl.checkpoint import tested_checkpoint
+    path = tested_checkpoint(cfg)
+    episode_keys = ("test.ways", "test.shots")
+    if not path.exists() and any(o.split("=", 1)[0].strip() in episode_keys for o in args.overrides):
+        own = load_config(args.config, [o for o in args.overrides if o.split("=", 1)[0].strip() not in episode_keys])
+        path = tested_checkpoint(own) if tested_checkpoint(own).exists() else path
+    return path
 
 
 def paper_cells() -> list[str]:
@@ -143,22 +162,17 @@ def paper_cells() -> list[str]:
 def data_command(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    root = Path(args.root or Path("data") / args.dataset)
+    cfg = load_config(args.config) if args.config else None
+    if cfg is not None and cfg.data.dataset != args.dataset:
+        raise ConfigError(f"{args.config} is a {cfg.data.dataset} cell, not {args.dataset}; fix: `fsl data "
+                          f"{args.action} {cfg.data.dataset} --config {args.config}`")
+    root = Path(args.root or (cfg.data_root if cfg is not None else Path("data") / args.dataset))
     if args.action == "cache":
-        from fsl.data import READERS, SPLITS, load_split
-        from fsl.data.store import open_store
-        for split in SPLITS:  # greyscale datasets are never augmented (fsl.config.validate)
-            augmented = split == "train" and not args.no_augment and READERS[args.dataset].channels == 3
-            kind = "train" if augmented else "eval"
-            store = open_store(load_split(args.dataset, root, split), args.dataset, split, kind, args.image_size,
-                               args.cache_dir)
-            print(f"{args.dataset} {split:5s} {kind:5s}: {len(store):7d} images {store.pixels.shape[1]}x"
-                  f"{store.pixels.shape[2]}, {store.path.stat().st_size / 2**20:8.1f} MB  {store.path}")
-        return 0
+        return cache_command(args, root)
     if args.action == "prepare":
         from fsl.data.prepare import prepare
         prepare(args.dataset, root)
-    from fsl.data.check import check_dataset
+    from fsl.data.check import check_dataset, summarise
     if args.dataset == "folder" and not args.json:
         from fsl.data.folder import detect_layout
         try:
@@ -166,8 +180,9 @@ def data_command(args: argparse.Namespace) -> int:
         except DatasetError as error:
             print(f"error: {error}", file=sys.stderr)
             return 1
-    counts, problems = check_dataset(args.dataset, root, decode=not args.no_decode, progress=not args.json)
-    for problem in problems:
+    counts, problems = check_dataset(args.dataset, root, decode=not args.no_decode, progress=not args.json,
+                                     min_images=episode_sizes(args, cfg))
+    for problem in summarise(problems):
         print(f"error: {problem}", file=sys.stderr)
     if args.json:
         print(json.dumps(counts))
@@ -181,6 +196,32 @@ def data_command(args: argparse.Namespace) -> int:
             print(f"{args.dataset} split of the classes ({' / '.join(splits)}): {sizes}")
         print(f"{root}: {'OK' if not problems else f'{len(problems)} problem(s)'}")
     return 1 if problems else 0
+
+
+def episode_sizes(args: argparse.Namespace, cfg) -> dict[str, int] | None:
+    """Images per class the episodes take, by split: --shots/--queries for every split, else the --config cell's
+    (train: train.shots + train.queries; val and test: test.shots + test.queries), else the reader's default."""
+    if args.shots is not None or args.queries is not None:
+        if args.shots is None or args.queries is None or args.shots < 1 or args.queries < 1:
+            raise ConfigError("--shots and --queries go together, each >= 1 (e.g. --shots 1 --queries 15)")
+        return dict.fromkeys(("train", "val", "test"), args.shots + args.queries)
+    if cfg is None:
+        return None
+    test = cfg.test.shots + cfg.test.queries
+    return {"train": cfg.train.shots + cfg.train.queries, "val": test, "test": test}
+
+
+def cache_command(args: argparse.Namespace, root) -> int:
+    from fsl.data import READERS, SPLITS, load_split
+    from fsl.data.store import open_store
+    for split in SPLITS:  # greyscale datasets are never augmented (fsl.config.validate)
+        augmented = split == "train" and not args.no_augment and READERS[args.dataset].channels == 3
+        kind = "train" if augmented else "eval"
+        store = open_store(load_split(args.dataset, root, split), args.dataset, split, kind, args.image_size,
+                           args.cache_dir)
+        print(f"{args.dataset} {split:5s} {kind:5s}: {len(store):7d} images {store.pixels.shape[1]}x"
+              f"{store.pixels.shape[2]}, {store.path.stat().st_size / 2**20:8.1f} MB  {store.path}")
+    return 0
 
 
 if __name__ == "__main__":

@@ -29,7 +29,7 @@ from fsl.data.base import DatasetError, SplitDataset, open_rgb
 from fsl.data.folder import class_folder_images, is_image
 from fsl.maml import InnerLoop, adapt
 from fsl.precision import apply_precision, autocast
-from fsl.utils import resolve_device, write_atomic
+from fsl.utils import check_writable, resolve_device, write_atomic
 
 
 def read_images(paths: list[Path], image_size: int, reader: type[SplitDataset] = SplitDataset) -> torch.Tensor:
@@ -57,11 +57,7 @@ def support_set(folder: Path, ways: int) -> tuple[list[str], list[Path], list[in
         raise DatasetError(f"{folder} holds {len(classes)} class folder(s) {classes[:8]}, but the checkpoint's head "
                            f"classifies {ways} ways\n  fix: give exactly {ways} class folders (or use a checkpoint "
                            f"trained with train.ways={len(classes)})")
-    empty = [name for i, name in enumerate(classes) if i not in labels]
-    if empty:
-        raise DatasetError(f"support class folder(s) without images: {empty}\n  fix: at least 1 image per class "
-                           f"(the cell was tested with its test.shots per class)")
-    return classes, paths, labels
+    return classes, paths, labels  # class_folder_images refused class folders without images
 
 
 def query_files(queries: list[str]) -> list[Path]:
@@ -83,6 +79,11 @@ def run(checkpoint: str | Path, support_dir: str | Path, queries: list[str], out
         device: str = "auto") -> dict:
     """Adapt `checkpoint` on `support_dir`, classify `queries`; returns {"predictions": rows, "accuracy": % or
     None}."""
+    if out is not None:  # before adapting: a path that cannot take the CSV
+        if Path(out).is_dir():
+            raise DatasetError(f"--out {out} is a folder; fix: name the CSV file to write, e.g. --out "
+                               f"{Path(out) / 'predictions.csv'}")
+        check_writable(Path(out).parent, "--out")
     device = resolve_device(device)
     model, rates, _, cfg = load_checkpoint_model(checkpoint, None, device)
     apply_precision(cfg.precision, device, cfg.cudnn_benchmark, cfg.deterministic)  # as the checkpoint was tested

@@ -53,8 +53,9 @@ class Checkpoints:
         """Restore latest.pth if there is one (after fsl.provenance.check_resume); under torchrun rank 0 reads it and
         sends it to the others (no shared disk needed), and a fresh start sends rank 0's initial weights."""
         main = distributed.is_main()
-        checkpoint = torch.load(self.latest, map_location="cpu", weights_only=False) \
-            if main and self.latest.exists() else None
+        restart = (f"move it away to start this run afresh (best_accuracy_mean.pth beside it is not used for "
+                   f"resuming), or restore it from a copy")
+        checkpoint = load_checkpoint(self.latest, "cpu", fix=restart) if main and self.latest.exists() else None
         checkpoint = distributed.broadcast_from_main(checkpoint)
         if checkpoint is None:
             if distributed.world_size() > 1:
@@ -72,8 +73,9 @@ class Checkpoints:
         set_rng_states(checkpoint["rng"])
         state = TrainState(**{f.name: checkpoint[f.name] for f in fields(TrainState) if f.name in checkpoint})
         if main:
-            print(f"resuming from {self.latest} at task {state.tasks_done} (best validation "
-                  f"{state.best_val_mean:.2f}% at task {state.best_val_tasks})", flush=True)
+            best = (f"best validation {state.best_val_mean:.2f}% at task {state.best_val_tasks}"
+                    if state.best_val_mean >= 0 else "no validation yet")
+            print(f"resuming from {self.latest} at task {state.tasks_done} ({best})", flush=True)
         return state
 
     def save(self, state: TrainState, best: bool = False) -> None:
@@ -102,15 +104,43 @@ def save_checkpoint(path: Path, model: nn.Module, rates: InnerRates | None, opti
         rng = rng_states()
     checkpoint = {"model": model.state_dict(), "rates": rates.state_dict() if rates is not None else None,
                   "optimizer": optimizer.state_dict(), "config": to_dict(cfg), "rng": rng, **state}
-    write_atomic(path, lambda tmp: torch.save(checkpoint, tmp))
+    try:
+        write_atomic(path, lambda tmp: torch.save(checkpoint, tmp))
+    except (OSError, RuntimeError) as error:  # torch reports a full disk as "enforce fail at inline_container.cc"
+        raise CheckpointWriteError(f"cannot write {path} ({type(error).__name__}: {str(error).splitlines()[0]}); "
+                                   f"is its disk full or read-only? {path.name} as it was before is unchanged. "
+                                   f"Fix: free space (df -h {path.parent}), then rerun to resume") from error
 
 
-def load_checkpoint(path: str | Path, device: torch.device | str) -> dict:
+class CheckpointError(ValueError):
+    """A file given as a checkpoint is not one fsl wrote; the message names it and the fix."""
+
+
+class CheckpointWriteError(RuntimeError):
+    """A checkpoint could not be written (disk full, read-only); the previous one is intact."""
+
+
+CHECKPOINT_FIX = "pass a checkpoint `fsl train` wrote: <work_dir>/<run>/best_accuracy_mean.pth or latest.pth"
+
+
+def load_checkpoint(path: str | Path, device: torch.device | str, fix: str = CHECKPOINT_FIX) -> dict:
+    """The checkpoint dict at `path`; FileNotFoundError or CheckpointError naming the file, the problem and `fix`."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"checkpoint not found: {path}\n  fix: train first with "
                                 f"`python -m fsl train <config>`, or pass the path of best_accuracy_mean.pth")
-    return torch.load(path, map_location=device, weights_only=False)
+    if path.is_dir():
+        raise CheckpointError(f"{path} is a folder, not a checkpoint; fix: {fix}")
+    try:
+        checkpoint = torch.load(path, map_location=device, weights_only=False)
+    except Exception as error:  # truncated, garbage, text, CSV: torch and pickle raise many types for them
+        raise CheckpointError(f"{path} cannot be read as a checkpoint ({type(error).__name__}: "
+                              f"{str(error).splitlines()[0][:200]}): truncated, or not a file fsl wrote; fix: {fix}"
+                              ) from error
+    if not isinstance(checkpoint, dict) or not {"config", "model"} <= set(checkpoint):
+        raise CheckpointError(f"{path} is a torch file but not an fsl checkpoint (it has no config and model); "
+                              f"fix: {fix}")
+    return checkpoint
 
 
 def load_checkpoint_model(path: str | Path, requested: Config | None,

@@ -10,6 +10,8 @@ import dataclasses
 import difflib
 import hashlib
 import json
+import math
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -267,11 +269,40 @@ def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
     return flat
 
 
+class _DuplicateKey(yaml.YAMLError):
+    def __init__(self, key: str, line: int, first: int):
+        super().__init__(f"key '{key}' is written twice (lines {first} and {line}), and YAML would keep the last")
+        self.line = line
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, refusing a key written twice in one mapping (PyYAML keeps the last, silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise _DuplicateKey(key, key_node.start_mark.line + 1, seen[key])
+            seen[key] = key_node.start_mark.line + 1
+        return super().construct_mapping(node, deep)
+
+
 def _read_yaml(path: Path) -> dict:
     if not path.exists():
         raise ConfigError(f"config file not found: {path}")
+    if path.is_dir():
+        raise ConfigError(f"{path} is a folder, not a config file; fix: name a cell's YAML file, e.g. "
+                          f"experiments/mini-imagenet-conv4-1shot.yaml")
     try:
-        tree = yaml.safe_load(path.read_text()) or {}
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise ConfigError(f"{path} is not UTF-8 text (byte {error.start}: {error.reason}); fix: a config is a YAML "
+                          f"text file, e.g. experiments/mini-imagenet-conv4-1shot.yaml") from None
+    try:
+        tree = yaml.load(text, Loader=_UniqueKeyLoader) or {}
+    except _DuplicateKey as error:
+        raise ConfigError(f"{path}:{error.line}: {error}; fix: keep one of the two") from None
     except yaml.YAMLError as error:
         mark = getattr(error, "problem_mark", None)
         where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(path)
@@ -311,14 +342,20 @@ def _read_chain(path: Path, depth: int = 0) -> dict[str, tuple[Any, int]]:
 COMMAND_LINE = -1  # the depth of a command-line override: more specific than any file
 
 
+# what `maml.variant=maml`, written, means: none of the other variants' inner-loop switches
+PLAIN_MAML = {"maml.first_order": False, "maml.adapt": "all", "maml.learned_lr": "none", "maml.multi_step_loss": False,
+              "maml.per_step_bn": False, "maml.first_order_fraction": 0.0}
+
+
 def apply_variant(cfg: Config, written: dict[str, tuple[Any, int]], path: Path) -> None:
-    """Set the keys of `maml.variant` (VARIANTS). A key that contradicts the variant and is written where the variant
-    is, or more specifically (a file based on it, the command line), is refused; a base file's value is simply
-    overridden by the variant."""
+    """Set the keys of `maml.variant` (VARIANTS; maml, when it is written: PLAIN_MAML). A key that contradicts the
+    variant and is written where the variant is, or more specifically (a file based on it, the command line), is
+    refused; a base file's value is simply overridden by the variant."""
     if cfg.maml.variant not in VARIANTS:
         raise ConfigError(f"maml.variant={cfg.maml.variant!r} is not one of {', '.join(VARIANTS)}")
     variant_depth = written.get("maml.variant", (None, 10**6))[1]
-    for key, value in VARIANTS[cfg.maml.variant].items():
+    implied = PLAIN_MAML if cfg.maml.variant == "maml" and "maml.variant" in written else VARIANTS[cfg.maml.variant]
+    for key, value in implied.items():
         if key in written and written[key][1] <= variant_depth:
             probe = Config()
             set_key(probe, key, written[key][0])
@@ -338,6 +375,8 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
     for key, (value, _) in values.items():
         set_key(cfg, key, value)
     apply_variant(cfg, values, Path(path))
+    if cfg.data.dataset == "folder":  # your own images: the folder is the data, named absolutely (fsl.provenance)
+        cfg.data.root = str(cfg.data_root.resolve())
     if cfg.quick:
         for key, limit in QUICK_LIMITS.items():
             section, name = key.split(".")
@@ -383,9 +422,14 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"{key}={getattr(getattr(cfg, section), name)}: the inner loop adapts on the support "
                               f"set, which needs at least 1 image per class; fix: {key}=1 or more")
     for key, value in (("maml.inner_lr", cfg.maml.inner_lr), ("train.meta_lr", cfg.train.meta_lr)):
-        if not value > 0:
-            raise ConfigError(f"{key}={value}: a learning rate must be > 0; fix: the protocol's "
+        if not (value > 0 and math.isfinite(value)):
+            raise ConfigError(f"{key}={value}: a learning rate must be a finite number > 0; fix: the protocol's "
                               f"{flat_dict(Config())[key]}")
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", cfg.device):
+        raise ConfigError(f"device={cfg.device!r}: choose auto (cuda if available), cpu, cuda or cuda:N")
+    if not re.fullmatch(r"[A-Za-z0-9_.+=-]*", cfg.name) or cfg.name.startswith("."):
+        raise ConfigError(f"name={cfg.name!r}: the run's tag becomes a folder name (<work_dir>/<cell>-<name>); use "
+                          f"letters, digits and _ . + = - only, e.g. name=lr01")
     if cfg.data.image_size < MIN_IMAGE_SIZE:
         raise ConfigError(f"data.image_size={cfg.data.image_size}: {cfg.model.arch} halves the image 4 times, so it "
                           f"needs at least {MIN_IMAGE_SIZE} pixels; fix: data.image_size=84, the protocol's")

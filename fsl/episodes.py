@@ -36,6 +36,7 @@ from fsl.config import Config
 from fsl.data import load_split
 from fsl.data.augment import AugmentPlan, augment, draw_params, normalise, plan_augmentation, to_device
 from fsl.data.base import DatasetError, SplitDataset
+from fsl.data.check import split_problems, summarise
 from fsl.data.store import ImageStore, open_store
 from fsl.data.transforms import IMAGENET, Normalisation
 
@@ -133,17 +134,21 @@ class ClassRotations(l2l.vision.transforms.RandomClassRotation):
 
 
 def build_taskset(dataset: SplitDataset, ways: int, shots: int, queries: int,
-                  rotations: bool = False) -> l2l.data.Taskset:
+                  rotations: bool = False, keys: str = "") -> l2l.data.Taskset:
     """learn2learn task pipeline drawing `ways` classes and `shots + queries` images of each; `rotations`: each class
-    turned by a random multiple of 90 degrees (`ClassRotations`)."""
+    turned by a random multiple of 90 degrees (`ClassRotations`). `keys`: the config section the episode sizes come
+    from ("train" or "test"), for the error messages."""
     per_class = dataset.images_per_class()
+    ways_key, shots_key, queries_key = (f"{keys}.{k}" if keys else k for k in ("ways", "shots", "queries"))
     if len(per_class) < ways:
-        raise DatasetError(f"{type(dataset).__name__} split has {len(per_class)} classes, fewer than ways={ways}")
+        raise DatasetError(f"{type(dataset).__name__} split has {len(per_class)} classes, fewer than {ways_key}="
+                           f"{ways}\n  fix: {ways_key}={len(per_class)} at most, or a split with more classes")
     too_small = {dataset.class_names[c]: n for c, n in per_class.items() if n < shots + queries}
     if too_small:
-        raise DatasetError(f"{len(too_small)} class(es) have fewer images than shots + queries = {shots} + "
-                           f"{queries}, e.g. {dict(list(too_small.items())[:3])}\n"
-                           f"  fix: lower the queries, or remove these classes from the split")
+        raise DatasetError(f"{len(too_small)} class(es) have fewer images than {shots_key} + {queries_key} = {shots} "
+                           f"+ {queries}, e.g. {dict(list(too_small.items())[:3])}\n"
+                           f"  fix: lower {shots_key} or {queries_key} (to {min(too_small.values())} images in all), "
+                           f"or remove these classes from the split")
     meta = l2l.data.MetaDataset(SplitLabels(dataset.labels), indices_to_labels=dataset.indices_to_labels())
     transforms = [
         l2l.data.transforms.NWays(meta, n=ways),
@@ -163,8 +168,9 @@ class EpisodeDataset(Dataset):
     by a random multiple of 90 degrees (data.class_rotations)."""
 
     def __init__(self, dataset: SplitDataset, ways: int, shots: int, queries: int, seed: int,
-                 count: int, start: int = 0, image_sizes: np.ndarray | None = None, rotations: bool = False):
-        self.taskset = build_taskset(dataset, ways, shots, queries, rotations)
+                 count: int, start: int = 0, image_sizes: np.ndarray | None = None, rotations: bool = False,
+                 keys: str = ""):
+        self.taskset = build_taskset(dataset, ways, shots, queries, rotations, keys)
         self.ways, self.shots, self.queries = ways, shots, queries
         self.seed, self.start, self.count = seed, start, count
         self.image_sizes = image_sizes
@@ -476,7 +482,8 @@ def training_episodes(cfg: Config, start: int, device: torch.device) -> EpisodeS
     store = cell_store(cfg, split, "train", "train" if cfg.data.train_augment else "eval")
     sizes = store.sizes if cfg.data.train_augment else None  # for the augmentation parameters
     episodes = EpisodeDataset(split, cfg.train.ways, cfg.train.shots, cfg.train.queries, seed=cfg.seed, start=start,
-                              count=cfg.train.tasks - start, image_sizes=sizes, rotations=cfg.data.class_rotations)
+                              count=cfg.train.tasks - start, image_sizes=sizes, rotations=cfg.data.class_rotations,
+                              keys="train")
     if distributed.world_size() > 1:
         episodes = RankShare(episodes, cfg.train.meta_batch, distributed.rank(), distributed.world_size())
     make = EpisodeMaker(store, cfg.train.ways, cfg.train.shots, cfg.train.queries, cfg.data.image_size, device,
@@ -488,7 +495,22 @@ def training_episodes(cfg: Config, start: int, device: torch.device) -> EpisodeS
 def check_test_episodes(cfg: Config) -> None:
     """Refuse test settings the test split cannot fill (fewer classes than test.ways, classes with fewer images than
     test.shots + test.queries), reading only its labels; DatasetError with the fix."""
-    build_taskset(cell_split(cfg, "test"), cfg.test.ways, cfg.test.shots, cfg.test.queries)
+    build_taskset(cell_split(cfg, "test"), cfg.test.ways, cfg.test.shots, cfg.test.queries, keys="test")
+
+
+def check_cell_data(cfg: Config) -> None:
+    """Before training: every problem the three splits' labels show (fsl.data.check.split_problems: too few classes
+    or images per class for the cell's episodes, a class or an image in two splits), each once with its count, as
+    one DatasetError; nothing is decoded."""
+    datasets = {split: cell_split(cfg, split) for split in ("train", "val", "test")}
+    test = cfg.test.shots + cfg.test.queries
+    needed = {"train": cfg.train.shots + cfg.train.queries, "val": test, "test": test}
+    ways = {"train": cfg.train.ways, "val": cfg.test.ways, "test": cfg.test.ways}
+    problems = summarise(split_problems(datasets, needed, ways))
+    if problems:
+        listing = "\n  ".join(problems[:10]) + (f"\n  ... {len(problems) - 10} more" if len(problems) > 10 else "")
+        raise DatasetError(f"{cfg.data_root} cannot hold this cell's episodes ({len(problems)} problem(s); "
+                           f"`fsl data check {cfg.data.dataset} --config ...` lists them all):\n  {listing}")
 
 
 class FixedEpisodes:
@@ -500,7 +522,7 @@ class FixedEpisodes:
         dataset = cell_split(cfg, split)
         self.store = cell_store(cfg, dataset, split, "eval")
         stream = EpisodeDataset(dataset, cfg.test.ways, cfg.test.shots, cfg.test.queries, seed=cfg.test.seed,
-                                count=count, rotations=cfg.data.class_rotations)
+                                count=count, rotations=cfg.data.class_rotations, keys="test")
         self.specs = [stream[i] for i in range(count)]
         self.shape = (cfg.test.ways, cfg.test.shots, cfg.test.queries, cfg.data.image_size)
         self.normalisation = dataset.normalisation

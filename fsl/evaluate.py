@@ -5,6 +5,7 @@ with validation), the checkpoint from fsl.checkpoint, and the summary row from f
 """
 from __future__ import annotations
 
+import shutil
 import time
 from pathlib import Path
 
@@ -15,7 +16,8 @@ from fsl.config import Config
 from fsl.episodes import FixedEpisodes
 from fsl.maml import InnerLoop
 from fsl.precision import apply_precision
-from fsl.results import ci95, summary_row, test_episodes_path, upsert_summary, write_test_episodes
+from fsl.results import ci95, read_summary, row_file, summary_row, upsert_summary, write_test_episodes
+from fsl.utils import check_writable, write_atomic
 
 
 def run(requested: Config, checkpoint_path: str | Path, config_path: str | Path | None = None,
@@ -27,6 +29,9 @@ def run(requested: Config, checkpoint_path: str | Path, config_path: str | Path 
     `episodes`: the test episodes if the caller has built them already (they must be `FixedEpisodes(cfg, "test",
     cfg.test.episodes)`)."""
     device = distributed.setup(requested.device)
+    if distributed.is_main():  # before the test: a results folder it could not write, a summary it could not extend
+        check_writable(Path(requested.results_dir), "results_dir")
+        read_summary(requested.results_dir)
     checkpoint_path = Path(checkpoint_path)
     model, rates, checkpoint, cfg = load_checkpoint_model(checkpoint_path, requested, device)
     apply_precision(cfg.precision, device, cfg.cudnn_benchmark, cfg.deterministic)
@@ -42,10 +47,14 @@ def run(requested: Config, checkpoint_path: str | Path, config_path: str | Path 
                       parallel, device, time.time() - start, config_path)
     if not distributed.is_main():
         return row
-    episodes_csv = write_test_episodes(test_episodes_path(cfg, row["test_tag"]), accuracies)
+    episodes_csv = write_test_episodes(row_file(cfg.results_dir, row, "test_episodes"), accuracies)
+    log = checkpoint_path.parent / "log.csv"
+    if log.exists():  # the run's learning curve, tracked beside its test (training never writes into results/)
+        write_atomic(row_file(cfg.results_dir, row, "train_log", test=False),
+                     lambda tmp: shutil.copyfile(log, tmp))
     upsert_summary(cfg.results_dir, row)
-    tag = f" ({row['test_tag']})" if row["test_tag"] else ""
+    tag = "".join(f" ({row[key]})" for key in ("train_tag", "test_tag") if row[key])
     caveat = "" if row["comparable"] else f" (not comparable to the reference: {row['not_comparable_why']})"
-    print(f"{cfg.run_name}{tag}: {accuracies.mean():.2f} ± {ci95(accuracies):.2f} % over {len(accuracies)} test "
+    print(f"{row['run']}{tag}: {accuracies.mean():.2f} ± {ci95(accuracies):.2f} % over {len(accuracies)} test "
           f"episodes{caveat}\n  per-episode: {episodes_csv}\n  summary: {Path(cfg.results_dir) / 'summary.csv'}")
     return row

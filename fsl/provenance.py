@@ -27,9 +27,11 @@ SHARED_KEYS = ("test.ways", "test.shots", "test.queries", "test.seed", "maml.tes
 # set them differently
 
 
-def model_keys() -> list[str]:
-    """Keys that define the trained model (validation settings included)."""
-    return [k for k in all_keys() if k not in RUN_KEYS and (k not in TEST_KEYS or k in SHARED_KEYS)]
+def model_keys(cfg: Config | None = None) -> list[str]:
+    """Keys that define the trained model (validation settings included); for `cfg`'s dataset: a folder dataset's
+    data.root is its data, so for `folder` it counts too (elsewhere it is only where the same data is stored)."""
+    keys = [k for k in all_keys() if k not in RUN_KEYS and (k not in TEST_KEYS or k in SHARED_KEYS)]
+    return keys + (["data.root"] if cfg is not None and cfg.data.dataset == "folder" else [])
 
 
 def meta_test_keys() -> list[str]:
@@ -38,7 +40,26 @@ def meta_test_keys() -> list[str]:
 
 
 def train_sha(cfg: Config) -> str:
-    return settings_sha(cfg, model_keys())
+    return settings_sha(cfg, model_keys(cfg))
+
+
+NAMED_KEYS = ("seed", "quick", "maml.variant")  # model keys the run's name carries (Config.run_tag)
+
+
+def train_tag(trained: Config, config_path: str | Path | None) -> str:
+    """How a run's training settings differ from its config file's, as 'key=value ...' ('train.tasks=2000'), beside
+    what its name already says (seed, variant, quick); '' for the file's own run, or when no file is named. A
+    summary row is keyed by run, train_tag and test_tag, and per-run files carry the tags (fsl.results), so that
+    another run of a cell never replaces the file's own row."""
+    if config_path is None:
+        return ""
+    own = load_config(config_path)
+    named = [f"{key}={value}" for key, value in flat_dict(trained).items()
+             if key in NAMED_KEYS and flat_dict(own)[key] != value]
+    if named:
+        own = load_config(config_path, named)
+    keys = [k for k in model_keys(trained) if k not in NAMED_KEYS]
+    return " ".join(f"{key}={b}" for key, _, b in differences(own, trained, keys))
 
 
 def meta_test_sha(cfg: Config) -> str:
@@ -66,7 +87,8 @@ def meta_test_config(trained: Config, requested: Config, checkpoint: str | Path)
     """The config a test runs with: the checkpoint's settings, with the requested test-time and run settings.
 
     Any other difference between what was trained and what the command asks for is refused, naming each key."""
-    allowed = set(RUN_KEYS) | set(TEST_KEYS)
+    allowed = (set(RUN_KEYS) | set(TEST_KEYS)) - {k for k in model_keys(trained) if k in RUN_KEYS}  # a folder's
+    # data.root is its data
     diffs = differences(trained, requested, [k for k in all_keys() if k not in allowed])
     if diffs:
         overrides = " ".join(f"{key}={a}" for key, a, _ in diffs)
@@ -85,7 +107,7 @@ def meta_test_config(trained: Config, requested: Config, checkpoint: str | Path)
 
 def check_resume(stored: Config, current: Config, checkpoint: str | Path, tasks_done: int) -> None:
     """Refuse to continue `checkpoint` (trained `tasks_done` tasks under `stored`) with a different experiment."""
-    keys = [k for k in all_keys() if k not in RUN_KEYS and k != "test.episodes"]
+    keys = [k for k in all_keys() if (k not in RUN_KEYS or k in model_keys(stored)) and k != "test.episodes"]
     scheduled = schedule.uses_total_tasks(current)  # another train.tasks would change these mid-run
     diffs = [d for d in differences(stored, current, keys)
              if not (d[0] == "train.tasks" and not scheduled and d[2] >= max(d[1], tasks_done))]
@@ -157,14 +179,15 @@ def comparability(trained: Config, tested: Config, train_tasks: int | None, chec
     return not reasons, "; ".join(reasons)
 
 
-def is_done(cfg: Config) -> bool:
-    """Whether summary.csv holds this run's result for these settings. For the protocol config of a reference cell
+def is_done(cfg: Config, config_path: str | Path | None = None) -> bool:
+    """Whether summary.csv holds this run's result for these settings (the row of its run name and training
+    settings, `train_tag` against `config_path`, and its own test). For the protocol config of a reference cell
     only a comparable row counts (a run stopped early, or testing other weights, is not done); for any other run
     (variants, demo cells, quick runs) a row with the same settings does. `make all-tables` and `make variants` skip
-    the runs for which this is true."""
+    the runs for which this is true. A malformed summary.csv raises fsl.results.ResultsError (`fsl done` exits 2)."""
     from fsl.results import find_run, read_summary
 
-    row = find_run(read_summary(cfg.results_dir), cfg.run_name)
+    row = find_run(read_summary(cfg.results_dir), cfg.run_name, train_tag(cfg, config_path))
     if row is None or row["train_config_sha"] != train_sha(cfg) or row["test_config_sha"] != meta_test_sha(cfg):
         return False
     protocol_run = comparability(cfg, cfg, cfg.train.tasks, None, None)[0]

@@ -297,8 +297,9 @@ def tables(summary: pd.DataFrame) -> dict[str, str]:
                  if dataset == "omniglot" else "")
         written[f"{dataset}.md"] = (f"# {DATASET_TITLES.get(dataset, dataset)}: MAML, {ways}\n\n" + paper +
                                     f"std = 95% confidence half-width (1.96 * std / sqrt(episodes)), as MMFewShot; "
-                                    f"comparable = the reference's full protocol (see not_comparable.md)\n\n"
-                                    + dataset_table(rows))
+                                    f"comparable = the reference's full protocol (see not_comparable.md). One row "
+                                    f"per run: its config file's training settings and its own test (other runs "
+                                    f"and tests: other_tests.md)\n\n" + dataset_table(rows))
     written["comparison.md"] = ("# fsl vs MMFewShot's MAML README\n\nOnly results of the full protocol (the cell's "
                                 "committed config, all training tasks, 2,000 test episodes) appear here; the rest "
                                 "are listed in not_comparable.md.\n\n" + comparison_table(summary))
@@ -320,25 +321,30 @@ def tables(summary: pd.DataFrame) -> dict[str, str]:
 
 
 def other_tests_table(rows: pd.DataFrame) -> str:
-    """Tests of trained runs with other settings than their own (fsl test ... test.episodes=100): listed apart."""
-    lines = ["| run | test settings | mean ± ci95 | episodes |", "|---|---|---|---|"]
+    """Runs with other training settings than their config file's (fsl train ... train.tasks=2000) and tests with
+    other settings than a run's own (fsl test ... test.episodes=100): listed apart, each with what differs."""
+    lines = ["| run | training settings | test settings | mean ± ci95 | episodes | train tasks |",
+             "|---|---|---|---|---|---|"]
     for row in rows.itertuples():
-        lines.append(f"| {row.run} | {row.test_tag} | {fmt(row.mean_acc, row.ci95)} | {row.episodes} |")
+        lines.append(f"| {row.run} | {row.train_tag or 'its config file'} | {row.test_tag or 'its own'} | "
+                     f"{fmt(row.mean_acc, row.ci95)} | {row.episodes} | {optional_int(row.train_tasks)} |")
     return "\n".join(lines) + "\n"
 
 
 def run(results_dir: str | Path = "results") -> list[Path]:
     """Write every table and plot that the CSVs under `results_dir` allow; returns the written paths. The tables
-    and plots show each run's own test; tests with other settings go to other_tests.md."""
+    and plots show each run's own row: its config file's training settings and its own test; the other rows
+    (another run of the cell, another test of a run) go to other_tests.md."""
     results = Path(results_dir)
     everything = read_summary(results)
     summary = results_io.own_tests(everything).reset_index(drop=True)
     written = []
-    others = everything[everything["test_tag"].fillna("") != ""]
+    others = everything[~everything.index.isin(results_io.own_tests(everything).index)]
     if len(others):
-        write_text_atomic(results / "tables" / "other_tests.md", "# Tests with other settings than the run's own\n\n"
-                          "Not used by the other tables: each run there is shown with its own test.\n\n"
-                          + other_tests_table(others))
+        write_text_atomic(results / "tables" / "other_tests.md", "# Other runs and tests\n\n"
+                          "Rows of runs trained with other settings than their config file's, and tests with other "
+                          "settings than a run's own. The other tables show each run's own row (config file, own "
+                          "test); these never replace it.\n\n" + other_tests_table(others))
         written.append(results / "tables" / "other_tests.md")
     for name, text in tables(summary).items():
         write_text_atomic(results / "tables" / name, text)
@@ -353,7 +359,7 @@ def run(results_dir: str | Path = "results") -> list[Path]:
     if len(omniglot):
         plot_omniglot(omniglot, plots / "omniglot_vs_paper.png")
         written.append(plots / "omniglot_vs_paper.png")
-    for row in summary.itertuples():
+    for row in summary.itertuples():  # own rows: their files carry no tag
         episodes_csv = results_io.run_file(results, row.cell, row.run, "test_episodes")
         if episodes_csv.exists():
             episodes = results_io.read_test_episodes(episodes_csv)

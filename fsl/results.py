@@ -10,6 +10,7 @@ columns a file lacks get their defaults; columns the schema does not know are ke
 """
 from __future__ import annotations
 
+import csv
 import fcntl
 import hashlib
 import math
@@ -48,9 +49,12 @@ def _schema(*columns: Column) -> dict[str, Column]:
 
 SUMMARY = _schema(
     Column("run", str),                           # work-dir name: cell [-variant] [-seedN] [-quick]; with
-                                                  # test_tag, the row key
+                                                  # train_tag and test_tag, the row key
+    Column("train_tag", str, default=""),         # training settings other than the config file's
+                                                  # ("train.tasks=2000"); empty: the file's own run
     Column("test_tag", str, default=""),          # test settings other than the run's own ("test.episodes=100");
-                                                  # empty: the run's own test, the row the tables use
+                                                  # empty (with train_tag): the run's own test, the row the tables
+                                                  # use
     Column("cell", str, required=True),           # {dataset}-{arch}-{K}shot
     Column("dataset", str, required=True),
     Column("data_root", str),                     # the name of the dataset folder (data.root) the run read
@@ -124,6 +128,7 @@ def read_csv(path: str | Path, schema: dict[str, Column]) -> pd.DataFrame:
     path = Path(path)
     if not path.exists():
         raise ResultsError(f"{path} not found")
+    check_row_widths(path)
     try:
         raw = pd.read_csv(path, dtype=str, keep_default_na=False)
     except pd.errors.EmptyDataError as error:
@@ -156,6 +161,19 @@ def read_csv(path: str | Path, schema: dict[str, Column]) -> pd.DataFrame:
         if name not in schema:
             frame[name] = raw[name]
     return frame
+
+
+def check_row_widths(path: Path) -> None:
+    """Refuse a row with another number of fields than the header (a line cut short would otherwise read as empty
+    values, and be written back with defaults)."""
+    with open(path, newline="") as f:
+        reader = csv.reader(f)
+        header = next(reader, None)
+        for row in reader:
+            if row and header is not None and len(row) != len(header):
+                raise ResultsError(f"{path}: line {reader.line_num} has {len(row)} of the header's {len(header)} "
+                                   f"fields (cut short, or edited)\n  fix: restore the line (version control), or "
+                                   f"delete it and rerun the run that wrote it")
 
 
 def write_csv(frame: pd.DataFrame | list[dict], path: str | Path, schema: dict[str, Column]) -> Path:
@@ -194,19 +212,26 @@ def read_summary(results_dir: str | Path, must_exist: bool = False) -> pd.DataFr
     return summary
 
 
+ROW_KEY = ("run", "train_tag", "test_tag")  # one row per run, training settings and test settings
+
+
+def row_key(row) -> tuple[str, str, str]:
+    return tuple("" if pd.isna(row.get(k)) or row.get(k) is None else str(row.get(k)) for k in ROW_KEY)
+
+
 def upsert_summary(results_dir: str | Path, row: dict) -> Path:
-    """Add `row` to summary.csv, replacing the row of the same run and test (`test_tag`): a test with other settings
-    adds a row beside the run's own; rows sorted by quick flag, run, test. Holds a lock on summary.csv.lock while
-    reading and writing, so concurrent tests (fsl sweep, job arrays) lose no row."""
+    """Add `row` to summary.csv, replacing only the row of the same run, training settings and test settings
+    (ROW_KEY): another run of the cell (train_tag) or another test (test_tag) adds a row beside the run's own;
+    rows sorted by quick flag, then the key. Holds a lock on summary.csv.lock while reading and writing, so
+    concurrent tests (fsl sweep, job arrays) lose no row."""
     path = summary_path(results_dir)
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path.with_name("summary.csv.lock"), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         summary = read_summary(results_dir)
-        tag = row.get("test_tag") or ""
-        summary = summary[(summary["run"] != row["run"]) | (summary["test_tag"].fillna("") != tag)]
-        rows = summary.astype(object).where(summary.notna(), None).to_dict("records") + [row]
-        rows.sort(key=lambda r: (bool(r.get("quick")), str(r["run"]), str(r.get("test_tag") or "")))
+        rows = [r for r in summary.astype(object).where(summary.notna(), None).to_dict("records")
+                if row_key(r) != row_key(row)] + [row]
+        rows.sort(key=lambda r: (bool(r.get("quick")), row_key(r)))
         return write_csv(rows, path, SUMMARY)
 
 
@@ -220,14 +245,17 @@ def summary_row(tested: Config, accuracies: np.ndarray, checkpoint: dict, checkp
                 parallel_episodes: int, device: torch.device, seconds: float, config_path: str | Path | None) -> dict:
     """The SUMMARY row of one test: what it measured (`accuracies`, % per episode, over `seconds` on `device`), the
     checkpoint it tested (trained under its own config, `train_tasks` tasks in its run), the settings it ran under
-    (`tested`), and where all of it came from (fsl.provenance, commits)."""
+    (`tested`), and where all of it came from (fsl.provenance, commits). The row belongs to the trained run: its
+    cell and name (a 1-shot run tested 5-shot is still the 1-shot cell's run, with a test_tag), its training
+    settings against `config_path` (train_tag)."""
     trained = from_dict(checkpoint["config"])
     comparable, why = provenance.comparability(trained, tested, train_tasks, checkpoint["tasks_done"],
                                                checkpoint["best_val_tasks"])
     cell = (tested.data.dataset, tested.model.arch, tested.test.ways, tested.test.shots)
     published = reference(*cell, variant_label(trained)) or reference(*cell) or (None, None)  # else MAML's
     return {
-        "run": tested.run_name, "test_tag": provenance.test_tag(trained, tested), "cell": tested.cell,
+        "run": trained.cell + tested.run_tag, "train_tag": provenance.train_tag(trained, config_path),
+        "test_tag": provenance.test_tag(trained, tested), "cell": trained.cell,
         "variant": variant_label(tested), "dataset": tested.data.dataset, "data_root": tested.data_root.name,
         "arch": tested.model.arch, "ways": tested.test.ways, "shots": tested.test.shots,
         "image_size": tested.data.image_size,
@@ -252,25 +280,32 @@ def summary_row(tested: Config, accuracies: np.ndarray, checkpoint: dict, checkp
 
 
 def own_tests(summary: pd.DataFrame) -> pd.DataFrame:
-    """The rows of each run's own test (empty test_tag): what the tables and plots show."""
-    return summary[summary["test_tag"].fillna("") == ""]
+    """The rows of each run's own test of its config file's settings (empty train_tag and test_tag): what the tables
+    and plots show."""
+    return summary[(summary["test_tag"].fillna("") == "") & (summary["train_tag"].fillna("") == "")]
 
 
-def find_run(summary: pd.DataFrame, run: str) -> pd.Series | None:
-    """The row of `run`'s own test, or None."""
-    match = own_tests(summary)
-    match = match[match["run"] == run]
+def find_run(summary: pd.DataFrame, run: str, train_tag: str = "") -> pd.Series | None:
+    """The row of `run`'s own test under training settings `train_tag`, or None."""
+    match = summary[(summary["run"] == run) & (summary["train_tag"].fillna("") == train_tag)
+                    & (summary["test_tag"].fillna("") == "")]
     return None if match.empty else match.iloc[0]
 
 
 # ---- per-cell files ------------------------------------------------------------------------------------------
 
-def run_file(results_dir: str | Path, cell: str, run: str, stem: str, test_tag: str = "") -> Path:
+def short_hash(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()[:8]
+
+
+def run_file(results_dir: str | Path, cell: str, run: str, stem: str, test_tag: str = "", train_tag: str = "") -> Path:
     """results/<cell>/<stem><tag>.csv, where tag is what the run name adds to the cell, with '_' for '-'
-    (run 'cub-conv4-1shot-quick': test_episodes_quick.csv), then '__test-<hash>' for a test with other settings than
-    the run's own (`test_tag`), so that it never replaces the run's own file."""
+    (run 'cub-conv4-1shot-quick': test_episodes_quick.csv), then '__train-<hash>' for a run with other training
+    settings than its config file's (`train_tag`) and '__test-<hash>' for a test with other settings than the run's
+    own (`test_tag`): so that no other run or test ever replaces a run's own file."""
     tag = run[len(cell):] if run.startswith(cell) else f"-{run}"
-    other = f"__test-{hashlib.sha256(test_tag.encode()).hexdigest()[:8]}" if test_tag else ""
+    other = (f"__train-{short_hash(train_tag)}" if train_tag else "") + (f"__test-{short_hash(test_tag)}"
+                                                                         if test_tag else "")
     return Path(results_dir) / cell / f"{stem}{tag.replace('-', '_')}{other}.csv"
 
 
@@ -278,13 +313,10 @@ def cell_file(cfg: Config, stem: str) -> Path:
     return run_file(cfg.results_dir, cfg.cell, cfg.run_name, stem)
 
 
-def test_episodes_path(cfg: Config, test_tag: str = "") -> Path:
-    return run_file(cfg.results_dir, cfg.cell, cfg.run_name, "test_episodes", test_tag)
-
-
-def train_log_path(cfg: Config) -> Path:
-    """The tracked copy of <run_dir>/log.csv that the learning-curve plots read."""
-    return cell_file(cfg, "train_log")
+def row_file(results_dir: str | Path, row, stem: str, test: bool = True) -> Path:
+    """The per-run file `stem` of a summary row (its test's when `test`, else its run's: the training log)."""
+    return run_file(results_dir, row["cell"], row["run"], stem, (row["test_tag"] or "") if test else "",
+                    row["train_tag"] or "")
 
 
 def write_test_episodes(path: str | Path, accuracies: np.ndarray) -> Path:

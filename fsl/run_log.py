@@ -1,17 +1,16 @@
-"""The run log: <run_dir>/log.csv, one row per training window and per validation (fsl.results.TRAIN_LOG), its
-tracked copy results/<cell>/train_log.csv (refreshed at every validation), and, with train.tensorboard, the same
-numbers as TensorBoard scalars in <run_dir>/tb at step = tasks done: train/loss, train/accuracy, train/tasks_per_s,
-val/accuracy, val/ci95.
+"""The run log: <run_dir>/log.csv, one row per training window and per validation (fsl.results.TRAIN_LOG), and, with
+train.tensorboard, the same numbers as TensorBoard scalars in <run_dir>/tb at step = tasks done: train/loss,
+train/accuracy, train/tasks_per_s, val/accuracy, val/ci95. Its tracked copy in results/ (results/<cell>/train_log*.csv)
+is written by `fsl test` of the run (fsl.evaluate), never during training.
 """
 from __future__ import annotations
 
 import csv
-import shutil
 
 import numpy as np
 
 from fsl.config import Config
-from fsl.results import TRAIN_LOG, ci95, train_log_path
+from fsl.results import TRAIN_LOG, ci95
 from fsl.utils import write_atomic
 
 LOG_COLUMNS = list(TRAIN_LOG)
@@ -40,12 +39,10 @@ class RunLog:
                     "seconds": round(seconds, 2)})
 
     def validation(self, tasks: int, accuracies: np.ndarray, seconds: float) -> None:
-        """The validation at `tasks` (per-episode accuracies, %, measured in `seconds`); then refresh the tracked
-        copy in results/."""
+        """The validation at `tasks` (per-episode accuracies, %, measured in `seconds`)."""
         self.write({"cell": self.cfg.cell, "seed": self.cfg.seed, "tasks": tasks, "split": "val", "loss": "",
                     "accuracy": float(np.mean(accuracies)), "ci95": ci95(accuracies), "tasks_per_s": "",
                     "seconds": round(seconds, 2)})
-        write_atomic(train_log_path(self.cfg), lambda tmp: shutil.copyfile(self.path, tmp))
 
     def write(self, row: dict) -> None:
         new = not self.path.exists()

@@ -34,13 +34,13 @@ from fsl import batching, distributed, schedule
 from fsl.accuracy import evaluate_fitting, parallel_episodes
 from fsl.checkpoint import Checkpoints, RunDirLock, TrainState
 from fsl.config import Config, ConfigError, dump_yaml
-from fsl.episodes import Episode, FixedEpisodes, training_episodes
+from fsl.episodes import Episode, FixedEpisodes, cell_split, cell_store, check_cell_data, training_episodes
 from fsl.maml import (InnerLoop, InnerRates, build_learner, chunks, meta_optimizer, meta_parameters,
                       meta_train_step, named_meta_parameters, task_meta_gradient)
 from fsl.precision import apply_precision, autocast
 from fsl.results import ci95
 from fsl.run_log import RunLog
-from fsl.utils import seed_everything, write_text_atomic
+from fsl.utils import check_writable, seed_everything, write_text_atomic
 
 
 class TrainingError(RuntimeError):
@@ -52,6 +52,9 @@ def run(cfg: Config) -> Path:
 
     Under torchrun every rank runs this function; see fsl.distributed for who does what."""
     device = distributed.setup(cfg.device)
+    if distributed.is_main():  # before anything is written: folders the run could not write into
+        check_writable(cfg.run_dir, "work_dir")
+        check_writable(Path(cfg.results_dir), "results_dir")
     with RunDirLock(cfg.run_dir) if distributed.is_main() else nullcontext():
         return meta_train(cfg, device)
 
@@ -113,8 +116,10 @@ def meta_train(cfg: Config, device: torch.device) -> Path:
 
 
 def start_run(cfg: Config, device: torch.device) -> None:
-    """Refuse a meta-batch torchrun cannot split evenly, set the numeric precision, print and write the resolved
-    config (<run_dir>/config.yaml), and seed every RNG with cfg.seed."""
+    """Before any long work: refuse a meta-batch torchrun cannot split evenly and data that cannot fill the cell's
+    episodes (all three splits, from their labels); build the test
+    split's image store (an unreadable test image is found now, not after training); set the numeric precision,
+    print and write the resolved config (<run_dir>/config.yaml), and seed every RNG with cfg.seed."""
     world = distributed.world_size()
     if world > 1 and cfg.train.tasks % cfg.train.meta_batch:
         raise ConfigError(f"train.tasks={cfg.train.tasks} is not a multiple of train.meta_batch="
@@ -122,8 +127,9 @@ def start_run(cfg: Config, device: torch.device) -> None:
                           f"meta-batch. Fix: train.tasks="
                           f"{cfg.train.tasks // cfg.train.meta_batch * cfg.train.meta_batch}")
     apply_precision(cfg.precision, device, cfg.cudnn_benchmark, cfg.deterministic)
+    check_cell_data(cfg)
+    cell_store(cfg, cell_split(cfg, "test"), "test", "eval")
     if distributed.is_main():
-        cfg.run_dir.mkdir(parents=True, exist_ok=True)
         local_batch = distributed.tasks_per_rank(cfg.train.meta_batch)
         processes = f" x {world} processes ({local_batch} tasks of each meta-batch per process)" if world > 1 else ""
         print(f"cell {cfg.cell} on {device}{processes}; resolved config:\n{dump_yaml(cfg)}", flush=True)
@@ -134,8 +140,9 @@ def start_run(cfg: Config, device: torch.device) -> None:
 def finish(state: TrainState, checkpoints: Checkpoints, what: str) -> Path:
     """Say where the run ended and return the path of the checkpoint its test takes (test.weights)."""
     if distributed.is_main():
-        print(f"{what}: {state.tasks_done} tasks; best validation {state.best_val_mean:.2f}% at task "
-              f"{state.best_val_tasks}: {checkpoints.best}", flush=True)
+        best = (f"best validation {state.best_val_mean:.2f}% at task {state.best_val_tasks}: {checkpoints.best}"
+                if state.best_val_mean >= 0 else "no validation yet")
+        print(f"{what}: {state.tasks_done} tasks; {best}", flush=True)
     return checkpoints.tested
 
 

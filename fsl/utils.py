@@ -44,6 +44,20 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
+def check_writable(folder: str | Path, key: str) -> None:
+    """Refuse, naming the config key, a folder this process cannot create or write a file in (read-only, not a
+    folder, no permission): found before training, not at its first checkpoint or result."""
+    from fsl.config import ConfigError  # local: utils is imported by config's users, config imports no torch
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".fsl-write-check-"):
+            pass
+    except OSError as error:
+        raise ConfigError(f"{key}: cannot write into {folder} ({error.strerror or error}); fix: {key}=<a folder "
+                          f"you can write>") from None
+
+
 def write_atomic(path: str | Path, write: Callable[[str], None]) -> None:
     """Call `write(tmp_path)` then rename tmp_path onto `path`, so readers never see a half-written file."""
     path = Path(path)

@@ -96,8 +96,8 @@ CELL = REPO / "experiments/mini-imagenet-conv4-1shot.yaml"
     (["train.shots=0"], r"train.shots=0: .* at least 1 image per class"),
     (["test.shots=0"], r"test.shots must be >= 1, got 0"),
     (["data.image_size=7"], r"data.image_size=7: conv4 halves the image 4 times, so it needs at least 16"),
-    (["maml.inner_lr=-1"], r"maml.inner_lr=-1.0: a learning rate must be > 0; fix: the protocol's 0.01"),
-    (["train.meta_lr=0"], r"train.meta_lr=0.0: a learning rate must be > 0"),
+    (["maml.inner_lr=-1"], r"maml.inner_lr=-1.0: a learning rate must be a finite number > 0; fix: the protocol's 0.01"),
+    (["train.meta_lr=0"], r"train.meta_lr=0.0: a learning rate must be a finite number > 0"),
     (["train.parallel_tasks=0"], r"train.parallel_tasks must be >= 1"),
     (["train.parallel_tasks=many"], r"'train.parallel_tasks' expects a count or auto"),
 ])

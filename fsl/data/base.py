@@ -84,6 +84,10 @@ class SplitDataset(Dataset):
     def num_classes(self) -> int:
         return len(self.class_names)
 
+    def verify(self) -> None:
+        """A structural check of the files, cheaper than decoding every image (`fsl data check --no-decode`): a
+        DatasetError naming the file and the fix, or nothing. None by default: readers check at load what they can."""
+
     def groups(self) -> dict[str, set[str]]:
         """Groups of classes that `fsl data check` counts besides classes and images, by kind (Omniglot's
         alphabets); none by default."""
@@ -99,11 +103,12 @@ class SplitDataset(Dataset):
 
 
 def files_fingerprint(paths: Iterable[Path], *extra: str) -> str:
-    """Hash of each file's name, size and modification time (and `extra` strings); one stat per file."""
+    """Hash of each file's absolute path, size and modification time (and `extra` strings); one stat per file. The
+    same files named by a relative or an absolute path have the same fingerprint."""
     digest = hashlib.sha256("\n".join(extra).encode())
     for path in paths:
         stat = path.stat()
-        digest.update(f"{path}|{stat.st_size}|{stat.st_mtime_ns}\n".encode())
+        digest.update(f"{Path(path).absolute()}|{stat.st_size}|{stat.st_mtime_ns}\n".encode())
     return digest.hexdigest()[:16]
 
 

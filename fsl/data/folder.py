@@ -38,13 +38,23 @@ def is_image(path: Path) -> bool:
 
 
 def class_folder_images(folder: Path) -> tuple[list[str], list[Path], list[int]]:
-    """(class names, image paths, labels) of a folder of class folders, classes and files in sorted order."""
+    """(class names, image paths, labels) of a folder of class folders, classes and files in sorted order. A class
+    folder without images of its own is an error that names it (and where its images are, if they sit a folder
+    deeper): it would count as a class that no episode can draw."""
     classes = sorted(p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
-    paths, labels = [], []
+    paths, labels, empty = [], [], []
     for label, name in enumerate(classes):
         files = sorted(p for p in (folder / name).iterdir() if is_image(p))
+        if not files:
+            deeper = next((p for p in sorted((folder / name).rglob("*")) if is_image(p)), None)
+            empty.append(f"{folder / name}" + (f" (its images are a folder deeper, e.g. {deeper}; fix: move them "
+                                               f"up into {folder / name})" if deeper else " (no image)"))
         paths += files
         labels += [label] * len(files)
+    if empty:
+        raise DatasetError(f"{len(empty)} class folder(s) hold no image of their own: {'; '.join(empty[:3])}"
+                           + (f"; and {len(empty) - 3} more" if len(empty) > 3 else "")
+                           + "\n  fix: every class folder holds its images directly, or remove the empty ones")
     return classes, paths, labels
 
 

@@ -69,6 +69,13 @@ class TieredImageNet(SplitDataset):
             self._png_bytes = png_bytes
         return self._png_bytes
 
+    def verify(self) -> None:
+        """The images pickle loads whole (not truncated), holds one image per label, and each is PNG data."""
+        not_png = [i for i, b in enumerate(self.png_bytes) if not bytes(b[:8]) == b"\x89PNG\r\n\x1a\n"]
+        if not_png:
+            raise DatasetError(f"{self.images_path}: {len(not_png)} of {len(self.png_bytes)} entries are not PNG data "
+                               f"(first: {self.source(not_png[0])})\n  fix: download the file again\n{LAYOUT}")
+
     def load_image(self, index: int) -> Image.Image:
         buffer = self.png_bytes[index]
         return open_rgb(bytes(buffer) if not isinstance(buffer, bytes) else buffer)

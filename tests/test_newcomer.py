@@ -1,0 +1,298 @@
+"""fsl as a new user meets it (#31): every bad input is refused with one clear error naming the file or key, the
+problem and the fix, before long work starts; and no run's result ever replaces another run's.
+
+CASES is the table: the command (python -m fsl ..., or make), the exit code it must give (2: bad input, 1: a
+check found problems or the run failed, 0: handled) and words its output must hold. Each case prepares what it
+needs in its own folder; cases that need a trained run share one tiny mini-ImageNet-lite run."""
+from __future__ import annotations
+
+import pickle
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import pandas as pd
+import pytest
+import torch
+
+from conftest import REPO, STORE_CACHE, fixture_root
+from test_folder import class_folders
+
+MINI = str(REPO / "experiments/mini-imagenet-conv4-1shot.yaml")
+FOLDER = str(REPO / "experiments/folder-conv4-5shot.yaml")
+
+
+def tiny(where: Path, *extra: str) -> list[str]:
+    return [f"data.root={fixture_root('mini-imagenet')}", "data.image_size=28", "data.workers=0",
+            f"data.cache_dir={STORE_CACHE}", "device=cpu", "train.meta_batch=2", "train.queries=2",
+            "train.val_episodes=2", "train.log_every=2", "test.episodes=4", "train.tensorboard=false",
+            "train.parallel_tasks=1", "test.parallel_episodes=1", f"work_dir={where / 'work'}",
+            f"results_dir={where / 'results'}", *extra]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> Path:
+    """One tiny trained and tested run: <folder>/work/mini-imagenet-conv4-1shot/{latest,best_accuracy_mean}.pth."""
+    where = tmp_path_factory.mktemp("trained")
+    for command in ("train", "test"):
+        subprocess.run([sys.executable, "-m", "fsl", command, MINI, "train.tasks=4", "train.val_every=2",
+                        *tiny(where)], cwd=REPO, check=True, capture_output=True)
+    return where
+
+
+def run_dir(where: Path) -> Path:
+    return where / "work" / "mini-imagenet-conv4-1shot"
+
+
+def copy_run(trained: Path, where: Path) -> Path:
+    shutil.copytree(trained / "work", where / "work")
+    shutil.copytree(trained / "results", where / "results")
+    return where
+
+
+def truncate(path: Path, keep: int = 1000) -> None:
+    path.write_bytes(path.read_bytes()[:keep])
+
+
+def folder_with(where: Path, change: Callable[[Path], None]) -> Path:
+    root = class_folders(where / "mine", per_class=12)
+    change(root)
+    return root
+
+
+def move_images_deeper(root: Path) -> None:
+    klass = sorted((root / "train").iterdir())[0]
+    (klass / "deeper").mkdir()
+    for image in [p for p in klass.iterdir() if p.is_file()]:
+        image.rename(klass / "deeper" / image.name)
+
+
+def copy_class_into_val(root: Path) -> None:
+    klass = sorted((root / "train").iterdir())[0]
+    shutil.copytree(klass, root / "val" / klass.name)
+
+
+def break_a_test_image(root: Path) -> None:
+    image = sorted(sorted((root / "test").iterdir())[0].iterdir())[0]
+    truncate(image, 300)
+
+
+def tiered_copy(where: Path, images: Callable[[Path], None]) -> Path:
+    root = where / "tiered"
+    shutil.copytree(fixture_root("tiered-imagenet"), root)
+    images(root / "val_images_png.pkl")
+    return root
+
+
+def fewer_images_than_labels(path: Path) -> None:
+    with open(path, "rb") as f:
+        images = pickle.load(f, encoding="latin1")
+    with open(path, "wb") as f:
+        pickle.dump(images[:-7], f)
+
+
+@dataclass
+class Case:
+    name: str
+    command: Callable[[Path, Path], list[str]]  # (case folder, trained run folder) -> argv after `python -m fsl`
+    code: int
+    words: list[str]
+    setup: Callable[[Path, Path], None] = lambda where, trained: None
+    make: bool = False  # the command is `make ...`, not `python -m fsl ...`
+    once: list[str] = field(default_factory=list)  # words that must appear exactly once
+
+
+CASES = [
+    # configs
+    Case("config is a folder", lambda w, t: ["train", str(REPO / "experiments")], 2,
+         ["experiments is a folder, not a config file", "fix:"]),
+    Case("config is not UTF-8", lambda w, t: ["train", str(w / "cell.yaml")], 2, ["cell.yaml is not UTF-8 text"],
+         setup=lambda w, t: (w / "cell.yaml").write_bytes(b"seed: 1\n\xff\xfe\x00bad\n")),
+    Case("a key written twice", lambda w, t: ["train", str(w / "cell.yaml")], 2,
+         ["cell.yaml:3: key 'seed' is written twice (lines 2 and 3)", "fix: keep one"],
+         setup=lambda w, t: (w / "cell.yaml").write_text(f"base: {REPO}/experiments/_base.yaml\nseed: 1\nseed: 2\n")),
+    Case("inner_lr=inf", lambda w, t: ["train", MINI, "maml.inner_lr=inf"], 2,
+         ["maml.inner_lr=inf: a learning rate must be a finite number > 0; fix: the protocol's 0.01"]),
+    Case("device=gpu", lambda w, t: ["train", MINI, "device=gpu"], 2,
+         ["device='gpu': choose auto (cuda if available), cpu, cuda or cuda:N"]),
+    Case("name with a slash", lambda w, t: ["train", MINI, "name=a/b"], 2, ["name='a/b'", "e.g. name=lr01"]),
+    Case("variant maml with first order", lambda w, t: ["train", MINI, "maml.variant=maml", "maml.first_order=true"],
+         2, ["maml.variant=maml means maml.first_order=False, but the command says maml.first_order=true"]),
+    Case("variant maml with ANIL", lambda w, t: ["train", MINI, "maml.variant=maml", "maml.adapt=head"], 2,
+         ["maml.variant=maml means maml.adapt=all"]),
+    Case("SEEDS=0", lambda w, t: ["mini-imagenet-conv4-1shot", "SEEDS=0"], 2,
+         ["SEEDS=0: the number of seeds to run", "e.g. SEEDS=3"], make=True),
+    Case("SEEDS=abc", lambda w, t: ["mini-imagenet-conv4-1shot", "SEEDS=abc"], 2,
+         ["SEEDS=abc: the number of seeds to run"], make=True),
+    # folders that cannot be written (as root, chmod does not stop a write: /proc does)
+    Case("read-only work_dir", lambda w, t: ["train", MINI, *tiny(w, "work_dir=/proc/fsl-work")], 2,
+         ["work_dir: cannot write into /proc/fsl-work", "fix: work_dir=<a folder you can write>"]),
+    Case("read-only results_dir", lambda w, t: ["train", MINI, *tiny(w, "results_dir=/proc/fsl-results")], 2,
+         ["results_dir: cannot write into /proc/fsl-results"]),
+    # checkpoints
+    Case("adapt: a text file", lambda w, t: ["adapt", str(w / "notes.txt"), str(w), str(w)], 2,
+         ["notes.txt cannot be read as a checkpoint", "fix: pass a checkpoint `fsl train` wrote"],
+         setup=lambda w, t: (w / "notes.txt").write_text("not a checkpoint\n")),
+    Case("adapt: a CSV", lambda w, t: ["adapt", str(t / "results/summary.csv"), str(w), str(w)], 2,
+         ["summary.csv cannot be read as a checkpoint"]),
+    Case("adapt: a folder", lambda w, t: ["adapt", str(w), str(w), str(w)], 2, ["is a folder, not a checkpoint"]),
+    Case("adapt: a torch file without a config", lambda w, t: ["adapt", str(w / "weights.pth"), str(w), str(w)], 2,
+         ["weights.pth is a torch file but not an fsl checkpoint (it has no config and model)"],
+         setup=lambda w, t: torch.save({"weights": torch.zeros(2)}, w / "weights.pth")),
+    Case("adapt: --out a folder", lambda w, t: ["adapt", str(run_dir(t) / "best_accuracy_mean.pth"), str(w),
+                                                str(w), "--out", str(w)], 2, ["--out", "is a folder; fix: name the CSV"]),
+    Case("truncated latest.pth", lambda w, t: ["train", MINI, "train.tasks=8", "train.val_every=2", *tiny(w)], 2,
+         ["latest.pth cannot be read as a checkpoint", "move it away to start this run afresh"],
+         setup=lambda w, t: truncate(run_dir(copy_run(t, w)) / "latest.pth")),
+    Case("garbage latest.pth", lambda w, t: ["train", MINI, "train.tasks=8", "train.val_every=2", *tiny(w)], 2,
+         ["latest.pth cannot be read as a checkpoint"],
+         setup=lambda w, t: (run_dir(copy_run(t, w)) / "latest.pth").write_bytes(b"\x00garbage" * 100)),
+    Case("resume before any validation", lambda w, t: ["train", MINI, "train.tasks=6", "train.val_every=2",
+                                                       *tiny(w)], 0, ["at task 4 (no validation yet)"],
+         setup=lambda w, t: as_before_any_validation(run_dir(copy_run(t, w)) / "latest.pth")),
+    # tests and results
+    Case("test.shots=100", lambda w, t: ["test", MINI, "train.tasks=4", "train.val_every=2", "test.shots=100",
+                                         *tiny(t)], 2, ["fewer images than test.shots + test.queries = 100 + 15",
+                                                        "fix: lower test.shots or test.queries"]),
+    Case("a summary row cut short", lambda w, t: ["test", MINI, "train.tasks=4", "train.val_every=2",
+                                                  f"work_dir={t / 'work'}", *tiny(w)[:-2],
+                                                  f"results_dir={w / 'results'}"], 2,
+         ["summary.csv: line 2 has 16 of the header's", "fields (cut short, or edited)"],
+         setup=lambda w, t: cut_summary_row(t, w)),
+    Case("fsl done on a malformed summary", lambda w, t: ["done", MINI, f"results_dir={w / 'results'}"], 2,
+         ["summary.csv: line 2 has 16 of the header's"], setup=lambda w, t: cut_summary_row(t, w)),
+    # data
+    Case("folder: images a folder deeper", lambda w, t: ["train", FOLDER, f"data.root={w / 'mine'}", "test.queries=2", *tiny(w)[1:]],
+         2, ["class folder(s) hold no image of their own", "its images are a folder deeper"],
+         setup=lambda w, t: folder_with(w, move_images_deeper)),
+    Case("folder: a class in two splits", lambda w, t: ["train", FOLDER, f"data.root={w / 'mine'}", "test.queries=2", *tiny(w)[1:]],
+         2, ["is in both the train and val splits", "fix: the split files must be disjoint"],
+         setup=lambda w, t: folder_with(w, copy_class_into_val)),
+    Case("folder: a bad test image, found before training",
+         lambda w, t: ["train", FOLDER, f"data.root={w / 'mine'}", "test.queries=2", *tiny(w)[1:]], 2,
+         ["cannot decode image", "/test/", "fix: replace the file"],
+         setup=lambda w, t: folder_with(w, break_a_test_image)),
+    Case("data check: the episodes' shots and queries", lambda w, t: ["data", "check", "folder", "--root",
+                                                                      str(w / "mine"), "--shots", "5", "--queries",
+                                                                      "10", "--no-decode"], 1,
+         ["has 12 images, fewer than the 15 an episode takes"], setup=lambda w, t: folder_with(w, lambda root: None)),
+    Case("tiered --no-decode: a truncated images pickle", lambda w, t: ["data", "check", "tiered-imagenet", "--root",
+                                                                         str(w / "tiered"), "--no-decode"], 1,
+         ["val_images_png.pkl cannot be read as a pickle", "truncated"],
+         setup=lambda w, t: tiered_copy(w, truncate)),
+    Case("tiered --no-decode: fewer images than labels", lambda w, t: ["data", "check", "tiered-imagenet", "--root",
+                                                                        str(w / "tiered"), "--no-decode"], 1,
+         ["val_labels.pkl has 320 labels but", "has 313 images"], setup=lambda w, t: tiered_copy(
+             w, fewer_images_than_labels)),
+    Case("tiered, decoding: the mismatch once, not once per image", lambda w, t: ["data", "check", "tiered-imagenet",
+                                                                                   "--root", str(w / "tiered")], 1,
+         ["has 313 images"], once=["has 313 images"], setup=lambda w, t: tiered_copy(w, fewer_images_than_labels)),
+]
+
+
+def as_before_any_validation(latest: Path) -> None:
+    """latest.pth as a run stopped before its first validation writes it."""
+    checkpoint = torch.load(latest, weights_only=False)
+    checkpoint.update(best_val_mean=-1.0, best_val_tasks=0)
+    torch.save(checkpoint, latest)
+
+
+def cut_summary_row(trained: Path, where: Path) -> None:
+    (where / "results").mkdir()
+    lines = (trained / "results" / "summary.csv").read_text().splitlines()
+    fields = lines[1].split(",")
+    (where / "results" / "summary.csv").write_text("\n".join([lines[0], ",".join(fields[:16])]) + "\n")
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda case: case.name)
+def test_newcomer(case, trained, tmp_path):
+    case.setup(tmp_path, trained)
+    argv = ["make", "--no-print-directory", *case.command(tmp_path, trained)] if case.make else \
+        [sys.executable, "-m", "fsl", *case.command(tmp_path, trained)]
+    done = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=600)
+    output = done.stdout + done.stderr
+    assert done.returncode == case.code, output[-3000:]
+    for words in case.words:
+        assert words in output, f"{words!r} not in:\n{output[-3000:]}"
+    for words in case.once:
+        assert output.count(words) == 1, output[-3000:]
+    if case.code:
+        assert "Traceback" not in output, output[-3000:]
+
+
+def test_another_run_of_the_demo_cell_never_replaces_its_row_or_files(tmp_path, glyphs_root):
+    """#31 WRONG 1: train and test the demo cell with other settings (32 tasks, 8 test episodes): the committed row
+    (91.42 % over 300 episodes and 9,600 tasks) and its files stay as they are, during training and after the
+    test; the other run gets its own row, keyed by its training settings, and its own files."""
+    results = tmp_path / "results"
+    shutil.copytree(REPO / "results", results)
+    before = {p: p.read_bytes() for p in results.rglob("*") if p.is_file()}
+    config = str(REPO / "experiments/glyphs-conv4-1shot.yaml")
+    settings = [f"data.root={glyphs_root}", f"data.cache_dir={STORE_CACHE}", "train.tasks=32", "train.val_every=16",
+                "test.episodes=8", f"work_dir={tmp_path / 'work'}", f"results_dir={results}", "device=cpu"]
+    subprocess.run([sys.executable, "-m", "fsl", "train", config, *settings], cwd=REPO, check=True,
+                   capture_output=True)
+    assert {p: p.read_bytes() for p in results.rglob("*") if p.is_file()} == before  # training writes none of them
+    out = subprocess.run([sys.executable, "-m", "fsl", "test", config, *settings], cwd=REPO, check=True,
+                         capture_output=True, text=True).stdout
+    assert "glyphs-conv4-1shot (train.tasks=32 train.val_every=16):" in out
+    changed = [p for p, data in before.items() if p.read_bytes() != data]
+    assert changed == [results / "summary.csv"]
+    summary = pd.read_csv(results / "summary.csv", keep_default_na=False)
+    own = summary[(summary.run == "glyphs-conv4-1shot") & (summary.train_tag == "") & (summary.test_tag == "")]
+    other = summary[(summary.run == "glyphs-conv4-1shot") & (summary.train_tag != "")]
+    assert list(own.mean_acc) == [91.4222] and list(own.episodes) == [300] and list(own.train_tasks) == [9600]
+    assert list(other.train_tag) == ["train.tasks=32 train.val_every=16"] and list(other.episodes) == [8]
+    assert list(other.test_tag) == [""]  # the run's own test: it was trained with test.episodes=8
+    new = sorted(p.name for p in (results / "glyphs-conv4-1shot").iterdir() if p not in before)
+    assert len(new) == 2 and all("__train-" in name for name in new)  # its test episodes and its training log
+    subprocess.run([sys.executable, "-m", "fsl", "tables", "--results", str(results)], cwd=REPO, check=True,
+                   capture_output=True)
+    assert "| 91.42 |" in (results / "tables" / "glyphs.md").read_text()
+    assert "train.tasks=32 train.val_every=16" in (results / "tables" / "other_tests.md").read_text()
+
+
+def test_a_one_shot_run_tested_five_shot_stays_the_one_shot_cells(trained, tmp_path):
+    """#31: the row of a 1-shot run tested with test.shots=5 was filed under the 5-shot cell's name."""
+    where = copy_run(trained, tmp_path)
+    subprocess.run([sys.executable, "-m", "fsl", "test", MINI, "train.tasks=4", "train.val_every=2", "test.shots=5",
+                    *tiny(where)], cwd=REPO, check=True, capture_output=True)
+    summary = pd.read_csv(where / "results" / "summary.csv", keep_default_na=False)
+    tested = summary[summary.test_tag == "test.shots=5"]
+    assert list(tested.cell) == ["mini-imagenet-conv4-1shot"] and list(tested.run) == ["mini-imagenet-conv4-1shot"]
+    assert list(tested.shots) == [5]
+
+
+def test_another_folder_in_the_same_work_dir_is_a_new_experiment(tmp_path):
+    """#31 WRONG 2: a folder dataset's data.root is its data: training another folder in the same work_dir said
+    "training already finished" with the first folder's model."""
+    first, second = class_folders(tmp_path / "a", per_class=12), class_folders(tmp_path / "b", per_class=12)
+    settings = ["train.tasks=2", "train.val_every=2", "test.queries=2", *tiny(tmp_path)[1:]]
+    subprocess.run([sys.executable, "-m", "fsl", "train", FOLDER, f"data.root={first}", *settings], cwd=REPO,
+                   check=True, capture_output=True)
+    again = subprocess.run([sys.executable, "-m", "fsl", "train", FOLDER, f"data.root={second}", *settings],
+                           cwd=REPO, capture_output=True, text=True)
+    assert again.returncode == 2 and "holds a run of another experiment" in again.stderr
+    assert f"data.root: checkpoint '{first}', now '{second}'" in again.stderr
+
+
+def test_a_full_disk_names_the_checkpoint_and_keeps_the_last_one(tmp_path, monkeypatch):
+    """#31: a full disk gave torch's "enforce fail at inline_container.cc" and a traceback."""
+    from fsl import checkpoint
+    from fsl.config import load_config
+    from fsl.maml import build_learner, meta_optimizer
+    cfg = load_config(MINI, tiny(tmp_path))
+    model, _ = build_learner(cfg)
+    path = tmp_path / "latest.pth"
+    path.write_bytes(b"the previous checkpoint")
+
+    def full(*args, **kwargs):
+        raise RuntimeError("[enforce fail at inline_container.cc:626] . unexpected pos 64 vs 0\nfile write failed")
+    monkeypatch.setattr(torch, "save", full)
+    with pytest.raises(checkpoint.CheckpointWriteError, match=r"cannot write .*latest.pth \(RuntimeError: \[enforce "
+                                                              r"fail.*is its disk full or read-only\?.*rerun to resume"):
+        checkpoint.save_checkpoint(path, model, None, meta_optimizer(list(model.parameters()), 1e-3), cfg, {})
+    assert path.read_bytes() == b"the previous checkpoint" and [p.name for p in tmp_path.iterdir()] == [path.name]
