@@ -67,7 +67,7 @@ def run(configs: list[str | Path], overrides: list[str], time_limit: str = "24:0
     """Write (and with `submit`, sbatch) the array of the runs of `configs` that are not done, longest first.
     Returns the script's path, or None when every run is done."""
     cfgs = {Path(c): load_config(c, overrides) for c in configs}
-    pending = sorted((c for c, cfg in cfgs.items() if not is_done(cfg)), key=lambda c: -cost(cfgs[c]))
+    pending = sorted((c for c, cfg in cfgs.items() if not is_done(cfg, c)), key=lambda c: -cost(cfgs[c]))
     for config, cfg in cfgs.items():
         if config not in pending:
             print(f"skip {cfg.run_name}: result exists for this config")

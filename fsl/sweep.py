@@ -93,7 +93,7 @@ def run(configs: list[str | Path], overrides: list[str], devices: list[str] | No
         if other is not job.config:
             raise ValueError(f"{other} and {job.config} are the same run ({job.cfg.run_name}, run directory "
                              f"{job.cfg.run_dir}); fix: list each config once (give variants their own `name`)")
-    pending = sorted((job for job in jobs if not is_done(job.cfg)), key=lambda job: -cost(job.cfg))
+    pending = sorted((job for job in jobs if not is_done(job.cfg, job.config)), key=lambda job: -cost(job.cfg))
     for job in jobs:
         if job not in pending:
             print(f"skip {job.cfg.run_name}: result exists for this config")

@@ -15,6 +15,7 @@ from fsl import distributed
 from fsl.episodes import Episode, RankShare, collate_episodes
 from fsl.maml import InnerLoop, meta_train_step
 from fsl.models import build_model
+from fsl.results import row_file
 
 CONFIG = str(REPO / "experiments/mini-imagenet-conv4-1shot.yaml")
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
@@ -125,8 +126,9 @@ def test_torchrun_two_processes_train_and_test_like_one(tmp_path):
     run(SINGLE + ["test", CONFIG, checkpoint, "train.tasks=12"] + tiny(root, one), check=True)
     result = run(TORCHRUN + ["-m", "fsl", "test", CONFIG, checkpoint, "train.tasks=12"] + tiny(root, two))
     assert result.returncode == 0, result.stderr[-3000:]
-    episodes_one = pd.read_csv(one / "results/mini-imagenet-conv4-1shot/test_episodes.csv")
-    episodes_two = pd.read_csv(two / "results/mini-imagenet-conv4-1shot/test_episodes.csv")
+    rows = [pd.read_csv(out / "results/summary.csv", keep_default_na=False).iloc[0] for out in (one, two)]
+    episodes_one = pd.read_csv(row_file(one / "results", rows[0], "test_episodes"))
+    episodes_two = pd.read_csv(row_file(two / "results", rows[1], "test_episodes"))
     assert len(episodes_two) == 6 and episodes_two.accuracy.nunique() > 1
     assert list(episodes_two.accuracy) == list(episodes_one.accuracy)
     assert pd.read_csv(two / "results/summary.csv").device.iloc[0].startswith("2 x cpu")

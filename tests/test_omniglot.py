@@ -29,6 +29,7 @@ from fsl.data.store import open_store
 from fsl.maml import InnerLoop, adapted_mask, build_learner, meta_train_step
 from fsl.models import TaskBatchNorm2d, TaskConv2d
 from fsl.reference import OMNIGLOT, reference
+from fsl.results import row_file
 
 CELL = REPO / "experiments" / "omniglot-conv4-1shot.yaml"
 
@@ -323,7 +324,8 @@ def test_tiny_omniglot_cell_trains_and_tests_through_make(root, tmp_path):
     assert (row.reference_mean, row.reference_ci95) == (98.7, 0.4)
     log = pd.read_csv(tmp_path / "work" / "omniglot-conv4-1shot" / "log.csv")
     assert list(log[log.split == "val"].tasks) == [32, 64]
-    episodes = pd.read_csv(tmp_path / "results" / "omniglot-conv4-1shot" / "test_episodes.csv")
+    episodes = pd.read_csv(row_file(tmp_path / "results", pd.read_csv(tmp_path / "results" / "summary.csv",
+                                                                      keep_default_na=False).iloc[0], "test_episodes"))
     assert len(episodes) == 20 and set(episodes.accuracy.round(3)) <= {0.0, 20.0, 40.0, 60.0, 80.0, 100.0}  # 5 queries
     subprocess.run([sys.executable, "-m", "fsl", "tables", "--results", str(tmp_path / "results")], cwd=REPO,
                    check=True, capture_output=True)

@@ -11,7 +11,7 @@ import torch
 from conftest import REPO, STORE_CACHE, fixture_root
 from fsl import evaluate, train
 from fsl.config import ConfigError, load_config
-from fsl.results import ci95
+from fsl.results import ci95, row_file
 from fsl.run_log import RunLog
 
 CONFIG = REPO / "experiments/mini-imagenet-conv4-1shot.yaml"
@@ -36,8 +36,10 @@ def test_train_then_test_writes_every_file(tmp_path):
     assert list(log[log.split == "val"].tasks) == [2, 4] and list(log[log.split == "train"].tasks) == [2, 4]
     out = subprocess.run(run + ["test", str(CONFIG), str(run_dir / "best_accuracy_mean.pth")] + schedule
                          + tiny(root, tmp_path), cwd=REPO, check=True, capture_output=True, text=True).stdout
-    episodes = pd.read_csv(tmp_path / "results/mini-imagenet-conv4-1shot/test_episodes.csv")
-    summary = pd.read_csv(tmp_path / "results/summary.csv")
+    summary = pd.read_csv(tmp_path / "results/summary.csv", keep_default_na=False)
+    # a run with other training settings than its config file's: its files carry its train_tag (#31)
+    assert {"train.tasks=4", "data.image_size=28", "train.meta_batch=2"} <= set(summary.train_tag.iloc[0].split())
+    episodes = pd.read_csv(row_file(tmp_path / "results", summary.iloc[0], "test_episodes"))
     assert len(episodes) == 5 and list(episodes.episode) == list(range(5))
     row = summary.iloc[0]
     # summary row against a hand computation of mean and 95% CI from the per-episode file
@@ -190,5 +192,5 @@ def test_test_settings_the_split_cannot_fill_are_named_before_the_checkpoint(tmp
     result = subprocess.run([sys.executable, "-m", "fsl", "test", str(CONFIG), "test.shots=100",
                              f"data.root={fixture_root('mini-imagenet')}", f"work_dir={tmp_path}"], cwd=REPO,
                             capture_output=True, text=True)
-    assert result.returncode == 2 and "fewer images than shots + queries = 100 + 15" in result.stderr
+    assert result.returncode == 2 and "fewer images than test.shots + test.queries = 100 + 15" in result.stderr
     assert "checkpoint not found" not in result.stderr
