@@ -35,13 +35,15 @@ endif
 SEED_ARGS := $(if $(SEEDS),$(foreach s,$(shell seq 0 $$(($(SEEDS) - 1))),seed=$(s)),_)
 FSL := $(if $(filter-out 1,$(GPUS)),$(VENV)/bin/torchrun --standalone --nproc_per_node $(GPUS) -m fsl,$(PY) -m fsl)
 
-.PHONY: help setup test demo all-tables omniglot slurm variants tables bench bench-data data-cub data-mini-imagenet \
+.PHONY: help setup test test-fast lint demo all-tables omniglot slurm variants tables bench bench-data data-cub data-mini-imagenet \
 	data-tiered-imagenet data-omniglot clean-venv $(CELLS) $(VARIANTS)
 
 help:
 	@echo "make setup                 create .venv (Python 3.11) with the pinned stack and the fsl command"
 	@echo "make demo                  train + test + tables on the built-in glyphs data (minutes on a CPU)"
-	@echo "make test                  run the test suite"
+	@echo "make test                  the linter, then the whole test suite (CPU; ~20 min on 2 cores)"
+	@echo "make test-fast             the linter, then the in-process tests only (CONTRIBUTING.md)"
+	@echo "make lint                  ruff (pyproject.toml [tool.ruff])"
 	@echo "make <cell> [GPUS=P] [SEEDS=N]  train then test one cell (P processes via torchrun; N seeds); cells: $(CELLS)"
 	@echo "make <cell>-<variant>      the same for a variant config of experiments/variants: $(VARIANTS)"
 	@echo "make all-tables            run every paper cell not yet done, then build the tables"
@@ -63,8 +65,14 @@ $(STAMP): requirements.txt requirements-dev.txt scripts/install_learn2learn.sh p
 	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
 	touch $@
 
-test: $(STAMP)
+test: $(STAMP) lint
 	$(PY) -m pytest -q tests
+
+test-fast: $(STAMP) lint   # the in-process tests only (no fsl/make/torchrun subprocess): a few minutes
+	$(PY) -m pytest -q -m "not slow" tests
+
+lint: $(STAMP)             # ruff's default rules plus import sorting (pyproject.toml [tool.ruff])
+	$(PY) -m ruff check .
 
 demo: $(STAMP)
 	$(PY) -m fsl demo $(ARGS)

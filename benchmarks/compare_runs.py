@@ -47,7 +47,7 @@ def checks(a: Path, b: Path, cell: str) -> list[tuple[str, bool]]:
         if all(f.exists() for f in files):
             results.append((f"results/{cell}/{stem}.csv", files[0].read_bytes() == files[1].read_bytes()))
     rows = [next(r for r in csv.DictReader(open(root / "results/summary.csv"))
-                 if r["run"] == cell and not r["test_tag"]) for root in (a, b)]
+                 if r["run"] == cell and not r["test_tag"] and not r.get("train_tag")) for root in (a, b)]
     results.append((f"summary row {', '.join(ROW_NUMBERS)}", all(rows[0][k] == rows[1][k] for k in ROW_NUMBERS)))
     for key in ("mean_acc", "ci95", "tasks_per_s", "commit"):
         print(f"  {key}: {rows[0][key]} | {rows[1][key]}")

@@ -32,14 +32,14 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import learn2learn as l2l  # noqa: E402
+from meta_train_speed import sync  # noqa: E402  (this folder: the script's own path)
 from torch.utils.data import DataLoader  # noqa: E402
 
 from fsl.data import load_split  # noqa: E402
-from fsl.distributed import describe_device, device_slug  # noqa: E402
+from fsl.data.episodes import EpisodeDataset, EpisodeMaker, episode_loader, seeded  # noqa: E402
 from fsl.data.store import open_store  # noqa: E402
 from fsl.data.transforms import train_transform  # noqa: E402
-from fsl.episodes import EpisodeDataset, EpisodeMaker, episode_loader, seeded  # noqa: E402
-from meta_train_speed import sync  # noqa: E402  (this folder: the script's own path)
+from fsl.device.distributed import describe_device, device_slug  # noqa: E402
 
 WAYS, SHOTS, QUERIES, SIZE, META_BATCH = 5, 5, 16, 84, 8
 

@@ -14,7 +14,7 @@ import sys
 import time
 import types
 
-sys.modules.setdefault("learn2learn", types.ModuleType("learn2learn"))  # fsl.episodes imports it; unused here
+sys.modules.setdefault("learn2learn", types.ModuleType("learn2learn"))  # fsl.data.episodes imports it; unused here
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import numpy as np
@@ -22,8 +22,8 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
+from fsl.data.episodes import Episode, collate_episodes
 from fsl.data.transforms import MEAN_255, STD_255
-from fsl.episodes import Episode, collate_episodes
 from fsl.maml import InnerLoop, evaluate_episode, meta_train_step
 from fsl.models import FewShotClassifier, conv4_features, init_weights
 

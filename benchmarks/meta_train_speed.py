@@ -35,11 +35,11 @@ from torch.func import functional_call
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import learn2learn as l2l  # noqa: E402
 
-from fsl.distributed import describe_device, device_slug  # noqa: E402
-from fsl.episodes import Episode  # noqa: E402
+from fsl.data.episodes import Episode  # noqa: E402
+from fsl.device.distributed import describe_device, device_slug  # noqa: E402
+from fsl.device.precision import apply_precision, autocast, honoured_precisions  # noqa: E402
 from fsl.maml import InnerLoop, evaluate_tasks, meta_optimizer, meta_train_step  # noqa: E402
 from fsl.models import build_model  # noqa: E402
-from fsl.precision import apply_precision, autocast, honoured_precisions  # noqa: E402
 
 WAYS, SHOTS, QUERIES, STEPS, LR = 5, 5, 16, 2, 0.01
 GRAD_TOLERANCE = {"fp32": 1e-2, "tf32": 0.5, "bf16": 0.5}  # relative L2 difference to fsl loop in fp32

@@ -4,7 +4,7 @@ One process, one meta-batch of real Omniglot episodes (fsl's pipeline: ../shared
 cell's network and inner loop (experiments/omniglot-conv4-*.yaml: Finn et al.'s strided conv4, BatchNorm with an
 offset only, the class-sum inner loss), and every parameter adapted (maml.adapt_bn=true), as each peer's own example
 adapts. Contenders, each as its library's example writes it:
-    fsl            fsl.maml.meta_train_step, at `auto` (fsl.batching's timing probe) and at every group size
+    fsl            fsl.maml.meta_train_step, at `auto` (fsl.maml.batching's timing probe) and at every group size
     learn2learn    MAML(model).clone() and learner.adapt(loss) task by task (examples/vision/maml_omniglot.py)
     higher         innerloop_ctx(net, SGD) and diffopt.step(loss) task by task (examples/maml-omniglot.py)
     torch.func     functional_call + grad for the inner steps, vmap over the meta-batch's tasks, grad outside
@@ -38,12 +38,19 @@ from torch.func import functional_call, grad, vmap
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from fsl import batching  # noqa: E402
-from fsl.config import Config, load_config  # noqa: E402
-from fsl.episodes import Episode, EpisodeDataset, EpisodeMaker, cell_split, cell_store, collate_specs  # noqa: E402
-from fsl.maml import InnerLoop, build_learner, meta_optimizer, meta_train_step  # noqa: E402
-from fsl.train import probe_tasks  # noqa: E402
 from meta_train_speed import machine  # noqa: E402  (this folder: the script's own path)
+
+from fsl.config import Config, load_config  # noqa: E402
+from fsl.data.episodes import Episode, EpisodeDataset, EpisodeMaker, collate_specs
+from fsl.maml import (  # noqa: E402
+    InnerLoop,
+    batching,  # noqa: E402
+    build_learner,
+    meta_optimizer,
+    meta_train_step,
+)
+from fsl.train.cell import cell_split, cell_store  # noqa: E402
+from fsl.train.meta_train import probe_tasks  # noqa: E402
 
 CELLS = ("omniglot-conv4-1shot", "omniglot-conv4-20way-1shot")
 CHECK_TASKS = 4   # tasks of the float64 meta-gradient check

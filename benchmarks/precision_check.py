@@ -21,10 +21,11 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from fsl import evaluate, train  # noqa: E402
 from fsl.config import load_config  # noqa: E402
-from fsl.distributed import device_slug  # noqa: E402
-from fsl.precision import honoured_precisions  # noqa: E402
+from fsl.device.distributed import device_slug  # noqa: E402
+from fsl.device.precision import honoured_precisions  # noqa: E402
+from fsl.train import meta_test as evaluate
+from fsl.train import meta_train as train  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -10,10 +10,10 @@ Workload: the mini-ImageNet 5-shot cell of each arch (experiments/), protocol se
 class, 84x84, augmented, meta-batch 8, 2 second-order inner steps), on the real-data fixture in ../shared/data
 (FSL_SHARED_DATA). The task group is the one `train.parallel_tasks=auto` picks on a CUDA device with room for the
 whole meta-batch (8); on this device's own auto value too. After one warm-up step, `--steps` steady-state steps are
-counted under fsl.opcount.OpCounter, phase by phase: episode building on the device (copy, augment, normalise; the
+counted under fsl.train.opcount.OpCounter, phase by phase: episode building on the device (copy, augment, normalise; the
 host's gather and augmentation plan run in the loader thread, outside), the inner loop with the query forward, the
 outer backward, the update (finiteness check + Adam). Input wait: the seconds the
-training loop waited for the next meta-batch (fsl.episodes.EpisodeStream), over a short real run.
+training loop waited for the next meta-batch (fsl.data.episodes.EpisodeStream), over a short real run.
 """
 from __future__ import annotations
 
@@ -29,12 +29,11 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from fsl import batching, schedule  # noqa: E402
 from fsl.config import load_config  # noqa: E402
-from fsl.episodes import (EpisodeDataset, EpisodeMaker, EpisodeStream, cell_split, cell_store,  # noqa: E402
-                          episode_loader)
-from fsl.maml import InnerLoop, build_learner, meta_optimizer, meta_parameters, meta_train_step  # noqa: E402
-from fsl.opcount import OpCounter  # noqa: E402
+from fsl.data.episodes import EpisodeDataset, EpisodeMaker, EpisodeStream, episode_loader  # noqa: E402
+from fsl.maml import InnerLoop, batching, build_learner, meta_optimizer, meta_parameters, meta_train_step, schedule  # noqa: E402  # noqa: E402
+from fsl.train.cell import cell_split, cell_store  # noqa: E402
+from fsl.train.opcount import OpCounter  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("FSL_SHARED_DATA", REPO.parent / "shared" / "data"))
@@ -103,7 +102,7 @@ def count(arch: str, cache_dir: str, steps: int, group: int) -> dict:
 
 
 def input_wait(arch: str, cache_dir: str, steps: int) -> dict:
-    """Seconds per step the training loop spent getting its input (fsl.episodes.EpisodeStream, as fsl train uses
+    """Seconds per step the training loop spent getting its input (fsl.data.episodes.EpisodeStream, as fsl train uses
     it, with this device's defaults: task by task), beside the step's own seconds, at 84x84."""
     cfg, split, store = cell(arch, cache_dir)
     episodes = EpisodeDataset(split, cfg.train.ways, cfg.train.shots, cfg.train.queries, seed=0,
@@ -141,7 +140,7 @@ def main() -> None:
              f"torch {torch.__version__}", "",
              "`python benchmarks/step_proxies.py` (mini-ImageNet 5-shot cells on the fixture: 5-way, 5 + 16 images "
              "per class, 84x84, augmented, meta-batch 8, 2 second-order inner steps, fused Adam; after one warm-up "
-             f"step, {args.steps} steady-state steps counted with fsl.opcount).", "",
+             f"step, {args.steps} steady-state steps counted with fsl.train.opcount).", "",
              f"`train.parallel_tasks=auto` on this device: "
              f"{batching.resolve('auto', 8, device, lambda: None)[0]} ({batching.resolve('auto', 8, device, lambda: None)[1]}); on a "
              "CUDA device with room for the meta-batch: 8. The counts below are for the group a CUDA run uses "
@@ -164,7 +163,7 @@ def main() -> None:
             if arch in args.wait_archs:
                 waits.append((arch, input_wait(arch, cache, args.steps)))
                 print(waits[-1], flush=True)
-    lines += ["", "Input: host seconds per step the training loop spent in `next()` of fsl.episodes.EpisodeStream "
+    lines += ["", "Input: host seconds per step the training loop spent in `next()` of fsl.data.episodes.EpisodeStream "
               "(1 loader worker). On a CPU the batch is built (augmented) in the training thread, so this is the "
               "building time, not overlapped; on a GPU the background thread builds it on a side stream while the "
               "step runs.", "", "| arch | input s / step | step s |", "|---|---|---|"]

@@ -3,7 +3,7 @@ which share the machine with whatever else ran; this times only the meta-trainin
 the same rounds, on one quiet process.
 
 For each config (default: the glyphs cells and their variants in experiments/variants/), the step the trainer takes
-(fsl.train: InnerLoop.training with the derivative-order annealing, MAML++'s multi-step loss weights, the learned
+(fsl.train.meta_train: InnerLoop.training with the derivative-order annealing, MAML++'s multi-step loss weights, the learned
 rates) runs on a fixed meta-batch of Gaussian-noise episodes of the cell's shape (the data does not change the
 cost). Each timed step is taken at a training progress spread evenly over the run, so phases (MAML++'s first-order
 third) count by their share. Rounds alternate between configs. No data loading, no validation.
@@ -23,10 +23,17 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from fsl.config import load_config, variant_label  # noqa: E402
-from fsl import schedule  # noqa: E402
-from fsl.maml import InnerLoop, build_learner, meta_optimizer, meta_parameters, meta_train_step  # noqa: E402
 from meta_train_speed import WAYS, machine, random_batch  # noqa: E402  (this folder: the script's own path)
+
+from fsl.config import load_config, variant_label  # noqa: E402
+from fsl.maml import (  # noqa: E402
+    InnerLoop,
+    build_learner,
+    meta_optimizer,
+    meta_parameters,
+    meta_train_step,
+    schedule,  # noqa: E402
+)
 
 DEFAULT_CONFIGS = [ROOT / "experiments" / f"glyphs-conv4-{k}shot.yaml" for k in (1, 5)] + sorted(
     (ROOT / "experiments" / "variants").glob("glyphs-*.yaml"))

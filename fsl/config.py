@@ -38,11 +38,11 @@ class DataConfig:
                                     # 90 degrees, all its images alike (learn2learn's RandomClassRotation; Finn et
                                     # al.'s Omniglot tasks, data_generator.py)
     workers: int = -1               # DataLoader processes that describe training episodes; -1: the CPU cores but
-                                    # one, at most 4 (fsl.episodes.default_workers)
+                                    # one, at most 4 (fsl.data.episodes.default_workers)
     cache_dir: str = "data/cache"   # decoded-image stores (fsl.data.store), built once per split and image size
     prefetch: str = "auto"          # where the next batch of episodes is built while a step runs: thread (a
                                     # producer thread, on a side stream on CUDA) | inline (in the training thread,
-                                    # when asked for) | auto: thread on CUDA, inline on a CPU (fsl.episodes.EpisodeStream)
+                                    # when asked for) | auto: thread on CUDA, inline on a CPU (fsl.data.episodes.EpisodeStream)
 
 
 @dataclass
@@ -126,7 +126,7 @@ class TrainConfig:
     parallel_tasks: IntOrAuto = "auto"  # tasks of a meta-batch adapted together in one batched forward (fsl.maml):
                                     # more is faster on a GPU and costs memory (each group's graph lives until its
                                     # backward); 1 = task by task; auto: 1 on a CPU, on a GPU the largest group that
-                                    # fits its free memory (fsl.batching). Same meta-gradient up to float rounding
+                                    # fits its free memory (fsl.maml.batching). Same meta-gradient up to float rounding
 
 
 @dataclass
@@ -153,7 +153,7 @@ class Config:
     seed: int = 0                   # seed of initialisation and training episodes
     device: str = "auto"            # auto (cuda if available) | cpu | cuda | cuda:N
     precision: str = "fp32"         # fp32 (IEEE float32 everywhere) | tf32 (CUDA Ampere+: TF32 convolutions and
-                                    # matmuls) | bf16 (autocast to bfloat16); see fsl.precision
+                                    # matmuls) | bf16 (autocast to bfloat16); see fsl.device.precision
     cudnn_benchmark: bool = False   # let cuDNN autotune convolution algorithms (faster, not bit-reproducible)
     deterministic: bool = False     # deterministic kernels (torch.use_deterministic_algorithms, cudnn.deterministic,
                                     # CUBLAS_WORKSPACE_CONFIG): on CUDA, what a resumed run needs to end bit for bit
@@ -375,7 +375,7 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
     for key, (value, _) in values.items():
         set_key(cfg, key, value)
     apply_variant(cfg, values, Path(path))
-    if cfg.data.dataset == "folder":  # your own images: the folder is the data, named absolutely (fsl.provenance)
+    if cfg.data.dataset == "folder":  # your own images: the folder is the data, named absolutely (fsl.results.provenance)
         cfg.data.root = str(cfg.data_root.resolve())
     if cfg.quick:
         for key, limit in QUICK_LIMITS.items():
@@ -386,41 +386,47 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
     return cfg
 
 
-META_LR_SCHEDULES = ("constant", "cosine")  # see fsl.schedule.meta_lr_at
+META_LR_SCHEDULES = ("constant", "cosine")  # see fsl.maml.schedule.meta_lr_at
 CHOICES = {"model.downsample": ("maxpool", "stride"), "model.head_input": ("flatten", "mean"),
            "model.init": ("kaiming", "xavier"), "maml.inner_loss": ("mean", "class_sum"),
            "test.weights": ("best", "final"), "data.prefetch": ("auto", "thread", "inline")}
 MIN_IMAGE_SIZE = 16  # conv4 and resnet12 both halve the image four times (16 -> 1 pixel)
-PRECISIONS = ("fp32", "tf32", "bf16")       # see fsl.precision
+PRECISIONS = ("fp32", "tf32", "bf16")       # see fsl.device.precision
+
+
+# the datasets (fsl.data.READERS) and backbones (fsl.models.BACKBONES), named here so that config imports neither
+# (tests/test_config.py checks that the lists agree); greyscale datasets take no colour augmentation. Lists:
+# fsl.data.register_dataset and fsl.models.register_backbone add to them (docs/extending.md)
+DATASETS = ["cub", "mini-imagenet", "tiered-imagenet", "omniglot", "glyphs", "folder"]
+ARCHS = ["conv4", "resnet12"]
+GREYSCALE = ["omniglot"]
 
 
 def validate(cfg: Config) -> None:
-    from fsl.data import READERS  # local import: config stays importable without torch
-    from fsl.models import BACKBONES
-
-    if cfg.data.dataset not in READERS:
-        raise ConfigError(f"data.dataset={cfg.data.dataset!r} is not one of {sorted(READERS)}")
-    if cfg.model.arch not in BACKBONES:
-        raise ConfigError(f"model.arch={cfg.model.arch!r} is not one of {sorted(BACKBONES)}")
+    """Refuse, naming the key and the fix, a config no run could honour: names, counts and ranges, then the
+    combinations (`validate_combinations`, `validate_variant`)."""
+    for key, value, choices in (("data.dataset", cfg.data.dataset, DATASETS), ("model.arch", cfg.model.arch, ARCHS),
+                                ("precision", cfg.precision, PRECISIONS),
+                                ("train.meta_lr_schedule", cfg.train.meta_lr_schedule, META_LR_SCHEDULES),
+                                *((key, flat_dict(cfg)[key], choices) for key, choices in CHOICES.items())):
+        if value not in choices:
+            raise ConfigError(f"{key}={value!r}; choose one of {', '.join(choices)}")
     if cfg.data.workers < -1:
         raise ConfigError(f"data.workers={cfg.data.workers}; use -1 (automatic), 0 (in the training process) or "
                           f"a number of processes")
     for key in ("train.tasks", "train.meta_batch", "train.val_every", "train.val_episodes", "train.checkpoint_every",
-                "train.log_every", "test.episodes", "train.ways", "test.ways", "test.shots", "train.queries",
-                "test.queries", "train.parallel_tasks", "test.parallel_episodes"):
-        section, name = key.split(".")
-        if getattr(getattr(cfg, section), name) != "auto" and getattr(getattr(cfg, section), name) < 1:
-            raise ConfigError(f"{key} must be >= 1, got {getattr(getattr(cfg, section), name)}")
+                "train.log_every", "test.episodes", "train.queries", "test.queries", "train.parallel_tasks",
+                "test.parallel_episodes"):
+        if flat_dict(cfg)[key] != "auto" and flat_dict(cfg)[key] < 1:
+            raise ConfigError(f"{key} must be >= 1, got {flat_dict(cfg)[key]}")
     for key in ("train.ways", "test.ways"):
-        section, name = key.split(".")
-        if getattr(getattr(cfg, section), name) < 2:
-            raise ConfigError(f"{key}={getattr(getattr(cfg, section), name)}: an episode needs at least 2 classes "
-                              f"(with one, every query is trivially right); fix: {key}=5, the protocol's")
+        if flat_dict(cfg)[key] < 2:
+            raise ConfigError(f"{key}={flat_dict(cfg)[key]}: an episode needs at least 2 classes (with one, every "
+                              f"query is trivially right); fix: {key}=5, the protocol's")
     for key in ("train.shots", "test.shots"):
-        section, name = key.split(".")
-        if getattr(getattr(cfg, section), name) < 1:
-            raise ConfigError(f"{key}={getattr(getattr(cfg, section), name)}: the inner loop adapts on the support "
-                              f"set, which needs at least 1 image per class; fix: {key}=1 or more")
+        if flat_dict(cfg)[key] < 1:
+            raise ConfigError(f"{key}={flat_dict(cfg)[key]}: the inner loop adapts on the support set, which needs "
+                              f"at least 1 image per class; fix: {key}=1 or more")
     for key, value in (("maml.inner_lr", cfg.maml.inner_lr), ("train.meta_lr", cfg.train.meta_lr)):
         if not (value > 0 and math.isfinite(value)):
             raise ConfigError(f"{key}={value}: a learning rate must be a finite number > 0; fix: the protocol's "
@@ -433,10 +439,18 @@ def validate(cfg: Config) -> None:
     if cfg.data.image_size < MIN_IMAGE_SIZE:
         raise ConfigError(f"data.image_size={cfg.data.image_size}: {cfg.model.arch} halves the image 4 times, so it "
                           f"needs at least {MIN_IMAGE_SIZE} pixels; fix: data.image_size=84, the protocol's")
+    if not cfg.model.bn_eps > 0:
+        raise ConfigError(f"model.bn_eps={cfg.model.bn_eps}: BatchNorm divides by sqrt(variance + eps), so eps must be "
+                          f"> 0; fix: 1e-5 (PyTorch's) or 1e-3 (TensorFlow's, cbfinn's)")
+    if cfg.train.stop_at < 0:
+        raise ConfigError(f"train.stop_at={cfg.train.stop_at}: a task count (0: train all train.tasks)")
+    validate_combinations(cfg)
+    validate_variant(cfg)
+
+
+def validate_combinations(cfg: Config) -> None:
+    """Refuse settings that contradict each other, with the fix."""
     flat = flat_dict(cfg)
-    for key, choices in CHOICES.items():
-        if flat[key] not in choices:
-            raise ConfigError(f"{key}={flat[key]!r}; choose {' or '.join(choices)}")
     conv4_only = [f"{k}={flat[k]}" for k in ("model.downsample", "model.head_input") if flat[k] != CHOICES[k][0]]
     if cfg.model.arch != "conv4" and conv4_only:
         raise ConfigError(f"{' and '.join(conv4_only)} describe conv4's blocks; model.arch={cfg.model.arch} has its "
@@ -444,29 +458,18 @@ def validate(cfg: Config) -> None:
     if cfg.data.train_augment and cfg.data.class_rotations:
         raise ConfigError("data.class_rotations turns the stored (un-augmented) images; with data.train_augment=true "
                           "the training images are crops; fix: data.train_augment=false, or data.class_rotations=false")
-    if cfg.data.train_augment and READERS[cfg.data.dataset].channels == 1:
+    if cfg.data.train_augment and cfg.data.dataset in GREYSCALE:
         raise ConfigError(f"data.train_augment=true: the protocol's augmentation (crops, colour jitter) is for RGB "
                           f"images, and {cfg.data.dataset} is greyscale; fix: data.train_augment=false")
     if cfg.deterministic and cfg.cudnn_benchmark:
         raise ConfigError("deterministic=true with cudnn_benchmark=true: cuDNN's autotuner picks convolution "
                           "algorithms by timing them, so two runs can pick differently; fix: one of the two")
-    if not cfg.model.bn_eps > 0:
-        raise ConfigError(f"model.bn_eps={cfg.model.bn_eps}: BatchNorm divides by sqrt(variance + eps), so eps must be "
-                          f"> 0; fix: 1e-5 (PyTorch's) or 1e-3 (TensorFlow's, cbfinn's)")
-    if cfg.train.stop_at < 0:
-        raise ConfigError(f"train.stop_at={cfg.train.stop_at}: a task count (0: train all train.tasks)")
-    if cfg.train.meta_lr_schedule not in META_LR_SCHEDULES:
-        raise ConfigError(f"train.meta_lr_schedule={cfg.train.meta_lr_schedule!r}; choose "
-                          f"{' or '.join(META_LR_SCHEDULES)}")
-    validate_variant(cfg)
-    if cfg.precision not in PRECISIONS:
-        raise ConfigError(f"precision={cfg.precision!r}; choose one of {', '.join(PRECISIONS)}")
     if cfg.train.ways != cfg.test.ways:
         raise ConfigError(f"train.ways={cfg.train.ways} and test.ways={cfg.test.ways} must match: "
                           f"the head has one row per way")
 
 
-ADAPT = ("all", "head")
+ADAPT = ["all", "head"]  # maml.adapt; fsl.maml.register_adapt_rule adds to it (docs/extending.md)
 LEARNED_LR = ("none", "per_element", "per_layer_per_step")
 
 
@@ -476,7 +479,7 @@ def validate_variant(cfg: Config) -> None:
     if m.variant not in VARIANTS:
         raise ConfigError(f"maml.variant={m.variant!r} is not one of {', '.join(VARIANTS)}")
     if m.adapt not in ADAPT:
-        raise ConfigError(f"maml.adapt={m.adapt!r}; choose {' or '.join(ADAPT)}")
+        raise ConfigError(f"maml.adapt={m.adapt!r}; choose one of {', '.join(ADAPT)}")
     if m.learned_lr not in LEARNED_LR:
         raise ConfigError(f"maml.learned_lr={m.learned_lr!r}; choose one of {', '.join(LEARNED_LR)}")
     for key in ("msl_fraction", "first_order_fraction"):
@@ -552,7 +555,7 @@ def flat_dict(cfg: Config) -> dict[str, Any]:
 
 
 # keys added after results were first hashed (fsl 0.2.0, issue #29): hashed only when set away from their default, so
-# that a row written before them keeps its identity (fsl done, fsl.provenance)
+# that a row written before them keeps its identity (fsl done, fsl.results.provenance)
 NEWER_KEYS = ("data.class_rotations", "model.downsample", "model.head_input", "model.bn_scale", "model.bn_eps",
               "model.init", "maml.adapt_bn", "maml.inner_loss", "test.weights")
 

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fsl import config
 from fsl.config import ModelConfig
 
 
@@ -192,7 +193,29 @@ def resnet12_features(channels: tuple[int, ...] = (64, 160, 320, 640), in_channe
     return StepSequential(*blocks, nn.AdaptiveAvgPool2d(1))
 
 
-BACKBONES = {"conv4": conv4_features, "resnet12": resnet12_features}
+def build_conv4(in_channels: int, norm: Callable[[int], nn.Module], options: ModelConfig) -> StepSequential:
+    return conv4_features(in_channels=in_channels, downsample=options.downsample, head_input=options.head_input,
+                          norm=norm)
+
+
+def build_resnet12(in_channels: int, norm: Callable[[int], nn.Module], options: ModelConfig) -> StepSequential:
+    return resnet12_features(in_channels=in_channels, norm=norm)
+
+
+# model.arch -> build(in_channels, norm, options): the feature extractor, (N, T*in_channels, H, W) -> (N, T*C', h, w)
+# for T tasks at once (Task* layers and `norm`, BatchNorm with per-task statistics; options: the model.* settings)
+BACKBONES: dict[str, Callable[[int, Callable[[int], nn.Module], ModelConfig], nn.Module]] = {
+    "conv4": build_conv4, "resnet12": build_resnet12}
+
+
+def register_backbone(name: str, build: Callable[[int, Callable[[int], nn.Module], ModelConfig], nn.Module]) -> None:
+    """Make `model.arch=name` build its features with `build(in_channels, norm, options)` (see BACKBONES). Call it
+    before the config is loaded, e.g. in the script that runs fsl's command line (docs/examples/conv6_backbone.py)."""
+    if name in BACKBONES and BACKBONES[name] is not build:
+        raise ValueError(f"backbone {name!r} is already registered; pick another name")
+    BACKBONES[name] = build
+    if name not in config.ARCHS:
+        config.ARCHS.append(name)
 
 
 def init_weights(model: nn.Module, init: str = "kaiming") -> None:
@@ -227,11 +250,7 @@ def build_model(arch: str, ways: int, image_size: int = 84, zero_head: bool = Fa
         raise ValueError(f"unknown arch {arch!r}; choose one of {sorted(BACKBONES)}")
     options = options or ModelConfig(arch=arch)
     norm = functools.partial(TaskBatchNorm2d, scale=options.bn_scale, eps=options.bn_eps)
-    if arch == "conv4":
-        features = conv4_features(in_channels=in_channels, downsample=options.downsample,
-                                  head_input=options.head_input, norm=norm)
-    else:
-        features = resnet12_features(in_channels=in_channels, norm=norm)
+    features = BACKBONES[arch](in_channels, norm, options)
     with torch.no_grad():  # head width follows from the image size (conv4: 1600 at 84x84, 64 at 28x28)
         feature_dim = features(torch.zeros(2, in_channels, image_size, image_size)).flatten(1).shape[1]
     model = FewShotClassifier(features, feature_dim, ways)

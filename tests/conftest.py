@@ -42,3 +42,17 @@ def glyphs_root(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("data") / "glyphs"
     glyphs.generate(root)
     return root
+
+
+def pytest_collection_modifyitems(items) -> None:
+    """Mark `slow` every test that starts another process (fsl, make, torchrun, sbatch: seconds to minutes each), so
+    that `make test-fast` (pytest -m "not slow") runs the in-process tests only (CONTRIBUTING.md)."""
+    import inspect
+    for item in items:
+        function = getattr(item, "function", None)
+        try:
+            source = inspect.getsource(function) if function else ""
+        except (OSError, TypeError):
+            source = ""
+        if "subprocess." in source or "submit(" in source:
+            item.add_marker(pytest.mark.slow)

@@ -1,9 +1,9 @@
-"""How many tasks are adapted at once (fsl.batching): the CPU's timing probe, counts as set, balanced groups, the
+"""How many tasks are adapted at once (fsl.maml.batching): the CPU's timing probe, counts as set, balanced groups, the
 CUDA memory probe's bookkeeping (simulated on a CPU), and running out of memory."""
 import pytest
 import torch
 
-from fsl import batching
+from fsl.maml import batching
 
 CPU = torch.device("cpu")
 
@@ -47,6 +47,14 @@ def test_auto_on_a_cpu_takes_one_for_slow_tasks_without_timing_groups(clock):
     assert fake.runs == [1]
 
 
+def test_deterministic_auto_on_a_cpu_is_one_without_timing(clock):
+    """Timing depends on the machine's load; deterministic=true must give equal bits for equal commands."""
+    fake = clock({1: 0.010, 2: 0.007, 4: 0.005}, 4)
+    group, why = batching.resolve("auto", 4, CPU, fake.run, deterministic=True)
+    assert (group, fake.runs) == (1, []) and "deterministic=true" in why
+    assert batching.resolve(4, 4, CPU, fake.run, deterministic=True) == (4, "set in the config")
+
+
 def test_auto_on_a_cpu_stops_at_a_group_that_runs_out_of_memory(clock):
     fake = clock({1: 0.010, 2: 0.006, 4: None}, 8)
     assert batching.resolve("auto", 8, CPU, fake.run)[0] == 2
@@ -86,7 +94,7 @@ class FakeCuda:
 
 def test_the_memory_probe_keeps_the_runs_peak(monkeypatch):
     """#30: the probe resets torch's peak counter to measure one task; the peak the run had reached before (its
-    training steps) must still reach the checkpoint (fsl.checkpoint reads run_peak_bytes)."""
+    training steps) must still reach the checkpoint (fsl.train.checkpoint reads run_peak_bytes)."""
     cuda = FakeCuda()
     cuda.install(monkeypatch)
     gpu = torch.device("cuda", 0)

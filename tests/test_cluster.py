@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pandas as pd
 import torch
-
 from conftest import REPO, STORE_CACHE, fixture_root
 
 TINY = ["data.image_size=28", "data.workers=0", "train.parallel_tasks=1", "test.parallel_episodes=1", f"data.cache_dir={STORE_CACHE}", "train.meta_batch=2",
@@ -139,12 +138,12 @@ def test_sigterm_to_the_process_group_loses_no_completed_step(tmp_path):
 
 
 def test_a_second_trainer_on_the_same_run_directory_is_refused(tmp_path):
-    from fsl.checkpoint import RunDirLock
+    from fsl.train.checkpoint import RunDirLock
 
     run_dir = tmp_path / "run"
     with RunDirLock(run_dir):
         other = subprocess.run([sys.executable, "-c", "import sys; from pathlib import Path; "
-                                "from fsl.checkpoint import RunDirLock\n"
+                                "from fsl.train.checkpoint import RunDirLock\n"
                                 f"with RunDirLock(Path({str(run_dir)!r})): pass"],
                                cwd=REPO, capture_output=True, text=True)
         assert other.returncode != 0 and f"is being trained by another process (pid {os.getpid()})" in other.stderr

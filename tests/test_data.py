@@ -8,12 +8,12 @@ import sys
 import numpy as np
 import pytest
 import torch
-
 from conftest import REPO, fixture_root
+
 from fsl.data import DatasetError, load_split
 from fsl.data.check import check_dataset
+from fsl.data.episodes import EpisodeDataset
 from fsl.data.transforms import eval_transform, train_transform
-from fsl.episodes import EpisodeDataset
 
 EXPECTED = {"mini-imagenet": {"train": (64, 3840), "val": (16, 960), "test": (20, 1200)},
             "cub": {"train": (25, 1463), "val": (13, 741), "test": (12, 685)},

@@ -9,10 +9,10 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-
 from conftest import REPO, STORE_CACHE, fixture_root
-from fsl import distributed
-from fsl.episodes import Episode, RankShare, collate_episodes
+
+from fsl.data.episodes import Episode, RankShare, collate_episodes
+from fsl.device import distributed
 from fsl.maml import InnerLoop, meta_train_step
 from fsl.models import build_model
 from fsl.results import row_file

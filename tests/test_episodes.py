@@ -12,17 +12,17 @@ import learn2learn as l2l
 import numpy as np
 import pytest
 import torch
+from conftest import REPO, fixture_root
 from PIL import Image
 from torchvision import transforms as T
 from torchvision.ops import roi_align
 from torchvision.transforms import functional as TF
 
-from conftest import REPO, fixture_root
 from fsl.data import DatasetError, load_split, store
-from fsl.data.base import SplitDataset
 from fsl.data.augment import PARAMS, augment, colour_jitter_, draw_params, plan_augmentation, sample_crops
+from fsl.data.base import SplitDataset
+from fsl.data.episodes import EpisodeDataset, EpisodeMaker, collate_specs, episode_loader, seeded
 from fsl.data.transforms import eval_resize_crop, eval_transform, train_transform
-from fsl.episodes import EpisodeDataset, EpisodeMaker, collate_specs, episode_loader, seeded
 
 
 @pytest.fixture(scope="module")

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-
 from conftest import REPO, STORE_CACHE, fixture_root
+
 from fsl.data import DatasetError, load_split
 from fsl.data.check import check_dataset
 from fsl.data.folder import detect_layout

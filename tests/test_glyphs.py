@@ -6,11 +6,11 @@ import subprocess
 import sys
 
 import torch
-
 from conftest import REPO
+
 from fsl.data import glyphs, load_split, store
+from fsl.data.episodes import EpisodeDataset, EpisodeMaker, collate_specs
 from fsl.data.transforms import eval_transform
-from fsl.episodes import EpisodeDataset, EpisodeMaker, collate_specs
 
 
 def digest(root) -> dict:

@@ -5,16 +5,16 @@ without a GPU (CI); run on a GPU with `python -m pytest tests/test_gpu.py` (benc
 can reproduce of the GPU path is in tests/test_gpu_path.py."""
 import copy
 
-import pytest
 import numpy as np
+import pytest
 import torch
+from test_maml import batch_of, make_episode
 
 from fsl.config import ConfigError
 from fsl.data.augment import augment, plan_augmentation
+from fsl.device.precision import apply_precision, autocast, check_precision, honoured_precisions
 from fsl.maml import InnerLoop, meta_train_step
 from fsl.models import build_model
-from fsl.precision import apply_precision, autocast, check_precision, honoured_precisions
-from test_maml import batch_of, make_episode
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -86,8 +86,9 @@ def test_steady_state_training_steps_make_no_host_sync_on_the_gpu(tmp_path, monk
     """The training loop of tests/test_step_syncs.py on CUDA, every steady-state step (its episodes included) under
     torch.cuda.set_sync_debug_mode("error"): any sync, a blocking copy among them, raises."""
     from conftest import REPO, STORE_CACHE, fixture_root
-    from fsl import train
+
     from fsl.config import load_config
+    from fsl.train import meta_train as train
 
     cfg = load_config(REPO / "experiments/mini-imagenet-conv4-5shot.yaml", [
         f"data.root={fixture_root('mini-imagenet')}", f"data.cache_dir={STORE_CACHE}", "data.workers=0",
@@ -114,8 +115,9 @@ def test_the_episode_stream_builds_on_a_side_stream_the_same_episodes(tmp_path):
     """EpisodeStream on CUDA (copy and augmentation on a side stream, event-ordered) gives the episodes that
     building them in the consumer's stream gives."""
     from conftest import fixture_root
+
     from fsl.data import load_split, store
-    from fsl.episodes import EpisodeDataset, EpisodeMaker, EpisodeStream, episode_loader
+    from fsl.data.episodes import EpisodeDataset, EpisodeMaker, EpisodeStream, episode_loader
 
     dataset = load_split("mini-imagenet", fixture_root("mini-imagenet"), "train")
     images = store.open_store(dataset, "mini-imagenet", "train", "train", 84, tmp_path)
@@ -132,7 +134,7 @@ def test_the_episode_stream_builds_on_a_side_stream_the_same_episodes(tmp_path):
 
 @cuda
 def test_auto_group_fits_the_gpu_and_is_recorded():
-    from fsl import batching
+    from fsl.maml import batching
     device = torch.device("cuda")
     x = torch.zeros(1, device=device)
     group, why = batching.resolve("auto", 8, device, lambda group: torch.empty(2**20, device=device) + x)
@@ -158,6 +160,7 @@ def test_fused_adam_skips_a_non_finite_step_on_the_device_and_drops_the_flag():
 
 def cuda_run(tmp_path, *extra):
     from conftest import REPO, STORE_CACHE, fixture_root
+
     from fsl.config import load_config
     return load_config(REPO / "experiments/mini-imagenet-conv4-5shot.yaml", [
         f"data.root={fixture_root('mini-imagenet')}", f"data.cache_dir={STORE_CACHE}", "data.workers=0",
@@ -168,7 +171,7 @@ def cuda_run(tmp_path, *extra):
 
 @cuda
 def test_the_memory_probe_on_a_real_task_is_recorded_and_reused(tmp_path, capsys):
-    from fsl import train
+    from fsl.train import meta_train as train
     cfg = cuda_run(tmp_path)
     train.run(cfg)
     state = torch.load(cfg.run_dir / "latest.pth", weights_only=False)
@@ -184,6 +187,7 @@ def test_nccl_two_processes_train(tmp_path):
     import os
     import subprocess
     import sys
+
     from conftest import REPO, STORE_CACHE, fixture_root
     args = [f"data.root={fixture_root('mini-imagenet')}", f"data.cache_dir={STORE_CACHE}", "data.workers=0",
             "device=cuda", "train.meta_batch=4", "train.tasks=8", "train.val_every=8", "train.val_episodes=4",

@@ -12,16 +12,17 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-
 from conftest import REPO, STORE_CACHE, fixture_root
-from fsl import batching, train
+from test_maml import batch_of, make_episode
+
 from fsl.config import ConfigError, load_config
 from fsl.data import load_split
-from fsl.episodes import EpisodeDataset, EpisodeMaker, EpisodeStream, FixedEpisodes, episode_loader, training_episodes
-from fsl.maml import InnerLoop, meta_optimizer, meta_train_step
+from fsl.data.episodes import EpisodeDataset, EpisodeMaker, EpisodeStream, episode_loader
+from fsl.device.precision import check_precision
+from fsl.maml import InnerLoop, batching, meta_optimizer, meta_train_step
 from fsl.models import build_model
-from fsl.precision import check_precision
-from test_maml import batch_of, make_episode
+from fsl.train import meta_train as train
+from fsl.train.cell import FixedEpisodes, training_episodes
 
 CONFIG = REPO / "experiments/mini-imagenet-conv4-1shot.yaml"
 
@@ -192,9 +193,9 @@ def test_adapt_runs_in_the_checkpoints_precision(tmp_path, monkeypatch):
     """#30.6: `fsl adapt` applied no precision: TF32 convolutions for an fp32 model, no autocast for a bf16 one."""
     from dataclasses import asdict
 
-    from fsl import adapt
-    from fsl.checkpoint import TrainState, save_checkpoint
+    from fsl.jobs import adapt
     from fsl.maml import build_learner
+    from fsl.train.checkpoint import TrainState, save_checkpoint
 
     applied, autocasts = [], []
     monkeypatch.setattr(adapt, "apply_precision", lambda precision, *args: applied.append(precision))
@@ -238,7 +239,8 @@ def test_out_of_memory_halves_the_group_and_the_run_resumes_bit_equal(tmp_path, 
     """#30.9: an OOM in a training step and in validation: the step (validation) is taken again with half as many
     tasks (episodes) at once, the size is kept, and resuming continues with it; the weights equal a run that used
     that size throughout. At one task at a time, a clear error."""
-    from fsl import accuracy, maml
+    from fsl import maml
+    from fsl.train import accuracy
     settings = ["train.meta_batch=4", "train.parallel_tasks=4", "test.parallel_episodes=3", "train.val_every=8"]
     monkeypatch.setattr(maml, "task_meta_gradient", maml.task_meta_gradient)
     step_oom = InjectOOM(maml, "task_meta_gradient", fits=2)
@@ -281,7 +283,7 @@ def test_deterministic_sets_the_kernels_and_is_recorded(tmp_path, monkeypatch):
     """#30.11: deterministic=true: deterministic algorithms (and, on CUDA, cuDNN's and cuBLAS's workspace), and the
     row says so."""
     monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
-    from fsl import evaluate
+    from fsl.train import meta_test as evaluate
     cfg = load_config(CONFIG, tiny(tmp_path, "train.tasks=4", "deterministic=true"))
     try:
         best = train.run(cfg)
@@ -300,9 +302,9 @@ def test_evaluation_reads_the_device_once_and_a_thread_builds_its_input(tmp_path
     """#30.10: validation and the test read each batch's accuracies back (a host sync per batch) and built their
     episodes in the main thread. Now: one read per evaluation, and with data.prefetch=thread the next batch is
     built while one is adapted, with the same accuracies."""
-    from fsl.accuracy import evaluate
     from fsl.maml import build_learner
-    from fsl.opcount import OpCounter
+    from fsl.train.accuracy import evaluate
+    from fsl.train.opcount import OpCounter
     cfg = load_config(CONFIG, tiny(tmp_path))
     torch.manual_seed(0)
     model, rates = build_learner(cfg)

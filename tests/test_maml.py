@@ -10,11 +10,28 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
-from fsl.episodes import Episode, collate_episodes
-from fsl.maml import (InnerLoop, adapt, check_meta_gradients, evaluate_episode, evaluate_tasks, meta_optimizer,
-                      meta_parameters, meta_train_step, non_finite, task_meta_gradient)
-from fsl.models import (FewShotClassifier, ResidualBlock, StepSequential, TaskBatchNorm2d, TaskConv2d, TaskLinear,
-                        build_model)
+from fsl.data.episodes import Episode, collate_episodes
+from fsl.maml import (
+    InnerLoop,
+    adapt,
+    check_meta_gradients,
+    evaluate_episode,
+    evaluate_tasks,
+    meta_optimizer,
+    meta_parameters,
+    meta_train_step,
+    non_finite,
+    task_meta_gradient,
+)
+from fsl.models import (
+    FewShotClassifier,
+    ResidualBlock,
+    StepSequential,
+    TaskBatchNorm2d,
+    TaskConv2d,
+    TaskLinear,
+    build_model,
+)
 
 
 def make_episode(ways=3, shots=2, queries=3, size=16, seed=0) -> Episode:

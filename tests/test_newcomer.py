@@ -17,7 +17,6 @@ from typing import Callable
 import pandas as pd
 import pytest
 import torch
-
 from conftest import REPO, STORE_CACHE, fixture_root
 from test_folder import class_folders
 
@@ -281,9 +280,9 @@ def test_another_folder_in_the_same_work_dir_is_a_new_experiment(tmp_path):
 
 def test_a_full_disk_names_the_checkpoint_and_keeps_the_last_one(tmp_path, monkeypatch):
     """#31: a full disk gave torch's "enforce fail at inline_container.cc" and a traceback."""
-    from fsl import checkpoint
     from fsl.config import load_config
     from fsl.maml import build_learner, meta_optimizer
+    from fsl.train import checkpoint
     cfg = load_config(MINI, tiny(tmp_path))
     model, _ = build_learner(cfg)
     path = tmp_path / "latest.pth"

@@ -2,11 +2,13 @@
 import pandas as pd
 import pytest
 import torch
-
 from conftest import REPO, STORE_CACHE, fixture_root
-from fsl import evaluate, provenance, train
+
 from fsl.config import ConfigError, load_config
-from fsl.provenance import check_resume, comparability, meta_test_config, meta_test_sha, train_sha
+from fsl.results import provenance
+from fsl.results.provenance import check_resume, comparability, meta_test_config, meta_test_sha, train_sha
+from fsl.train import meta_test as evaluate
+from fsl.train import meta_train as train
 
 CONFIG = REPO / "experiments/mini-imagenet-conv4-1shot.yaml"
 

@@ -4,10 +4,9 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-
 from conftest import REPO
-from fsl import report
-from fsl.results import SUMMARY, ResultsError, write_csv
+
+from fsl.results import SUMMARY, ResultsError, report, write_csv
 
 
 def write_results(folder: Path) -> Path:

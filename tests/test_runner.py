@@ -7,12 +7,13 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-
 from conftest import REPO, STORE_CACHE, fixture_root
-from fsl import evaluate, train
+
 from fsl.config import ConfigError, load_config
 from fsl.results import ci95, row_file
-from fsl.run_log import RunLog
+from fsl.train import meta_test as evaluate
+from fsl.train import meta_train as train
+from fsl.train.run_log import RunLog
 
 CONFIG = REPO / "experiments/mini-imagenet-conv4-1shot.yaml"
 
@@ -166,8 +167,7 @@ def test_tensorboard_holds_the_numbers_of_log_csv(tmp_path):
 def test_a_test_with_other_settings_never_replaces_the_runs_own_result(tmp_path):
     """`fsl test` of a finished run with test.episodes=10 adds a row and a CSV beside the run's own (keyed by run and
     test settings); the run's own row and per-episode CSV survive, and the tables use them."""
-    from fsl import report
-    from fsl.results import read_summary
+    from fsl.results import read_summary, report
 
     cfg = load_config(CONFIG, tiny(fixture_root("mini-imagenet"), tmp_path, "train.tasks=2", "train.val_every=2"))
     best = train.run(cfg)

@@ -9,7 +9,6 @@ import time
 import pandas as pd
 import pytest
 import torch
-
 from conftest import REPO, STORE_CACHE, fixture_root
 
 
@@ -71,7 +70,8 @@ def test_requeue_mid_training_resumes_to_the_weights_of_an_uninterrupted_run(tmp
     settings = [f"data.root={fixture_root('mini-imagenet')}", "data.image_size=28", "data.workers=1",
                 f"data.cache_dir={STORE_CACHE}", "train.meta_batch=2", "train.queries=2", "train.val_episodes=2",
                 "train.log_every=2", "train.tasks=120", "train.val_every=120", "train.checkpoint_every=1000",
-                "test.episodes=3", "train.tensorboard=false"]
+                "test.episodes=3", "train.tensorboard=false",
+                "train.parallel_tasks=2"]  # not auto: a CPU times the groups, and the straight run may choose another
     job = submit(tmp_path, [config], settings)
     log = tmp_path / "work/mini-imagenet-conv4-1shot/log.csv"
     deadline = time.time() + 300

@@ -1,6 +1,6 @@
 """The training step a GPU wants (#22): no host sync between the log and validation boundaries, counted on the CPU.
 
-fsl.opcount.OpCounter sees every aten call of `fsl train` on a mini-ImageNet-lite conv4 cell with augmentation;
+fsl.train.opcount.OpCounter sees every aten call of `fsl train` on a mini-ImageNet-lite conv4 cell with augmentation;
 the calls made while reading the step window, validating, checkpointing and logging are the boundaries, and the
 host's own work on host data (describing episodes, drawing their augmentation parameters with torch's CPU generator,
 gathering pixels and planning the augmentation: on a GPU, in the loader workers and the input thread) is not device
@@ -11,13 +11,14 @@ torch.cuda.set_sync_debug_mode("error").
 """
 import pytest
 import torch
-
 from conftest import REPO, STORE_CACHE, fixture_root
-from fsl import checkpoint, train
+
 from fsl.config import load_config
-from fsl.episodes import EpisodeDataset, EpisodeMaker
-from fsl.opcount import OpCounter, is_sync
-from fsl.run_log import RunLog
+from fsl.data.episodes import EpisodeDataset, EpisodeMaker
+from fsl.train import checkpoint
+from fsl.train import meta_train as train
+from fsl.train.opcount import OpCounter, is_sync
+from fsl.train.run_log import RunLog
 
 CONFIG = REPO / "experiments/mini-imagenet-conv4-5shot.yaml"
 BOUNDARIES = [(train.StepWindow, "read"), (train.Validation, "__call__"), (checkpoint.Checkpoints, "save"),
@@ -96,9 +97,10 @@ def test_a_blocking_device_copy_counts_as_a_sync(non_blocking, sync):
 def test_first_order_with_learned_rates_builds_no_double_backward_graph(monkeypatch):
     """MAML++'s first-order phase and Meta-SGD/MAML++ validation and test: every inner gradient is taken without
     create_graph (the learned rates still get their meta-gradient, through fast' = fast - rate * g)."""
+    from test_maml import batch_of, make_episode
+
     from fsl.maml import InnerLoop, InnerRates, evaluate_tasks, task_meta_gradient
     from fsl.models import build_model
-    from test_maml import batch_of, make_episode
 
     calls, real = [], torch.autograd.grad
 

@@ -1,7 +1,7 @@
 """Every inner-loop combination the config accepts, against one independent reference, in float64, with 1 and 3
 tasks adapted at once (the task-batched path that `parallel_tasks=auto` takes on a GPU).
 
-The reference shares no code with fsl/maml.py: torch.nn's own layers (`plain_copy`), torch.func.functional_call
+The reference shares no code with fsl/maml/loop.py: torch.nn's own layers (`plain_copy`), torch.func.functional_call
 and torch.autograd.grad, one task at a time, written from the papers' definitions:
     fast_k+1 = fast_k - rate_k * g_k,  g_k = d L_support(fast_k) / d fast_k   (a constant when first order)
     outer    = sum_k w_k * L_query(fast_k+1)   (the last step alone without the multi-step loss)
@@ -10,11 +10,11 @@ and torch.autograd.grad, one task at a time, written from the papers' definition
 import pytest
 import torch
 import torch.nn.functional as F
+from test_maml import batch_of, make_episode, plain_copy
 from torch.func import functional_call
 
 from fsl.maml import InnerLoop, InnerRates, meta_train_step
 from fsl.models import TaskBatchNorm2d, build_model
-from test_maml import batch_of, make_episode, plain_copy
 
 STEPS, LR = 2, 0.1
 

@@ -3,15 +3,17 @@ MAML++'s loss weights, per-step BatchNorm, resume, meta-test with the learned ra
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import REPO, STORE_CACHE, fixture_root
+from test_maml import batch_of, make_episode, plain_copy
 from torch.func import functional_call
 
-from conftest import REPO, STORE_CACHE, fixture_root
-from fsl import checkpoint, evaluate, train
 from fsl.config import ConfigError, load_config
 from fsl.maml import InnerLoop, InnerRates, task_meta_gradient
-from fsl.schedule import msl_weights
+from fsl.maml.schedule import msl_weights
 from fsl.models import build_model
-from test_maml import batch_of, make_episode, plain_copy
+from fsl.train import checkpoint
+from fsl.train import meta_test as evaluate
+from fsl.train import meta_train as train
 
 STEPS, LR = 2, 0.1
 
@@ -208,7 +210,7 @@ def stop_after_first_validation(cfg):
 
 @pytest.mark.parametrize("overrides,message", [
     (["maml.variant=reptile"], "is not one of maml, fomaml, anil, metasgd, maml\\+\\+"),
-    (["maml.adapt=body"], "choose all or head"),
+    (["maml.adapt=body"], "choose one of all, head"),
     (["maml.learned_lr=adam"], "choose one of none, per_element, per_layer_per_step"),
     (["maml.variant=maml++"], "cannot take more steps .* fix: maml.test_inner_steps=2"),
     (["maml.per_step_bn=true", "maml.inner_steps=5"], None),

@@ -1,6 +1,6 @@
 """Dataset checks: what `fsl data check` reports, and what training and `fsl test` verify before any long work.
 
-`split_problems` reads labels only (cheap: run at the start of every training and test, fsl.episodes.check_cell_data):
+`split_problems` reads labels only (cheap: run at the start of every training and test, fsl.train.cell.check_cell_data):
 too few classes for the episodes' ways, classes with fewer images than an episode takes, a class or an image in two
 splits. `check_dataset` adds, for `fsl data check`, each reader's own structural check (`SplitDataset.verify`: e.g.
 a truncated tiered-ImageNet images pickle, a label/image count mismatch) and, unless --no-decode, decodes every image.

@@ -15,7 +15,7 @@ Each image is decoded to greyscale (paper 255, ink 0), resized to image_size x i
 (`eval_transform`, stored once in the image store) and fed to the network inverted, 1 - p / 255, ink 1 (`INK`): as
 learn2learn's Omniglot benchmark does. cbfinn's resize_images.py also asks for LANCZOS, but calls it on the
 archives' 1-bit images, for which PIL always resizes with NEAREST: its 28 x 28 images are binary. Every class of
-every episode is rotated by a random multiple of 90 degrees (`data.class_rotations`, fsl.episodes.ClassRotations).
+every episode is rotated by a random multiple of 90 degrees (`data.class_rotations`, fsl.data.episodes.ClassRotations).
 """
 from __future__ import annotations
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import torch
-from PIL import Image
 from torchvision import transforms as T
 
 MEAN_255 = (123.675, 116.28, 103.53)

@@ -1,5 +1,5 @@
 """`torchrun ... tests/helpers/count_collectives.py OUT fsl-args...`: runs `python -m fsl fsl-args...` with every
-torch.distributed collective and every host sync (fsl.opcount.OpCounter) recorded with the outer step it falls in;
+torch.distributed collective and every host sync (fsl.train.opcount.OpCounter) recorded with the outer step it falls in;
 rank r writes OUT/rank<r>.json: {"collectives": [[steps done, phase, name], ...], "syncs": [[phase, op], ...]}.
 Phases: "step k" (the k-th outer step and the building of its episodes), "boundary" (reading the step window,
 validation, checkpoints, the log), "stop-check" (agreeing on a stop request), "host" (describing episodes)."""
@@ -11,11 +11,12 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run as a script: make the repository importable
 import torch.distributed as dist  # noqa: E402
 
-from fsl import checkpoint, train  # noqa: E402
 from fsl.__main__ import main  # noqa: E402
-from fsl.episodes import EpisodeDataset, EpisodeMaker  # noqa: E402
-from fsl.opcount import OpCounter  # noqa: E402
-from fsl.run_log import RunLog  # noqa: E402
+from fsl.data.episodes import EpisodeDataset, EpisodeMaker  # noqa: E402
+from fsl.train import checkpoint
+from fsl.train import meta_train as train  # noqa: E402
+from fsl.train.opcount import OpCounter  # noqa: E402
+from fsl.train.run_log import RunLog  # noqa: E402
 
 out, args = Path(sys.argv[1]), sys.argv[2:]
 ops, collectives, steps = OpCounter(), [], [0]

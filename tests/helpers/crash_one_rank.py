@@ -5,11 +5,11 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run as a script: make the repository importable
-import fsl.train  # noqa: E402
+import fsl.train.meta_train  # noqa: E402
 from fsl.__main__ import main  # noqa: E402
 
 crash_rank, crash_step = int(sys.argv[1]), int(sys.argv[2])
-original = fsl.train.meta_train_step
+original = fsl.train.meta_train.meta_train_step
 steps = 0
 
 
@@ -21,5 +21,5 @@ def failing_step(*args, **kwargs):
     return original(*args, **kwargs)
 
 
-fsl.train.meta_train_step = failing_step
+fsl.train.meta_train.meta_train_step = failing_step
 sys.exit(main(sys.argv[3:]))

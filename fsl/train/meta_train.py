@@ -3,15 +3,15 @@
 `meta_train` reads as the protocol runs: set up, resume, then for each meta-batch of training tasks the schedule's
 settings, one outer step, the log, and at their cadences validation + model selection and a checkpoint; then finish.
 Each concern is one named piece:
-    fsl.episodes.training_episodes  the meta-batches; episode i is a pure function of (seed, i) (fsl.episodes), so
+    fsl.train.cell.training_episodes  the meta-batches; episode i is a pure function of (seed, i) (fsl.data.episodes), so
                                     a resumed run sees exactly the tasks an uninterrupted run would
-    fsl.schedule.at                 meta lr, derivative order and multi-step-loss weights at a task count
+    fsl.maml.schedule.at                 meta lr, derivative order and multi-step-loss weights at a task count
     outer_step                      one outer step (fsl.maml.meta_train_step; no host sync)
     StepWindow                      the steps' numbers, read from the device at the boundaries only
     Due                             which boundaries (log, validation, checkpoint, stop) a step crossed
     Validation                      accuracy on the fixed val episodes; the best weights are kept
-    fsl.checkpoint.Checkpoints      latest.pth, best_accuracy_mean.pth, resume
-    fsl.run_log.RunLog              log.csv (+ TensorBoard) and its copy in results/
+    fsl.train.checkpoint.Checkpoints      latest.pth, best_accuracy_mean.pth, resume
+    fsl.train.run_log.RunLog              log.csv (+ TensorBoard) and its copy in results/
     StopRequest                     SIGINT/SIGTERM -> latest.pth, then stop
 Writes into `cfg.run_dir`: config.yaml (the resolved config), log.csv, latest.pth, best_accuracy_mean.pth.
 """
@@ -30,17 +30,29 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from fsl import batching, distributed, schedule
-from fsl.accuracy import evaluate_fitting, parallel_episodes
-from fsl.checkpoint import Checkpoints, RunDirLock, TrainState
 from fsl.config import Config, ConfigError, dump_yaml
-from fsl.episodes import Episode, FixedEpisodes, cell_split, cell_store, check_cell_data, training_episodes
-from fsl.maml import (InnerLoop, InnerRates, build_learner, chunks, meta_optimizer, meta_parameters,
-                      meta_train_step, named_meta_parameters, task_meta_gradient)
-from fsl.precision import apply_precision, autocast
+from fsl.data.episodes import Episode
+from fsl.device import distributed
+from fsl.device.precision import apply_precision, autocast
+from fsl.maml import (
+    InnerLoop,
+    InnerRates,
+    batching,
+    build_learner,
+    chunks,
+    meta_optimizer,
+    meta_parameters,
+    meta_train_step,
+    named_meta_parameters,
+    schedule,
+    task_meta_gradient,
+)
 from fsl.results import ci95
-from fsl.run_log import RunLog
-from fsl.utils import check_writable, seed_everything, write_text_atomic
+from fsl.results.files import check_writable, write_text_atomic
+from fsl.train.accuracy import evaluate_fitting, parallel_episodes
+from fsl.train.cell import FixedEpisodes, cell_split, cell_store, check_cell_data, training_episodes
+from fsl.train.checkpoint import Checkpoints, RunDirLock, TrainState, seed_everything
+from fsl.train.run_log import RunLog
 
 
 class TrainingError(RuntimeError):
@@ -50,7 +62,7 @@ class TrainingError(RuntimeError):
 def run(cfg: Config) -> Path:
     """Train `cfg`'s cell to cfg.train.tasks tasks (resuming if possible). Returns the best checkpoint's path.
 
-    Under torchrun every rank runs this function; see fsl.distributed for who does what."""
+    Under torchrun every rank runs this function; see fsl.device.distributed for who does what."""
     device = distributed.setup(cfg.device)
     if distributed.is_main():  # before anything is written: folders the run could not write into
         check_writable(cfg.run_dir, "work_dir")
@@ -150,7 +162,7 @@ def probe_tasks(model: torch.nn.Module, rates: InnerRates | None, episodes: Epis
                 device: torch.device) -> Callable[[int], None]:
     """`run(p)`: the meta-gradient of the meta-batch `episodes`, p tasks adapted at a time, under the run's most
     memory-hungry loop (second order unless first order throughout, every step's query loss if MSL) and its
-    precision, for fsl.batching's probes (memory on CUDA, time on a CPU); leaves no gradient behind."""
+    precision, for fsl.maml.batching's probes (memory on CUDA, time on a CPU); leaves no gradient behind."""
     loop = InnerLoop.training(cfg, first_order=cfg.maml.first_order)
     weights = [1.0] * loop.steps if cfg.maml.multi_step_loss else None
 
@@ -166,14 +178,15 @@ def probe_tasks(model: torch.nn.Module, rates: InnerRates | None, episodes: Epis
 def resolve_parallel_tasks(cfg: Config, model: torch.nn.Module, rates: InnerRates | None, episodes: Episode,
                            device: torch.device, state: TrainState, progress: tqdm) -> None:
     """state.parallel_tasks for train.parallel_tasks on this device (`auto`: probed on the run's first meta-batch,
-    fsl.batching). A resumed run under the same setting keeps the size its checkpoint recorded (as resolved, or as
+    fsl.maml.batching). A resumed run under the same setting keeps the size its checkpoint recorded (as resolved, or as
     halved after running out of memory), so that it continues bit for bit."""
     setting = str(cfg.train.parallel_tasks)
     if state.parallel_tasks is not None and state.parallel_tasks_setting == setting:
         why = f"as recorded in {cfg.run_dir / 'latest.pth'} for train.parallel_tasks={setting}"
     else:
         state.parallel_tasks, why = batching.resolve(cfg.train.parallel_tasks, distributed.tasks_per_rank(
-            cfg.train.meta_batch), device, probe_tasks(model, rates, episodes, cfg, device))
+            cfg.train.meta_batch), device, probe_tasks(model, rates, episodes, cfg, device),
+            deterministic=cfg.deterministic)
         state.parallel_tasks_setting = setting
     if distributed.is_main():
         progress.write(f"train.parallel_tasks={state.parallel_tasks} ({why})")
@@ -185,7 +198,7 @@ def outer_step(cfg: Config, model: torch.nn.Module, optimizer: torch.optim.Optim
     """One outer step on the meta-batch `episodes` under the schedule's `settings`, state.parallel_tasks tasks
     adapted at a time; returns fsl.maml.STEP_STATS on the device. Out of memory, the step is taken again with half
     as many tasks at once (the same step up to float rounding; the new size is kept in `state`, so a resumed run
-    continues with it); at one task at a time, fsl.batching.OutOfMemory with the fixes."""
+    continues with it); at one task at a time, fsl.maml.batching.OutOfMemory with the fixes."""
     for group in optimizer.param_groups:
         group["lr"] = settings.meta_lr
     loop = InnerLoop.training(cfg, first_order=settings.first_order)
@@ -312,7 +325,7 @@ class Validation:
 
 class StopRequest:
     """Turns SIGINT/SIGTERM into a flag checked between outer steps, so latest.pth is written before exiting. Ctrl-C
-    and Slurm signal the whole process group: the loader workers ignore both (fsl.episodes), the trainer owns them."""
+    and Slurm signal the whole process group: the loader workers ignore both (fsl.data.episodes), the trainer owns them."""
 
     def __init__(self):
         self.signal: int | None = None

@@ -1,7 +1,7 @@
 """Meta-test (step 2 of the protocol): adapt the meta-learned model on the fixed test episodes, report mean ± ci95.
 
-`fsl test` calls `run`; the episodes come from fsl.episodes.FixedEpisodes, the accuracy from fsl.accuracy (shared
-with validation), the checkpoint from fsl.checkpoint, and the summary row from fsl.results.
+`fsl test` calls `run`; the episodes come from fsl.train.cell.FixedEpisodes, the accuracy from fsl.train.accuracy (shared
+with validation), the checkpoint from fsl.train.checkpoint, and the summary row from fsl.results.
 """
 from __future__ import annotations
 
@@ -9,21 +9,21 @@ import shutil
 import time
 from pathlib import Path
 
-from fsl import distributed
-from fsl.accuracy import evaluate_fitting, parallel_episodes
-from fsl.checkpoint import load_checkpoint_model, trained_tasks
-from fsl.config import Config
-from fsl.episodes import FixedEpisodes
+from fsl.config import Config, load_config
+from fsl.device import distributed
+from fsl.device.precision import apply_precision
 from fsl.maml import InnerLoop
-from fsl.precision import apply_precision
 from fsl.results import ci95, read_summary, row_file, summary_row, upsert_summary, write_test_episodes
-from fsl.utils import check_writable, write_atomic
+from fsl.results.files import check_writable, write_atomic
+from fsl.train.accuracy import evaluate_fitting, parallel_episodes
+from fsl.train.cell import FixedEpisodes, check_test_episodes
+from fsl.train.checkpoint import load_checkpoint_model, tested_checkpoint, trained_tasks
 
 
 def run(requested: Config, checkpoint_path: str | Path, config_path: str | Path | None = None,
         episodes: FixedEpisodes | None = None) -> dict:
     """Test `checkpoint_path` on the fixed test episodes; write the per-episode CSV and the summary row, which
-    records where the result came from (fsl.provenance). Returns the summary row.
+    records where the result came from (fsl.results.provenance). Returns the summary row.
 
     The model-defining settings come from the checkpoint; `requested` may change only test-time and run settings.
     `episodes`: the test episodes if the caller has built them already (they must be `FixedEpisodes(cfg, "test",
@@ -58,3 +58,23 @@ def run(requested: Config, checkpoint_path: str | Path, config_path: str | Path 
     print(f"{row['run']}{tag}: {accuracies.mean():.2f} ± {ci95(accuracies):.2f} % over {len(accuracies)} test "
           f"episodes{caveat}\n  per-episode: {episodes_csv}\n  summary: {Path(cfg.results_dir) / 'summary.csv'}")
     return row
+
+
+def run_command(config_path: str, checkpoint: str | None, overrides: list[str]) -> dict:
+    """`fsl test CONFIG [CHECKPOINT] [key=value ...]`: refuse test settings the test split cannot fill before looking
+    for a checkpoint, then test CHECKPOINT, or the run's own (`default_checkpoint`)."""
+    cfg = load_config(config_path, overrides)
+    check_test_episodes(cfg)
+    return run(cfg, checkpoint or default_checkpoint(config_path, overrides, cfg), config_path)
+
+
+def default_checkpoint(config_path: str, overrides: list[str], cfg: Config) -> Path:
+    """The checkpoint `fsl test` takes when none is named: the run's (fsl.train.checkpoint.tested_checkpoint). A test
+    with other ways or shots than the run's (a 1-shot run tested 5-shot) names another cell: its run is then the
+    one of the config file's own ways and shots, if that one exists."""
+    path = tested_checkpoint(cfg)
+    episode_keys = ("test.ways", "test.shots")
+    if not path.exists() and any(o.split("=", 1)[0].strip() in episode_keys for o in overrides):
+        own = load_config(config_path, [o for o in overrides if o.split("=", 1)[0].strip() not in episode_keys])
+        path = tested_checkpoint(own) if tested_checkpoint(own).exists() else path
+    return path

@@ -1,7 +1,7 @@
 """The run log: <run_dir>/log.csv, one row per training window and per validation (fsl.results.TRAIN_LOG), and, with
 train.tensorboard, the same numbers as TensorBoard scalars in <run_dir>/tb at step = tasks done: train/loss,
 train/accuracy, train/tasks_per_s, val/accuracy, val/ci95. Its tracked copy in results/ (results/<cell>/train_log*.csv)
-is written by `fsl test` of the run (fsl.evaluate), never during training.
+is written by `fsl test` of the run (fsl.train.meta_test), never during training.
 """
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import numpy as np
 
 from fsl.config import Config
 from fsl.results import TRAIN_LOG, ci95
-from fsl.utils import write_atomic
+from fsl.results.files import write_atomic
 
 LOG_COLUMNS = list(TRAIN_LOG)
 

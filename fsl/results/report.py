@@ -24,9 +24,11 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from fsl import results as results_io  # noqa: E402
-from fsl.reference import OMNIGLOT, OMNIGLOT_SOURCE, REFERENCE, reference  # noqa: E402
-from fsl.results import ResultsError  # noqa: E402, F401  (raised by the readers; re-exported for callers)
-from fsl.utils import write_text_atomic  # noqa: E402
+from fsl.results.files import (
+    ResultsError,  # noqa: E402, F401  (raised by the readers; re-exported for callers)
+    write_text_atomic,  # noqa: E402
+)
+from fsl.results.reference import OMNIGLOT, OMNIGLOT_SOURCE, REFERENCE, reference  # noqa: E402
 
 DATASET_TITLES = {"cub": "CUB", "mini-imagenet": "mini-ImageNet", "tiered-imagenet": "tiered-ImageNet",
                   "omniglot": "Omniglot", "glyphs": "glyphs (built-in demo)"}
@@ -88,7 +90,7 @@ def budget(row) -> str:
 
 def paper_table(rows: pd.DataFrame) -> str:
     """Omniglot's runs beside the MAML paper: each run's mean ± ci95 and the published one for its ways, shots and
-    variant (fsl.reference.OMNIGLOT), the tasks it trained of its config's, whether it is the full protocol; the
+    variant (fsl.results.reference.OMNIGLOT), the tasks it trained of its config's, whether it is the full protocol; the
     paper's cells without a run are listed as such."""
     lines = ["| cell | variant | fsl (mean ± ci95) | paper | source | difference | trained tasks | comparable | "
              "device | run |", "|---|---|---|---|---|---|---|---|---|---|"]
@@ -296,10 +298,10 @@ def tables(summary: pd.DataFrame) -> dict[str, str]:
                  "plots/omniglot_vs_paper.png\n\n" + paper_table(rows) + "\n## Every run\n\n"
                  if dataset == "omniglot" else "")
         written[f"{dataset}.md"] = (f"# {DATASET_TITLES.get(dataset, dataset)}: MAML, {ways}\n\n" + paper +
-                                    f"std = 95% confidence half-width (1.96 * std / sqrt(episodes)), as MMFewShot; "
-                                    f"comparable = the reference's full protocol (see not_comparable.md). One row "
-                                    f"per run: its config file's training settings and its own test (other runs "
-                                    f"and tests: other_tests.md)\n\n" + dataset_table(rows))
+                                    "std = 95% confidence half-width (1.96 * std / sqrt(episodes)), as MMFewShot; "
+                                    "comparable = the reference's full protocol (see not_comparable.md). One row "
+                                    "per run: its config file's training settings and its own test (other runs "
+                                    "and tests: other_tests.md)\n\n" + dataset_table(rows))
     written["comparison.md"] = ("# fsl vs MMFewShot's MAML README\n\nOnly results of the full protocol (the cell's "
                                 "committed config, all training tasks, 2,000 test episodes) appear here; the rest "
                                 "are listed in not_comparable.md.\n\n" + comparison_table(summary))

@@ -11,17 +11,20 @@ from __future__ import annotations
 
 import fcntl
 import os
+import random
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
-from fsl import batching, distributed, provenance
 from fsl.config import Config, from_dict, to_dict
-from fsl.episodes import SEEDED
-from fsl.maml import InnerRates, build_learner, make_fused
-from fsl.utils import rng_states, set_rng_states, write_atomic
+from fsl.data.episodes import SEEDED
+from fsl.device import distributed
+from fsl.maml import InnerRates, batching, build_learner, make_fused
+from fsl.results import provenance
+from fsl.results.files import write_atomic
 
 
 @dataclass
@@ -50,11 +53,11 @@ class Checkpoints:
         self.tested = tested_checkpoint(cfg)
 
     def resume(self) -> TrainState:
-        """Restore latest.pth if there is one (after fsl.provenance.check_resume); under torchrun rank 0 reads it and
+        """Restore latest.pth if there is one (after fsl.results.provenance.check_resume); under torchrun rank 0 reads it and
         sends it to the others (no shared disk needed), and a fresh start sends rank 0's initial weights."""
         main = distributed.is_main()
-        restart = (f"move it away to start this run afresh (best_accuracy_mean.pth beside it is not used for "
-                   f"resuming), or restore it from a copy")
+        restart = ("move it away to start this run afresh (best_accuracy_mean.pth beside it is not used for "
+                   "resuming), or restore it from a copy")
         checkpoint = load_checkpoint(self.latest, "cpu", fix=restart) if main and self.latest.exists() else None
         checkpoint = distributed.broadcast_from_main(checkpoint)
         if checkpoint is None:
@@ -100,7 +103,7 @@ def tested_checkpoint(cfg: Config) -> Path:
 def save_checkpoint(path: Path, model: nn.Module, rates: InnerRates | None, optimizer: torch.optim.Optimizer,
                     cfg: Config, state: dict) -> None:
     """Everything a resume or a test needs: weights, learned inner rates, optimizer, config, RNG states, counters."""
-    with SEEDED:  # the RNGs' own states, not those an episode producer has seeded for a moment (fsl.episodes)
+    with SEEDED:  # the RNGs' own states, not those an episode producer has seeded for a moment (fsl.data.episodes)
         rng = rng_states()
     checkpoint = {"model": model.state_dict(), "rates": rates.state_dict() if rates is not None else None,
                   "optimizer": optimizer.state_dict(), "config": to_dict(cfg), "rng": rng, **state}
@@ -110,6 +113,26 @@ def save_checkpoint(path: Path, model: nn.Module, rates: InnerRates | None, opti
         raise CheckpointWriteError(f"cannot write {path} ({type(error).__name__}: {str(error).splitlines()[0]}); "
                                    f"is its disk full or read-only? {path.name} as it was before is unchanged. "
                                    f"Fix: free space (df -h {path.parent}), then rerun to resume") from error
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python's `random` (learn2learn draws episodes with it), NumPy and torch (CPU and CUDA)."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+def rng_states() -> dict:
+    states = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+def set_rng_states(states: dict) -> None:
+    random.setstate(states["python"])
+    np.random.set_state(states["numpy"])
+    torch.set_rng_state(states["torch"])
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
 
 
 class CheckpointError(ValueError):
@@ -147,7 +170,7 @@ def load_checkpoint_model(path: str | Path, requested: Config | None,
                           device: torch.device | str) -> tuple[nn.Module, InnerRates | None, dict, Config]:
     """The model and learned rates of a checkpoint written by `fsl train`, its checkpoint dict, and the config to
     test it with: the checkpoint's own settings plus the test-time and run settings of `requested`
-    (fsl.provenance.meta_test_config), or the checkpoint's own config alone if `requested` is None."""
+    (fsl.results.provenance.meta_test_config), or the checkpoint's own config alone if `requested` is None."""
     checkpoint = load_checkpoint(path, device)
     trained = from_dict(checkpoint["config"])
     cfg = trained if requested is None else provenance.meta_test_config(trained, requested, path)

@@ -8,14 +8,18 @@ from __future__ import annotations
 import json
 import time
 
-from fsl import evaluate, report, train
-from fsl.accuracy import evaluate as episode_accuracies, parallel_episodes
 from fsl.config import load_config
 from fsl.data import glyphs
-from fsl.episodes import FixedEpisodes
+from fsl.device.distributed import resolve_device
 from fsl.maml import InnerLoop, build_learner
-from fsl.results import cell_file, ci95, write_test_episodes
-from fsl.utils import resolve_device, seed_everything, write_text_atomic
+from fsl.results import cell_file, ci95, report, write_test_episodes
+from fsl.results.files import write_text_atomic
+from fsl.train import meta_test as evaluate
+from fsl.train import meta_train as train
+from fsl.train.accuracy import evaluate as episode_accuracies
+from fsl.train.accuracy import parallel_episodes
+from fsl.train.cell import FixedEpisodes
+from fsl.train.checkpoint import seed_everything
 
 CONFIG = "experiments/glyphs-conv4-1shot.yaml"
 

@@ -10,7 +10,8 @@ and holds T tasks' graphs at once, which costs memory. `auto` chooses:
           episode at test), measured on the run's own model and episodes.
 Groups are balanced (8 tasks that fit 5 at a time run as 4 + 4, not 5 + 3). The group size changes a result only by
 float rounding (tests/test_variant_reference.py); the resolved size is recorded in the checkpoint, reused on resume
-and written in the summary row.
+and written in the summary row. Timing depends on the machine's load, so with `deterministic=true` a CPU's `auto` is 1
+without timing: two equal commands then give equal bits. For bit-equal reruns elsewhere, set the count.
 """
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ from typing import Callable
 
 import torch
 
-from fsl.distributed import device_name
+from fsl.device.distributed import device_name
 
 MEMORY_SHARE = 0.8  # of the free memory the groups may take: the rest is headroom for fragmentation
 SLOW_TASK_S = 0.25  # CPU: a task that takes this long alone is compute-bound; grouping cannot repay timing groups
@@ -112,13 +113,16 @@ def fastest_group(run: Callable[[int], None], total: int) -> tuple[int, str]:
 
 
 def resolve(setting: int | str, total: int, device: torch.device, run: Callable[[int], None],
-            cap: int | None = None) -> tuple[int, str]:
+            cap: int | None = None, deterministic: bool = False) -> tuple[int, str]:
     """(the group size for `setting`, why): a count is taken as it is (at most `total`); `auto` (at most `total`
-    and `cap`) is on a CPU the fastest `p` for `run(p)`, the work of the `total` tasks p at a time, and on CUDA what
-    MEMORY_SHARE of the free memory holds of `run(1)`'s peak (one task's graph at a time)."""
+    and `cap`) is on a CPU the fastest `p` for `run(p)`, the work of the `total` tasks p at a time (1, untimed, when
+    `deterministic`), and on CUDA what MEMORY_SHARE of the free memory holds of `run(1)`'s peak (one task's graph at a
+    time)."""
     if setting != "auto":
         return min(int(setting), total), "set in the config"
     total = min(total, cap or total)
+    if device.type != "cuda" and deterministic:
+        return 1, "auto: 1 on cpu, untimed (deterministic=true: a timed choice would depend on the machine's load)"
     if device.type != "cuda":
         return fastest_group(run, total)
     try:

@@ -1,6 +1,6 @@
 """Run many cells at once on one node: `fsl sweep CONFIG... [--gpus-per-cell K]` (`make all-tables GPUS_PER_CELL=K`).
 
-The runs that are not done yet (fsl.provenance.is_done) are started longest first (ResNet-12 before conv4), each on
+The runs that are not done yet (fsl.results.is_done) are started longest first (ResNet-12 before conv4), each on
 its own group of K visible GPUs (CUDA_VISIBLE_DEVICES per run: K=1 runs `python -m fsl train` then `test`, K>1 the
 same under torchrun), as many at a time as there are groups; each run's output goes to <run dir>/sweep.log. A run
 that fails is reported at the end with its log, without stopping the others; the tables are built once, at the end.
@@ -16,7 +16,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from fsl.config import Config, load_config
-from fsl.provenance import is_done
+from fsl.results import is_done
+from fsl.results.provenance import REPO
+from fsl.results.reference import REFERENCE
 
 
 @dataclass
@@ -120,7 +122,7 @@ def run(configs: list[str | Path], overrides: list[str], devices: list[str] | No
                       f"{job.log}", flush=True)
             else:
                 print(f"done {job.cfg.run_name} ({minutes:.1f} min)", flush=True)
-    from fsl import report
+    from fsl.results import report
     try:
         report.run(results_dir or (jobs[0].cfg.results_dir if jobs else "results"))
     except report.ResultsError as error:
@@ -128,3 +130,8 @@ def run(configs: list[str | Path], overrides: list[str], devices: list[str] | No
     for job in failed:
         print(f"error: {job.cfg.run_name} failed; see {job.log}", file=sys.stderr)
     return len(failed)
+
+
+def paper_cells() -> list[str]:
+    """The 12 reference cells' configs, from the checkout's experiments/ folder."""
+    return [str(REPO / "experiments" / f"{d}-{a}-{k}shot.yaml") for d, a, k in REFERENCE]

@@ -14,21 +14,65 @@ import csv
 import fcntl
 import hashlib
 import math
+import os
+import subprocess
+import tempfile
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import pandas as pd
 import torch
 
-from fsl import provenance
-from fsl.config import Config, config_files, from_dict, variant_label
-from fsl.distributed import describe_device
-from fsl.precision import describe_precision
-from fsl.reference import reference
-from fsl.utils import git_commit, write_atomic
+from fsl.config import Config, ConfigError, config_files, from_dict, variant_label
+from fsl.device.distributed import describe_device
+from fsl.device.precision import describe_precision
+from fsl.results import provenance
+from fsl.results.reference import reference
+
+
+def check_writable(folder: str | Path, key: str) -> None:
+    """Refuse, naming the config key, a folder this process cannot create or write a file in (read-only, not a
+    folder, no permission): found before training, not at its first checkpoint or result."""
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".fsl-write-check-"):
+            pass
+    except OSError as error:
+        raise ConfigError(f"{key}: cannot write into {folder} ({error.strerror or error}); fix: {key}=<a folder "
+                          f"you can write>") from None
+
+def write_atomic(path: str | Path, write: Callable[[str], None]) -> None:
+    """Call `write(tmp_path)` then rename tmp_path onto `path`, so readers never see a half-written file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+def write_text_atomic(path: str | Path, text: str) -> None:
+    write_atomic(path, lambda tmp: Path(tmp).write_text(text))
+
+def git_commit(*paths: str | Path) -> str:
+    """Last commit touching `paths` (the whole repository if none), with '+dirty' if they have local changes;
+    'unknown' outside a git checkout."""
+    try:
+        args = ["--", *map(str, paths)] if paths else []
+        commit = subprocess.run(["git", "log", "-1", "--format=%H", *args], capture_output=True, text=True,
+                                check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", *args], capture_output=True, text=True,
+                               check=True).stdout.strip()
+        return (commit or "uncommitted") + ("+dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
 
 
 class ResultsError(RuntimeError):
@@ -71,10 +115,10 @@ SUMMARY = _schema(
     Column("planned_tasks", int),                 # train.tasks of its config (train.stop_at may stop it before)
     Column("best_val_tasks", int),                # task count of the validation-selected checkpoint
     Column("quick", bool, default=False),
-    Column("comparable", bool, default=False),    # the full protocol of a reference cell (see fsl.provenance)
+    Column("comparable", bool, default=False),    # the full protocol of a reference cell (see fsl.results.provenance)
     Column("not_comparable_why", str, default="written before fsl recorded provenance"),
     Column("seed", int, default=0),
-    Column("precision", str, default="fp32"),     # numeric settings of meta-training (fsl.precision)
+    Column("precision", str, default="fp32"),     # numeric settings of meta-training (fsl.device.precision)
     Column("test_precision", str, default="fp32"),  # ... and of this meta-test
     Column("train_config_sha", str),              # hash of every setting that defines the trained model
     Column("test_config_sha", str),               # hash of every setting that defines the test
@@ -245,7 +289,7 @@ def summary_row(tested: Config, accuracies: np.ndarray, checkpoint: dict, checkp
                 parallel_episodes: int, device: torch.device, seconds: float, config_path: str | Path | None) -> dict:
     """The SUMMARY row of one test: what it measured (`accuracies`, % per episode, over `seconds` on `device`), the
     checkpoint it tested (trained under its own config, `train_tasks` tasks in its run), the settings it ran under
-    (`tested`), and where all of it came from (fsl.provenance, commits). The row belongs to the trained run: its
+    (`tested`), and where all of it came from (fsl.results.provenance, commits). The row belongs to the trained run: its
     cell and name (a 1-shot run tested 5-shot is still the 1-shot cell's run, with a test_tag), its training
     settings against `config_path` (train_tag)."""
     trained = from_dict(checkpoint["config"])
@@ -290,6 +334,19 @@ def find_run(summary: pd.DataFrame, run: str, train_tag: str = "") -> pd.Series 
     match = summary[(summary["run"] == run) & (summary["train_tag"].fillna("") == train_tag)
                     & (summary["test_tag"].fillna("") == "")]
     return None if match.empty else match.iloc[0]
+
+
+def is_done(cfg: Config, config_path: str | Path | None = None) -> bool:
+    """Whether summary.csv holds this run's result for these settings (the row of its run name and training
+    settings, `train_tag` against `config_path`, and its own test). For the protocol config of a reference cell
+    only a comparable row counts (a run stopped early, or testing other weights, is not done); for any other run
+    (variants, demo cells, quick runs) a row with the same settings does. `make all-tables` and `make variants` skip
+    the runs for which this is true. A malformed summary.csv raises fsl.results.ResultsError (`fsl done` exits 2)."""
+    row = find_run(read_summary(cfg.results_dir), cfg.run_name, provenance.train_tag(cfg, config_path))
+    if row is None or row["train_config_sha"] != provenance.train_sha(cfg) or row["test_config_sha"] != provenance.meta_test_sha(cfg):
+        return False
+    protocol_run = provenance.comparability(cfg, cfg, cfg.train.tasks, None, None)[0]
+    return bool(row["comparable"]) or not protocol_run
 
 
 # ---- per-cell files ------------------------------------------------------------------------------------------

@@ -17,8 +17,9 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from fsl.config import load_config
-from fsl.provenance import REPO, is_done
-from fsl.sweep import cost
+from fsl.jobs.sweep import cost
+from fsl.results import is_done
+from fsl.results.provenance import REPO
 
 
 def script(configs: list[Path], overrides: list[str], time_limit: str, gpus: int, cpus: int,

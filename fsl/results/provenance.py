@@ -13,9 +13,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from fsl import schedule
 from fsl.config import Config, ConfigError, all_keys, flat_dict, load_config, set_key, settings_sha, variant_label
-from fsl.reference import reference
+from fsl.maml import schedule
+from fsl.results.reference import reference
 
 REPO = Path(__file__).resolve().parents[1]
 RUN_KEYS = ("device", "name", "work_dir", "results_dir", "data.root", "data.workers", "data.cache_dir",
@@ -146,7 +146,7 @@ def comparability(trained: Config, tested: Config, train_tasks: int | None, chec
     """Whether testing a model trained under `trained` with the effective test config `tested` is the reference's
     protocol: the cell's committed config for both, all its training tasks, the weights test.weights names (the
     validation-selected ones, or the final ones).
-    Returns (comparable, the reasons it is not). Precision (fsl.precision): fp32 and tf32 are comparable (float32
+    Returns (comparable, the reasons it is not). Precision (fsl.device.precision): fp32 and tf32 are comparable (float32
     weights, gradients and accumulation; TF32 is PyTorch's own default for cuDNN convolutions, which the reference
     ran with); bf16, in training or in the test, is not (8-bit mantissas change the numbers beyond rounding)."""
     reasons = []
@@ -177,18 +177,3 @@ def comparability(trained: Config, tested: Config, train_tasks: int | None, chec
         reasons.append(f"tested weights of task {checkpoint_tasks}, not the validation-selected ones "
                        f"(task {best_val_tasks})")
     return not reasons, "; ".join(reasons)
-
-
-def is_done(cfg: Config, config_path: str | Path | None = None) -> bool:
-    """Whether summary.csv holds this run's result for these settings (the row of its run name and training
-    settings, `train_tag` against `config_path`, and its own test). For the protocol config of a reference cell
-    only a comparable row counts (a run stopped early, or testing other weights, is not done); for any other run
-    (variants, demo cells, quick runs) a row with the same settings does. `make all-tables` and `make variants` skip
-    the runs for which this is true. A malformed summary.csv raises fsl.results.ResultsError (`fsl done` exits 2)."""
-    from fsl.results import find_run, read_summary
-
-    row = find_run(read_summary(cfg.results_dir), cfg.run_name, train_tag(cfg, config_path))
-    if row is None or row["train_config_sha"] != train_sha(cfg) or row["test_config_sha"] != meta_test_sha(cfg):
-        return False
-    protocol_run = comparability(cfg, cfg, cfg.train.tasks, None, None)[0]
-    return bool(row["comparable"]) or not protocol_run

@@ -22,6 +22,16 @@ import torch
 import torch.distributed as dist
 
 
+def resolve_device(name: str) -> torch.device:
+    """'auto' -> cuda if available else cpu; 'cuda...' without a GPU is an error that says so."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"device={name} but torch sees no CUDA GPU; use device=cpu or device=auto")
+    return device
+
+
 def launched_by_torchrun() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
 
@@ -46,8 +56,6 @@ def setup(device_name: str) -> torch.device:
     """This process's device; joins torchrun's process group first if there is one (idempotent).
 
     device 'auto'/'cuda' under torchrun means cuda:LOCAL_RANK (one GPU per process); 'cpu' uses Gloo."""
-    from fsl.utils import resolve_device
-
     device = resolve_device(device_name)
     if not launched_by_torchrun():
         return device

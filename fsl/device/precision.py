@@ -19,7 +19,7 @@ from typing import ContextManager
 import torch
 
 from fsl.config import ConfigError
-from fsl.distributed import device_name
+from fsl.device.distributed import device_name
 
 
 def check_precision(precision: str, device: torch.device) -> None:

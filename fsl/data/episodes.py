@@ -31,13 +31,9 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from fsl import distributed
-from fsl.config import Config
-from fsl.data import load_split
 from fsl.data.augment import AugmentPlan, augment, draw_params, normalise, plan_augmentation, to_device
 from fsl.data.base import DatasetError, SplitDataset
-from fsl.data.check import split_problems, summarise
-from fsl.data.store import ImageStore, open_store
+from fsl.data.store import ImageStore
 from fsl.data.transforms import IMAGENET, Normalisation
 
 
@@ -353,7 +349,7 @@ def threaded(prefetch: str, device: torch.device) -> bool:
 
 class EpisodeStream:
     """Meta-batches of EpisodeSpecs (a loader, or any iterable) as Episodes on `device`, built ahead by a producer
-    thread (`prefetch`: thread, inline, or auto: thread on CUDA, fsl.episodes.threaded).
+    thread (`prefetch`: thread, inline, or auto: thread on CUDA, fsl.data.episodes.threaded).
 
     thread: a background thread takes the next descriptions, gathers their pixels (into pinned host memory for a
     GPU) and builds the batch; on CUDA on a side stream, recording an event that the consumer's stream waits for
@@ -459,81 +455,3 @@ class EpisodeStream:
 
     def __exit__(self, *exc) -> None:
         self.close()
-
-
-# A cell's data, as training, validation and test read it ---------------------------------------------------------
-
-def cell_split(cfg: Config, split: str) -> SplitDataset:
-    """`split` of the cell's dataset under cfg.data_root, with the reader options the config sets."""
-    return load_split(cfg.data.dataset, cfg.data_root, split, **({"bbox_crop": True} if cfg.data.bbox_crop else {}))
-
-
-def cell_store(cfg: Config, dataset: SplitDataset, split: str, kind: str) -> ImageStore:
-    """The split's image store of `kind` under data.cache_dir (built on first use; fsl.data.store)."""
-    return open_store(dataset, cfg.data.dataset, split, kind, cfg.data.image_size, cfg.data.cache_dir,
-                      progress=distributed.is_main())
-
-
-def training_episodes(cfg: Config, start: int, device: torch.device) -> EpisodeStream:
-    """The training episodes `start` .. train.tasks - 1 of the cell, one meta-batch (this process's share of it,
-    under torchrun) at a time, built on `device` (augmented if data.train_augment), ahead by a thread with
-    data.prefetch, which holds after the first batch until `release()`."""
-    split = cell_split(cfg, "train")
-    store = cell_store(cfg, split, "train", "train" if cfg.data.train_augment else "eval")
-    sizes = store.sizes if cfg.data.train_augment else None  # for the augmentation parameters
-    episodes = EpisodeDataset(split, cfg.train.ways, cfg.train.shots, cfg.train.queries, seed=cfg.seed, start=start,
-                              count=cfg.train.tasks - start, image_sizes=sizes, rotations=cfg.data.class_rotations,
-                              keys="train")
-    if distributed.world_size() > 1:
-        episodes = RankShare(episodes, cfg.train.meta_batch, distributed.rank(), distributed.world_size())
-    make = EpisodeMaker(store, cfg.train.ways, cfg.train.shots, cfg.train.queries, cfg.data.image_size, device,
-                        normalisation=split.normalisation)
-    loader = episode_loader(episodes, distributed.tasks_per_rank(cfg.train.meta_batch), cfg.data.workers)
-    return EpisodeStream(loader, make, cfg.data.prefetch, hold_first=True)
-
-
-def check_test_episodes(cfg: Config) -> None:
-    """Refuse test settings the test split cannot fill (fewer classes than test.ways, classes with fewer images than
-    test.shots + test.queries), reading only its labels; DatasetError with the fix."""
-    build_taskset(cell_split(cfg, "test"), cfg.test.ways, cfg.test.shots, cfg.test.queries, keys="test")
-
-
-def check_cell_data(cfg: Config) -> None:
-    """Before training: every problem the three splits' labels show (fsl.data.check.split_problems: too few classes
-    or images per class for the cell's episodes, a class or an image in two splits), each once with its count, as
-    one DatasetError; nothing is decoded."""
-    datasets = {split: cell_split(cfg, split) for split in ("train", "val", "test")}
-    test = cfg.test.shots + cfg.test.queries
-    needed = {"train": cfg.train.shots + cfg.train.queries, "val": test, "test": test}
-    ways = {"train": cfg.train.ways, "val": cfg.test.ways, "test": cfg.test.ways}
-    problems = summarise(split_problems(datasets, needed, ways))
-    if problems:
-        listing = "\n  ".join(problems[:10]) + (f"\n  ... {len(problems) - 10} more" if len(problems) > 10 else "")
-        raise DatasetError(f"{cfg.data_root} cannot hold this cell's episodes ({len(problems)} problem(s); "
-                           f"`fsl data check {cfg.data.dataset} --config ...` lists them all):\n  {listing}")
-
-
-class FixedEpisodes:
-    """The `count` fixed `split` episodes of the cell (test.ways/shots/queries, seeded by test.seed): their
-    descriptions, drawn once, and the evaluation images they index (the store's eval kind). Validation uses the
-    val split's, the test the test split's."""
-
-    def __init__(self, cfg: Config, split: str, count: int):
-        dataset = cell_split(cfg, split)
-        self.store = cell_store(cfg, dataset, split, "eval")
-        stream = EpisodeDataset(dataset, cfg.test.ways, cfg.test.shots, cfg.test.queries, seed=cfg.test.seed,
-                                count=count, rotations=cfg.data.class_rotations, keys="test")
-        self.specs = [stream[i] for i in range(count)]
-        self.shape = (cfg.test.ways, cfg.test.shots, cfg.test.queries, cfg.data.image_size)
-        self.normalisation = dataset.normalisation
-
-    def __len__(self) -> int:
-        return len(self.specs)
-
-    def batches(self, indices: list[int], size: int, device: torch.device, prefetch: str = "inline") -> EpisodeStream:
-        """Episodes `indices`, `size` at a time, as tensors on `device`, built ahead by a thread with `prefetch`
-        (data.prefetch): an EpisodeStream, to be closed (`contextlib.closing`)."""
-        make = EpisodeMaker(self.store, *self.shape, device, normalisation=self.normalisation)
-        specs = (collate_specs([self.specs[i] for i in indices[start:start + size]])
-                 for start in range(0, len(indices), size))
-        return EpisodeStream(specs, make, prefetch)

@@ -1,4 +1,4 @@
-"""Accuracy on fixed episodes: what validation (fsl.train) and the test (fsl.evaluate) both measure.
+"""Accuracy on fixed episodes: what validation (fsl.train.meta_train) and the test (fsl.train.meta_test) both measure.
 
 Each episode is adapted from the meta-learned weights by the test-time inner loop and scored on its query set; the
 result is one accuracy (%) per episode (fsl.results.ci95 summarises them).
@@ -12,24 +12,25 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from fsl import batching, distributed
 from fsl.config import Config
-from fsl.episodes import FixedEpisodes
-from fsl.maml import InnerLoop, InnerRates, evaluate_tasks
-from fsl.precision import autocast
+from fsl.device import distributed
+from fsl.device.precision import autocast
+from fsl.maml import InnerLoop, InnerRates, batching, evaluate_tasks
+from fsl.train.cell import FixedEpisodes
 
 
 def parallel_episodes(cfg: Config, model: nn.Module, rates: InnerRates | None, episodes: FixedEpisodes,
                       device: torch.device) -> tuple[int, str]:
     """(test.parallel_episodes resolved for this device, why): `auto` probes the adaptation of the first episodes
-    (fsl.batching: time on a CPU, one episode's memory on CUDA), at most 16 episodes at once."""
+    (fsl.maml.batching: time on a CPU, one episode's memory on CUDA), at most 16 episodes at once."""
     probed = list(range(min(len(episodes), 16)))
 
     def run(group: int) -> None:
         with autocast(cfg.precision, device):
             for batch in episodes.batches(probed, group, device):
                 evaluate_tasks(model, batch, InnerLoop.testing(cfg), rates)
-    return batching.resolve(cfg.test.parallel_episodes, len(episodes), device, run, cap=16)
+    return batching.resolve(cfg.test.parallel_episodes, len(episodes), device, run, cap=16,
+                            deterministic=cfg.deterministic)
 
 
 def evaluate(model: nn.Module, episodes: FixedEpisodes, loop: InnerLoop, device: torch.device,
@@ -37,7 +38,7 @@ def evaluate(model: nn.Module, episodes: FixedEpisodes, loop: InnerLoop, device:
              parallel: int = 1, prefetch: str = "auto") -> np.ndarray:
     """Per-episode query accuracy (%) of `model` adapted by `loop` (with learned `rates`, if any) on each episode, in
     episode order; `parallel` episodes are adapted together (fsl.maml.evaluate_tasks), their input built ahead
-    (`prefetch`, fsl.episodes.EpisodeStream), the accuracies kept on the device and read once, at the end.
+    (`prefetch`, fsl.data.episodes.EpisodeStream), the accuracies kept on the device and read once, at the end.
 
     Under torchrun the episodes are dealt out round-robin across the processes (all of them must call this) and
     every process gets the full array, identical to a single-process run's."""

@@ -6,7 +6,7 @@ to a handful of labelled images of new classes, then labels new images.
 
 The adaptation is the checkpoint's own meta-test inner loop (fsl.maml.InnerLoop.testing: maml.test_inner_steps SGD
 steps from the meta-learned weights, with its learned rates if any), in its precision (fp32 without TF32, tf32, or
-bf16 autocast: fsl.precision), on the images as the test episodes see them (the trained dataset's evaluation
+bf16 autocast: fsl.device.precision), on the images as the test episodes see them (the trained dataset's evaluation
 transform and normalisation: the protocol's resize and centre crop, or Omniglot's LANCZOS resize and inverted
 greyscale). BatchNorm uses the statistics of the batch it is given (as in every fsl meta-test), so the queries
 are classified in batches of ways x test.queries images, the size of a test episode's query set. Writes a CSV (file, predicted class, one
@@ -22,14 +22,15 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from fsl.checkpoint import load_checkpoint_model
 from fsl.data import READERS
 from fsl.data.augment import normalise
 from fsl.data.base import DatasetError, SplitDataset, open_rgb
 from fsl.data.folder import class_folder_images, is_image
+from fsl.device.distributed import resolve_device
+from fsl.device.precision import apply_precision, autocast
 from fsl.maml import InnerLoop, adapt
-from fsl.precision import apply_precision, autocast
-from fsl.utils import check_writable, resolve_device, write_atomic
+from fsl.results.files import check_writable, write_atomic
+from fsl.train.checkpoint import load_checkpoint_model
 
 
 def read_images(paths: list[Path], image_size: int, reader: type[SplitDataset] = SplitDataset) -> torch.Tensor:
