@@ -14,7 +14,14 @@ import sys
 import time
 import types
 
-sys.modules.setdefault("learn2learn", types.ModuleType("learn2learn"))  # fsl.data.episodes imports it; unused here
+try:  # fsl.data.episodes imports learn2learn's task pipeline, unused here; a GPU machine may lack learn2learn
+    import learn2learn.vision.transforms  # noqa: F401
+except ImportError:
+    for name in ("learn2learn", "learn2learn.vision", "learn2learn.vision.transforms"):
+        sys.modules[name] = types.ModuleType(name)
+    sys.modules["learn2learn"].vision = sys.modules["learn2learn.vision"]
+    sys.modules["learn2learn.vision"].transforms = sys.modules["learn2learn.vision.transforms"]
+    sys.modules["learn2learn.vision.transforms"].RandomClassRotation = type("RandomClassRotation", (), {})
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import numpy as np

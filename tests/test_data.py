@@ -4,6 +4,7 @@ import pickle
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -192,3 +193,17 @@ def test_cub_class_missing_before_later_classes_is_an_error(tmp_path):
     shutil.rmtree(root / "images" / "003.Sooty_Albatross")
     with pytest.raises(DatasetError, match=r"class\(es\) \['003.Sooty_Albatross'\] \(1 in all\) have no images"):
         load_split("cub", root, "train")
+
+
+def test_a_files_fingerprint_names_the_file_not_the_path_spelling(tmp_path, monkeypatch):
+    """A store built through ../shared/data from one folder is reused from another (it was rebuilt: 'source
+    differs')."""
+    from fsl.data.base import files_fingerprint
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "x.png").write_bytes(b"123")
+    monkeypatch.chdir(tmp_path / "a")
+    spellings = [Path("x.png"), tmp_path / "a" / "x.png", tmp_path / "a" / ".." / "a" / "x.png"]
+    assert len({files_fingerprint([p]) for p in spellings}) == 1
+    before = files_fingerprint([spellings[0]])
+    (tmp_path / "a" / "x.png").write_bytes(b"1234")
+    assert files_fingerprint([spellings[0]]) != before  # the file changed

@@ -217,7 +217,7 @@ def test_adapt_runs_in_the_checkpoints_precision(tmp_path, monkeypatch):
 
 
 class InjectOOM:
-    """Makes fsl.maml.task_meta_gradient (or evaluate_tasks) raise an out-of-memory error for groups of more than
+    """Makes fsl.maml.step.task_meta_gradient (or evaluate_tasks) raise an out-of-memory error for groups of more than
     `fits` tasks, as a GPU would."""
 
     def __init__(self, module, name, fits):
@@ -239,11 +239,11 @@ def test_out_of_memory_halves_the_group_and_the_run_resumes_bit_equal(tmp_path, 
     """#30.9: an OOM in a training step and in validation: the step (validation) is taken again with half as many
     tasks (episodes) at once, the size is kept, and resuming continues with it; the weights equal a run that used
     that size throughout. At one task at a time, a clear error."""
-    from fsl import maml
+    from fsl.maml import step
     from fsl.train import accuracy
     settings = ["train.meta_batch=4", "train.parallel_tasks=4", "test.parallel_episodes=3", "train.val_every=8"]
-    monkeypatch.setattr(maml, "task_meta_gradient", maml.task_meta_gradient)
-    step_oom = InjectOOM(maml, "task_meta_gradient", fits=2)
+    monkeypatch.setattr(step, "task_meta_gradient", step.task_meta_gradient)  # where meta_train_step looks it up
+    step_oom = InjectOOM(step, "task_meta_gradient", fits=2)
     monkeypatch.setattr(accuracy, "evaluate_tasks", accuracy.evaluate_tasks)
     val_oom = InjectOOM(accuracy, "evaluate_tasks", fits=1)
     halved = load_config(CONFIG, tiny(tmp_path / "a", "train.tasks=8", *settings))

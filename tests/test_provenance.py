@@ -5,7 +5,7 @@ import torch
 from conftest import REPO, STORE_CACHE, fixture_root
 
 from fsl.config import ConfigError, load_config
-from fsl.results import provenance
+from fsl.results import is_done
 from fsl.results.provenance import check_resume, comparability, meta_test_config, meta_test_sha, train_sha
 from fsl.train import meta_test as evaluate
 from fsl.train import meta_train as train
@@ -121,7 +121,7 @@ def test_short_run_is_recorded_as_such_and_not_done(tmp_path):
     assert row["best_val_tasks"] in (2, 4) and row["train_config_sha"] == train_sha(trained)
     assert "train.tasks=4 (protocol 100000)" in row["not_comparable_why"]
     assert row["tasks_per_s"] > 0 and pd.isna(row["peak_memory_mb"])  # no GPU memory on the CPU
-    assert not provenance.is_done(trained)
+    assert not is_done(trained, CONFIG)
     summary = pd.read_csv(tmp_path / "results/summary.csv")
     assert list(summary["run"]) == ["mini-imagenet-conv4-1shot"] and not summary["comparable"][0]
 

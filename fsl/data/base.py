@@ -103,12 +103,12 @@ class SplitDataset(Dataset):
 
 
 def files_fingerprint(paths: Iterable[Path], *extra: str) -> str:
-    """Hash of each file's absolute path, size and modification time (and `extra` strings); one stat per file. The
-    same files named by a relative or an absolute path have the same fingerprint."""
+    """Hash of each file's resolved path, size and modification time (and `extra` strings); one stat per file. The
+    same files named by a relative, an absolute or a `..` path have the same fingerprint."""
     digest = hashlib.sha256("\n".join(extra).encode())
     for path in paths:
         stat = path.stat()
-        digest.update(f"{Path(path).absolute()}|{stat.st_size}|{stat.st_mtime_ns}\n".encode())
+        digest.update(f"{Path(path).resolve()}|{stat.st_size}|{stat.st_mtime_ns}\n".encode())
     return digest.hexdigest()[:16]
 
 

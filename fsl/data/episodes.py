@@ -27,6 +27,7 @@ from contextlib import contextmanager
 from typing import Iterator, NamedTuple
 
 import learn2learn as l2l
+import learn2learn.vision.transforms  # noqa: F401  (l2l.vision is not imported by learn2learn itself)
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset

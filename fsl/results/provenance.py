@@ -17,7 +17,7 @@ from fsl.config import Config, ConfigError, all_keys, flat_dict, load_config, se
 from fsl.maml import schedule
 from fsl.results.reference import reference
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]  # fsl/results/provenance.py -> the checkout
 RUN_KEYS = ("device", "name", "work_dir", "results_dir", "data.root", "data.workers", "data.cache_dir",
             "train.log_every", "train.checkpoint_every", "train.tensorboard", "cudnn_benchmark", "train.parallel_tasks",
             "test.parallel_episodes", "train.stop_at", "data.prefetch", "deterministic")
