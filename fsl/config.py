@@ -192,6 +192,13 @@ class Config:
     def data_root(self) -> Path:
         return Path(self.data.root or Path("data") / self.data.dataset)
 
+    @property
+    def episode_images(self) -> dict[str, int]:
+        """Images per class an episode of each split takes: train.shots + train.queries in training, test.shots +
+        test.queries in validation and test."""
+        test = self.test.shots + self.test.queries
+        return {"train": self.train.shots + self.train.queries, "val": test, "test": test}
+
 
 QUICK_LIMITS = {"train.tasks": 400, "train.val_every": 200, "train.val_episodes": 20, "test.episodes": 100,
                 "train.log_every": 40}
@@ -405,10 +412,11 @@ GREYSCALE = ["omniglot"]
 def validate(cfg: Config) -> None:
     """Refuse, naming the key and the fix, a config no run could honour: names, counts and ranges, then the
     combinations (`validate_combinations`, `validate_variant`)."""
+    flat = flat_dict(cfg)
     for key, value, choices in (("data.dataset", cfg.data.dataset, DATASETS), ("model.arch", cfg.model.arch, ARCHS),
                                 ("precision", cfg.precision, PRECISIONS),
                                 ("train.meta_lr_schedule", cfg.train.meta_lr_schedule, META_LR_SCHEDULES),
-                                *((key, flat_dict(cfg)[key], choices) for key, choices in CHOICES.items())):
+                                *((key, flat[key], choices) for key, choices in CHOICES.items())):
         if value not in choices:
             raise ConfigError(f"{key}={value!r}; choose one of {', '.join(choices)}")
     if cfg.data.workers < -1:
@@ -417,15 +425,15 @@ def validate(cfg: Config) -> None:
     for key in ("train.tasks", "train.meta_batch", "train.val_every", "train.val_episodes", "train.checkpoint_every",
                 "train.log_every", "test.episodes", "train.queries", "test.queries", "train.parallel_tasks",
                 "test.parallel_episodes"):
-        if flat_dict(cfg)[key] != "auto" and flat_dict(cfg)[key] < 1:
-            raise ConfigError(f"{key} must be >= 1, got {flat_dict(cfg)[key]}")
+        if flat[key] != "auto" and flat[key] < 1:
+            raise ConfigError(f"{key} must be >= 1, got {flat[key]}")
     for key in ("train.ways", "test.ways"):
-        if flat_dict(cfg)[key] < 2:
-            raise ConfigError(f"{key}={flat_dict(cfg)[key]}: an episode needs at least 2 classes (with one, every "
+        if flat[key] < 2:
+            raise ConfigError(f"{key}={flat[key]}: an episode needs at least 2 classes (with one, every "
                               f"query is trivially right); fix: {key}=5, the protocol's")
     for key in ("train.shots", "test.shots"):
-        if flat_dict(cfg)[key] < 1:
-            raise ConfigError(f"{key}={flat_dict(cfg)[key]}: the inner loop adapts on the support set, which needs "
+        if flat[key] < 1:
+            raise ConfigError(f"{key}={flat[key]}: the inner loop adapts on the support set, which needs "
                               f"at least 1 image per class; fix: {key}=1 or more")
     for key, value in (("maml.inner_lr", cfg.maml.inner_lr), ("train.meta_lr", cfg.train.meta_lr)):
         if not (value > 0 and math.isfinite(value)):

@@ -57,10 +57,7 @@ def episode_sizes(args: argparse.Namespace, cfg: Config | None) -> dict[str, int
         if args.shots is None or args.queries is None or args.shots < 1 or args.queries < 1:
             raise ConfigError("--shots and --queries go together, each >= 1 (e.g. --shots 1 --queries 15)")
         return dict.fromkeys(("train", "val", "test"), args.shots + args.queries)
-    if cfg is None:
-        return None
-    test = cfg.test.shots + cfg.test.queries
-    return {"train": cfg.train.shots + cfg.train.queries, "val": test, "test": test}
+    return cfg.episode_images if cfg is not None else None
 
 
 def cache_command(args: argparse.Namespace, root: Path) -> int:

@@ -121,9 +121,9 @@ def resolve(setting: int | str, total: int, device: torch.device, run: Callable[
     if setting != "auto":
         return min(int(setting), total), "set in the config"
     total = min(total, cap or total)
-    if device.type != "cuda" and deterministic:
-        return 1, "auto: 1 on cpu, untimed (deterministic=true: a timed choice would depend on the machine's load)"
     if device.type != "cuda":
+        if deterministic:
+            return 1, "auto: 1 on cpu, untimed (deterministic=true: a timed choice would depend on the machine's load)"
         return fastest_group(run, total)
     try:
         per_task = max(peak_bytes(lambda: run(1), device), 1)

@@ -67,10 +67,8 @@ def check_cell_data(cfg: Config) -> None:
     or images per class for the cell's episodes, a class or an image in two splits), each once with its count, as
     one DatasetError; nothing is decoded."""
     datasets = {split: cell_split(cfg, split) for split in ("train", "val", "test")}
-    test = cfg.test.shots + cfg.test.queries
-    needed = {"train": cfg.train.shots + cfg.train.queries, "val": test, "test": test}
     ways = {"train": cfg.train.ways, "val": cfg.test.ways, "test": cfg.test.ways}
-    problems = summarise(split_problems(datasets, needed, ways))
+    problems = summarise(split_problems(datasets, cfg.episode_images, ways))
     if problems:
         listing = "\n  ".join(problems[:10]) + (f"\n  ... {len(problems) - 10} more" if len(problems) > 10 else "")
         raise DatasetError(f"{cfg.data_root} cannot hold this cell's episodes ({len(problems)} problem(s); "
