@@ -9,7 +9,9 @@
 # Variants of the inner loop (experiments/variants/<cell>-<variant>.yaml) are targets too: `make glyphs-conv4-1shot-anil`.
 
 SHELL := /bin/bash
-PYTHON_BIN ?= python3.11
+# The Python for .venv: PYTHON_BIN when given, else the newest of python3.13, python3.12, python3.11 on PATH that
+# runs (a pyenv shim of a version not selected is on PATH but does not run)
+PYTHON_BIN ?= $(firstword $(foreach v,3.13 3.12 3.11,$(shell python$(v) -c 'import sys; print(sys.executable)' 2>/dev/null)))
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.fsl-setup-stamp
@@ -39,7 +41,7 @@ FSL := $(if $(filter-out 1,$(GPUS)),$(VENV)/bin/torchrun --standalone --nproc_pe
 	data-tiered-imagenet data-omniglot clean-venv $(CELLS) $(VARIANTS)
 
 help:
-	@echo "make setup                 create .venv (Python 3.11) with the pinned stack and the fsl command"
+	@echo "make setup                 create .venv (newest Python 3.11-3.13, or PYTHON_BIN) with the pinned stack and the fsl command"
 	@echo "make demo                  train + test + tables on the built-in glyphs data (minutes on a CPU)"
 	@echo "make test                  the linter, then the whole test suite (CPU; ~20 min on 2 cores)"
 	@echo "make test-fast             the linter, then the in-process tests only (CONTRIBUTING.md)"
@@ -59,7 +61,8 @@ help:
 setup: $(STAMP)
 
 $(STAMP): requirements.txt requirements-dev.txt scripts/install_learn2learn.sh pyproject.toml
-	test -x $(PY) || $(PYTHON_BIN) -m venv $(VENV)
+	@test -x $(PY) || test -n "$(PYTHON_BIN)" || { echo "make setup: no python3.13, python3.12 or python3.11 on PATH; fix: install one, or give PYTHON_BIN=/path/to/python3.1x" >&2; exit 1; }
+	@test -x $(PY) && echo "make setup: reusing $(VENV) ($$($(PY) -V))" || { echo "make setup: creating $(VENV) with $(PYTHON_BIN) ($$($(PYTHON_BIN) -V))"; $(PYTHON_BIN) -m venv $(VENV); }
 	$(PY) -m pip install -q -r requirements.txt -r requirements-dev.txt
 	bash scripts/install_learn2learn.sh $(PY)
 	$(PY) -m pip install -q --no-deps --no-build-isolation -e .

@@ -37,6 +37,11 @@ class DataConfig:
     class_rotations: bool = False   # turn every class of every episode (train, val and test) by a random multiple of
                                     # 90 degrees, all its images alike (learn2learn's RandomClassRotation; Finn et
                                     # al.'s Omniglot tasks, data_generator.py)
+    omniglot_images: str = "binary"  # Omniglot only: binary: the archives' 1-bit images resized by PIL as they are
+                                    # (PIL resizes mode "1" with NEAREST whatever filter is asked: cbfinn's
+                                    # resize_images.py, the inputs behind the paper's numbers; values 0 and 255) |
+                                    # greyscale: converted to greyscale first, then LANCZOS (learn2learn's benchmark;
+                                    # fsl's rows before #36)
     workers: int = -1               # DataLoader processes that describe training episodes; -1: the CPU cores but
                                     # one, at most 4 (fsl.data.episodes.default_workers)
     cache_dir: str = "data/cache"   # decoded-image stores (fsl.data.store), built once per split and image size
@@ -396,7 +401,8 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
 META_LR_SCHEDULES = ("constant", "cosine")  # see fsl.maml.schedule.meta_lr_at
 CHOICES = {"model.downsample": ("maxpool", "stride"), "model.head_input": ("flatten", "mean"),
            "model.init": ("kaiming", "xavier"), "maml.inner_loss": ("mean", "class_sum"),
-           "test.weights": ("best", "final"), "data.prefetch": ("auto", "thread", "inline")}
+           "test.weights": ("best", "final"), "data.prefetch": ("auto", "thread", "inline"),
+           "data.omniglot_images": ("binary", "greyscale")}
 MIN_IMAGE_SIZE = 16  # conv4 and resnet12 both halve the image four times (16 -> 1 pixel)
 PRECISIONS = ("fp32", "tf32", "bf16")       # see fsl.device.precision
 

@@ -89,19 +89,60 @@ def test_a_missing_archive_names_the_prepare_command(tmp_path):
         load_split("omniglot", tmp_path, "train")
 
 
-def test_images_are_lanczos_resized_and_ink_is_one(test_split):
+def test_binary_images_are_pils_resize_of_the_1bit_archive_images_and_ink_is_one(root, test_split):
+    """The default input form (data.omniglot_images=binary) is cbfinn's resize_images.py: PIL's resize of the mode
+    "1" archive image (NEAREST, whatever filter is asked), values 0 and 255 only."""
+    assert test_split.images == "binary"
     store = open_store(test_split, "omniglot", "test", "eval", 28, STORE_CACHE, progress=False)
-    original = test_split.load_image(5)
-    assert original.size == (105, 105)
-    expected = np.asarray(original.convert("L").resize((28, 28), Image.LANCZOS))
-    assert np.array_equal(store.pixels[5][..., 0], expected)
+    for index in (0, 5, 4000, 8459):
+        with Image.open(io.BytesIO(test_split.read(index))) as original:
+            assert original.mode == "1" and original.size == (105, 105)
+            expected = np.asarray(original.resize((28, 28), resample=Image.LANCZOS).convert("L"))  # as cbfinn
+        assert np.array_equal(store.pixels[index][..., 0], expected), index
+    assert set(np.unique(store.pixels[:200])) == {0, 255}
     episodes = EpisodeDataset(test_split, 5, 1, 1, seed=0, count=1)
     x = EpisodeMaker(store, 5, 1, 1, 28, torch.device("cpu"), normalisation=test_split.normalisation)(
         collate_specs([episodes[0]])).support_x
     assert x.shape == (1, 5, 1, 28, 28)
     assert torch.allclose(x, 1 - torch.from_numpy(store.pixels[episodes[0].indices[::2]][..., :1]).permute(0, 3, 1, 2)
-                          .float().unsqueeze(0) / 255, atol=1e-6)  # 1 - p / 255, as float32 rounds it
-    assert x.mean() < 0.3  # mostly paper (0); the strokes are near 1
+                          .float().unsqueeze(0) / 255, atol=1e-6)  # 1 - p / 255: ink exactly 1, paper 0
+    assert x.mean() < 0.3  # mostly paper (0); the strokes are 1
+
+
+def test_greyscale_images_are_lanczos_resized_greyscale(root):
+    greyscale = load_split("omniglot", root, "test", images="greyscale")
+    store = open_store(greyscale, "omniglot", "test", "eval", 28, STORE_CACHE, progress=False)
+    original = greyscale.load_image(5)
+    assert original.size == (105, 105)
+    expected = np.asarray(original.convert("L").resize((28, 28), Image.LANCZOS))
+    assert np.array_equal(store.pixels[5][..., 0], expected)
+    assert len(np.unique(store.pixels[:200])) > 50  # smooth edges: many grey levels
+    binary = open_store(load_split("omniglot", root, "test"), "omniglot", "test", "eval", 28, STORE_CACHE,
+                        progress=False)
+    assert binary.path != store.path  # each form has its own store
+    with pytest.raises(DatasetError, match="images='grey'.*binary, greyscale"):
+        load_split("omniglot", root, "test", images="grey")
+
+
+def test_episode_i_of_each_split_comes_from_its_own_stream(root):
+    """Training, validation and test episode i are drawn from streams of (seed, split): their class rotations (a
+    5-vector of quarter turns) coincide about as often as independent draws do (1 in 4**5). When every split drew
+    episode i from (seed, i), 86 % of validation and test episodes had the same rotation vector."""
+    from fsl.train.cell import FixedEpisodes
+    cfg = load_config(CELL, ["device=cpu", f"data.root={root}", f"data.cache_dir={STORE_CACHE}"])
+    count = 300
+    val, test = FixedEpisodes(cfg, "val", count), FixedEpisodes(cfg, "test", count)
+    train = EpisodeDataset(load_split("omniglot", root, "train"), 5, 1, 1, seed=cfg.seed, count=count,
+                           rotations=True, stream="train")
+
+    def vectors(specs):
+        return np.stack([spec.turns[::2] for spec in specs])  # each class's turns, (count, 5)
+    train_turns, val_turns, test_turns = vectors(train[i] for i in range(count)), vectors(val.specs), \
+        vectors(test.specs)
+    for a, b in ((val_turns, test_turns), (train_turns, test_turns), (train_turns, val_turns)):
+        assert (a == b).all(1).mean() < 0.02
+        assert (a == b).mean() < 0.35  # single classes: 1 in 4 by chance
+    assert cfg.seed == cfg.test.seed == 0  # the same seeds: the streams alone keep them apart
 
 
 def test_data_check_prints_the_characters_and_the_split(root):

@@ -30,7 +30,7 @@ def write_results(folder: Path) -> Path:
          "reference_ci95": 0.39},
     ]
     folder.mkdir(parents=True, exist_ok=True)
-    write_csv(rows, folder / "summary.csv", SUMMARY)
+    write_csv([{**row, "episode_streams": "per-split"} for row in rows], folder / "summary.csv", SUMMARY)
     return folder
 
 
@@ -73,6 +73,22 @@ def test_learning_curve_and_histogram_plots(tmp_path):
                   "tasks_per_s": None, "seconds": 1.0}).to_csv(cell / "train_log.csv", index=False)
     written = {p.name for p in report.run(results)}
     assert {"mini-imagenet-conv4-1shot_test_histogram.png", "mini-imagenet-conv4-1shot_learning_curve.png"} <= written
+
+
+def test_a_row_of_the_shared_streams_keeps_its_files_and_yields_to_the_runs_retest(tmp_path):
+    """Rows written before #36 (no episode_streams: 'shared') name their files '__shared-streams'; a retest of the
+    run on the per-split streams is another row, and the tables show it in place of the old one."""
+    from fsl.results import own_tests, read_summary, row_file, upsert_summary
+    results = write_results(tmp_path / "results")
+    summary = read_summary(results)
+    old = {**summary.iloc[0].to_dict(), "episode_streams": "shared", "mean_acc": 40.0}
+    assert row_file(results, old, "test_episodes").name == "test_episodes__shared-streams.csv"
+    assert row_file(results, summary.iloc[0], "test_episodes").name == "test_episodes.csv"
+    upsert_summary(results, old)
+    both = read_summary(results)
+    assert sorted(both.loc[both["run"] == "mini-imagenet-conv4-1shot", "mean_acc"]) == [40.0, 47.10]
+    shown = own_tests(both)
+    assert shown.loc[shown["run"] == "mini-imagenet-conv4-1shot", "mean_acc"].tolist() == [47.10]
 
 
 def test_missing_or_empty_results_give_clear_messages(tmp_path):

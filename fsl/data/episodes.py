@@ -8,10 +8,13 @@ of numpy arrays). DataLoader workers compute descriptions and pass them back thr
 through shared memory (/dev/shm); the training process gathers the uint8 pixels from the memory-mapped image store
 (fsl.data.store) and augments and normalises the whole meta-batch on its device (`EpisodeMaker`).
 
-Episode `i` of an `EpisodeDataset` is a pure function of `(seed, i)`: the task description (learn2learn draws it
-with Python's `random`) and the augmentation parameters (torch's CPU RNG, as torchvision draws them) are drawn under a
-generator seeded from `(seed, i)`. So the same seed gives the same classes, images and crops in every run, with any
-number of DataLoader workers, in any order, and after resuming at any task; the caller's RNG state is left as it was.
+Episode `i` of an `EpisodeDataset` is a pure function of `(seed, stream, i)`: the task description (learn2learn draws
+it with Python's `random`) and the augmentation parameters (torch's CPU RNG, as torchvision draws them) are drawn
+under a generator seeded from `(seed, stream, i)`, the stream being the split the episodes come from (`STREAMS`). So
+the same seed gives the same classes, images and crops in every run, with any number of DataLoader workers, in any
+order, and after resuming at any task; the caller's RNG state is left as it was. Episode i of one split shares
+nothing with episode i of another (before #36 the stream was (seed, i) for every split: validation and test episode
+i then had the same rotations and drawing positions, `EPISODE_STREAMS`).
 """
 from __future__ import annotations
 
@@ -64,16 +67,20 @@ class EpisodeSpec(NamedTuple):
 
 
 SEEDED = threading.RLock()  # one seeded draw at a time in this process (`seeded`)
+STREAMS = {"train": 0, "val": 1, "test": 2}  # each split's own random stream, an entropy word of SeedSequence
+EPISODE_STREAMS = "per-split"  # how episode streams are derived, recorded in checkpoints and result rows: "per-split"
+                               # (seed, split, i), since #36; rows and checkpoints without it: "shared" (seed, i)
 
 
 @contextmanager
-def seeded(seed: int, index: int) -> Iterator[None]:
-    """Seed Python's `random` and torch's CPU RNG from (seed, index) inside the block; restore them after.
+def seeded(seed: int, index: int, stream: str = "train") -> Iterator[None]:
+    """Seed Python's `random` and torch's CPU RNG from (seed, stream, index) inside the block; restore them after.
+    `stream`: a key of STREAMS, the split whose episode `index` is drawn.
 
     Both are process-wide (learn2learn's transforms call the `random` module's functions), so the block holds a
     process-wide lock: an EpisodeStream's producer thread drawing training episodes while the trainer draws
     validation ones would otherwise interleave their draws (2 to 5 of 200 episodes differed, issue #30)."""
-    derived = int(np.random.SeedSequence([seed, index]).generate_state(1, dtype=np.uint64)[0])
+    derived = int(np.random.SeedSequence([seed, STREAMS[stream], index]).generate_state(1, dtype=np.uint64)[0])
     with SEEDED, torch.random.fork_rng(devices=[]):
         python_state = random.getstate()
         random.seed(derived)
@@ -158,7 +165,8 @@ def build_taskset(dataset: SplitDataset, ways: int, shots: int, queries: int,
 
 
 class EpisodeDataset(Dataset):
-    """Episodes `start .. start+count-1` of the stream defined by `seed` (see module docstring), as EpisodeSpecs.
+    """Episodes `start .. start+count-1` of the stream defined by `seed` and `stream` (the split they are drawn
+    from: a key of STREAMS; see module docstring), as EpisodeSpecs.
 
     `image_sizes` (N, 2): the (height, width) of each image of the split, for the augmentation parameters; None for
     episodes without augmentation (validation, test, or data.train_augment=false). `rotations`: every class turned
@@ -166,10 +174,12 @@ class EpisodeDataset(Dataset):
 
     def __init__(self, dataset: SplitDataset, ways: int, shots: int, queries: int, seed: int,
                  count: int, start: int = 0, image_sizes: np.ndarray | None = None, rotations: bool = False,
-                 keys: str = ""):
+                 keys: str = "", stream: str = "train"):
+        if stream not in STREAMS:
+            raise ValueError(f"stream={stream!r}: one of {list(STREAMS)}")
         self.taskset = build_taskset(dataset, ways, shots, queries, rotations, keys)
         self.ways, self.shots, self.queries = ways, shots, queries
-        self.seed, self.start, self.count = seed, start, count
+        self.seed, self.start, self.count, self.stream = seed, start, count, stream
         self.image_sizes = image_sizes
 
     def __len__(self) -> int:
@@ -182,7 +192,7 @@ class EpisodeDataset(Dataset):
     def __getitem__(self, i: int) -> EpisodeSpec:
         if not 0 <= i < self.count:
             raise IndexError(i)
-        with seeded(self.seed, self.start + i):
+        with seeded(self.seed, self.start + i, self.stream):
             indices, labels, *turns = self.taskset.get_task(self.taskset.sample_task_description())
             # drawn after the task, image after image in loading order, as the per-image v1 transforms drew them
             params = draw_params(self.image_sizes[indices]) if self.image_sizes is not None else np.zeros((0, 0))

@@ -11,11 +11,15 @@ alphabets: shuffled with a fixed seed, 1,100 train, 100 val, the other 423 test.
 (archive, alphabet, character) and shuffled with random.Random(SPLIT_SEED); cbfinn shuffles `os.listdir` order,
 which depends on the file system, so its exact split cannot be reproduced, only its sizes.
 
-Each image is decoded to greyscale (paper 255, ink 0), resized to image_size x image_size with PIL's LANCZOS
-(`eval_transform`, stored once in the image store) and fed to the network inverted, 1 - p / 255, ink 1 (`INK`): as
-learn2learn's Omniglot benchmark does. cbfinn's resize_images.py also asks for LANCZOS, but calls it on the
-archives' 1-bit images, for which PIL always resizes with NEAREST: its 28 x 28 images are binary. Every class of
-every episode is rotated by a random multiple of 90 degrees (`data.class_rotations`, fsl.data.episodes.ClassRotations).
+Each image is resized to image_size x image_size (stored once in the image store) and fed to the network inverted,
+1 - p / 255, ink 1 (`INK`), in one of two forms (`images`, the config's data.omniglot_images):
+  binary     the default: the archive's 1-bit image resized by PIL as it is, as cbfinn's resize_images.py does
+             (`im.resize((28, 28), resample=Image.LANCZOS)` on mode "1", which PIL resizes with NEAREST whatever
+             filter is asked): the paper's inputs, values 0 and 255 only, strokes subsampled (`resize_binary`);
+  greyscale  converted to greyscale first, then LANCZOS (`eval_transform`): smooth edges, as learn2learn's Omniglot
+             benchmark feeds; fsl's rows before #36.
+Every class of every episode is rotated by a random multiple of 90 degrees (`data.class_rotations`,
+fsl.data.episodes.ClassRotations).
 """
 from __future__ import annotations
 
@@ -30,6 +34,8 @@ from PIL import Image
 
 from fsl.data.base import DatasetError, SplitDataset, files_fingerprint, header_size
 from fsl.data.transforms import INK, resize_lanczos
+
+IMAGES = ("binary", "greyscale")  # the input forms (module docstring)
 
 ARCHIVES = ("images_background", "images_evaluation")
 SPLIT_SIZES = {"train": 1100, "val": 100, "test": 423}  # characters; cbfinn: num_train 1200 - num_val 100, rest test
@@ -91,6 +97,16 @@ def split_characters(keys: list[tuple[str, str, str]]) -> dict[str, list[tuple[s
     return {"train": order[:train], "val": order[train:train + val], "test": order[train + val:]}
 
 
+def resize_binary(image_size: int) -> Callable[[Image.Image], Image.Image]:
+    """1-bit PIL image -> RGB image_size x image_size, as cbfinn's resize_images.py makes it: PIL's resize of the
+    mode "1" image (NEAREST, whatever filter is asked), values 0 and 255."""
+    def resize(image: Image.Image) -> Image.Image:
+        if image.mode != "1":
+            raise ValueError(f"resize_binary expects a 1-bit image, got mode {image.mode!r}")
+        return image.resize((image_size, image_size), Image.LANCZOS).convert("L").convert("RGB")
+    return resize
+
+
 class Omniglot(SplitDataset):
     """One split of Omniglot: its characters are the classes (see the module docstring)."""
 
@@ -102,8 +118,13 @@ class Omniglot(SplitDataset):
     def eval_transform(image_size: int) -> Callable[[Image.Image], Image.Image]:
         return resize_lanczos(image_size)
 
-    def __init__(self, root: str | Path, split: str, transform: Callable | None = None):
+    def __init__(self, root: str | Path, split: str, transform: Callable | None = None, images: str = "binary"):
         super().__init__(transform)
+        if images not in IMAGES:
+            raise DatasetError(f"Omniglot images={images!r}: choose one of {', '.join(IMAGES)} (data.omniglot_images)")
+        self.images = images
+        if images == "binary":  # an instance attribute: the store reads the 1-bit image and resizes it as PIL does
+            self.eval_transform = resize_binary
         root = self.root = Path(root)
         if not root.is_dir():
             raise DatasetError(f"Omniglot root folder not found: {root}\n  fix: `fsl data prepare omniglot --root "
@@ -126,8 +147,17 @@ class Omniglot(SplitDataset):
         return self.archives[name.split("/")[0]].read(name)
 
     def load_image(self, index: int) -> Image.Image:
+        """The image as the store's resize takes it: the archive's 1-bit image (binary), or greyscale as RGB."""
         with Image.open(io.BytesIO(self.read(index))) as image:
+            if self.images == "binary":
+                image.load()
+                return image.copy()  # mode "1", as in the archive
             return image.convert("L").convert("RGB")  # paper 255, ink 0; convert() decodes fully
+
+    @property
+    def store_tag(self) -> str:
+        """What the image store's name adds for this input form (the greyscale stores keep their earlier names)."""
+        return "-binary" if self.images == "binary" else ""
 
     def source(self, index: int) -> str:
         name = self.paths[index]
@@ -139,7 +169,8 @@ class Omniglot(SplitDataset):
 
     def fingerprint(self) -> str:
         files = [f for archive in self.archives.values() for f in archive.fingerprint_files()]
-        return files_fingerprint(files, f"split seed {SPLIT_SEED} sizes {SPLIT_SIZES}")
+        return files_fingerprint(files, f"split seed {SPLIT_SEED} sizes {SPLIT_SIZES}"
+                                 + (" images binary" if self.images == "binary" else ""))
 
     def groups(self) -> dict[str, set[str]]:
         """The alphabets this split's characters come from, as <archive>/<alphabet>."""

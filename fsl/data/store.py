@@ -80,7 +80,7 @@ def stored_size(height: int, width: int, image_size: int) -> tuple[int, int]:
 
 def store_name(dataset: SplitDataset, dataset_name: str, split: str, kind: str, image_size: int) -> str:
     where = hashlib.sha256(str(dataset.root.resolve()).encode()).hexdigest()[:8]
-    return f"{dataset_name}-{split}-{kind}{image_size}-{where}"
+    return f"{dataset_name}{getattr(dataset, 'store_tag', '')}-{split}-{kind}{image_size}-{where}"
 
 
 def expected_stamp(dataset: SplitDataset, kind: str, image_size: int) -> dict:

@@ -26,6 +26,7 @@ from fsl.data import READERS
 from fsl.data.augment import normalise
 from fsl.data.base import DatasetError, SplitDataset, open_rgb
 from fsl.data.folder import class_folder_images, is_image
+from fsl.data.omniglot import resize_binary
 from fsl.device.distributed import resolve_device
 from fsl.device.precision import apply_precision, autocast
 from fsl.maml import InnerLoop, adapt
@@ -33,10 +34,16 @@ from fsl.results.files import check_writable, write_atomic
 from fsl.train.checkpoint import load_checkpoint_model
 
 
-def read_images(paths: list[Path], image_size: int, reader: type[SplitDataset] = SplitDataset) -> torch.Tensor:
+def read_images(paths: list[Path], image_size: int, reader: type[SplitDataset] = SplitDataset,
+                binary: bool = False) -> torch.Tensor:
     """(N, C, S, S) float32, normalised: each image as the test episodes of `reader`'s dataset see it (its
-    eval_transform and normalisation, C its channels); DatasetError naming an unreadable file."""
+    eval_transform and normalisation, C its channels); `binary`: a model trained on Omniglot's 1-bit inputs
+    (data.omniglot_images=binary) sees each image thresholded at grey 128, then resized as the 1-bit archive images
+    were (fsl.data.omniglot.resize_binary). DatasetError naming an unreadable file."""
     resize = reader.eval_transform(image_size)
+    if binary:
+        to_bits = resize_binary(image_size)
+        resize = lambda image: to_bits(image.convert("L").point(lambda p: 255 if p >= 128 else 0).convert("1"))  # noqa: E731
     arrays = []
     for path in paths:
         try:
@@ -91,7 +98,8 @@ def run(checkpoint: str | Path, support_dir: str | Path, queries: list[str], out
     classes, support_paths, labels = support_set(Path(support_dir), cfg.train.ways)
     files = query_files(queries)
     size, reader = cfg.data.image_size, READERS[cfg.data.dataset]
-    support_x = read_images(support_paths, size, reader).to(device).unsqueeze(0)   # (1, N, C, S, S)
+    binary = cfg.data.dataset == "omniglot" and cfg.data.omniglot_images == "binary"
+    support_x = read_images(support_paths, size, reader, binary).to(device).unsqueeze(0)   # (1, N, C, S, S)
     support_y = torch.tensor(labels, device=device).unsqueeze(0)                  # (1, N)
     with torch.enable_grad(), autocast(cfg.precision, device):
         adapted = adapt(model, support_x, support_y, InnerLoop.testing(cfg), rates)
@@ -99,7 +107,7 @@ def run(checkpoint: str | Path, support_dir: str | Path, queries: list[str], out
     probabilities = []
     with torch.no_grad(), autocast(cfg.precision, device):
         for start in range(0, len(files), batch):
-            x = read_images(files[start:start + batch], size, reader).to(device).unsqueeze(0)
+            x = read_images(files[start:start + batch], size, reader, binary).to(device).unsqueeze(0)
             probabilities.append(F.softmax(adapted(x)[0].float(), dim=-1).cpu())
     probabilities = torch.cat(probabilities)                                      # (Q, ways)
     rows = []

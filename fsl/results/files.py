@@ -27,6 +27,7 @@ import pandas as pd
 import torch
 
 from fsl.config import Config, ConfigError, config_files, from_dict, variant_label
+from fsl.data.episodes import EPISODE_STREAMS
 from fsl.device.distributed import describe_device
 from fsl.device.precision import describe_precision
 from fsl.results import provenance
@@ -99,6 +100,9 @@ SUMMARY = _schema(
     Column("test_tag", str, default=""),          # test settings other than the run's own ("test.episodes=100");
                                                   # empty (with train_tag): the run's own test, the row the tables
                                                   # use
+    Column("episode_streams", str, default="shared"),  # how the test episodes were drawn: per-split (seed, split,
+                                                  # i), since #36; shared: (seed, i) for every split, the rows
+                                                  # written before (fsl.data.episodes.EPISODE_STREAMS); in the key
     Column("cell", str, required=True),           # {dataset}-{arch}-{K}shot
     Column("dataset", str, required=True),
     Column("data_root", str),                     # the name of the dataset folder (data.root) the run read
@@ -256,11 +260,13 @@ def read_summary(results_dir: str | Path, must_exist: bool = False) -> pd.DataFr
     return summary
 
 
-ROW_KEY = ("run", "train_tag", "test_tag")  # one row per run, training settings and test settings
+ROW_KEY = ("run", "train_tag", "test_tag", "episode_streams")  # one row per run, training settings, test settings
+                                                               # and episode streams
 
 
-def row_key(row) -> tuple[str, str, str]:
-    return tuple("" if pd.isna(row.get(k)) or row.get(k) is None else str(row.get(k)) for k in ROW_KEY)
+def row_key(row) -> tuple[str, ...]:
+    key = tuple("" if pd.isna(row.get(k)) or row.get(k) is None else str(row.get(k)) for k in ROW_KEY)
+    return key[:-1] + (key[-1] or SUMMARY["episode_streams"].default,)
 
 
 def upsert_summary(results_dir: str | Path, row: dict) -> Path:
@@ -299,7 +305,7 @@ def summary_row(tested: Config, accuracies: np.ndarray, checkpoint: dict, checkp
     published = reference(*cell, variant_label(trained)) or reference(*cell) or (None, None)  # else MAML's
     return {
         "run": trained.cell + tested.run_tag, "train_tag": provenance.train_tag(trained, config_path),
-        "test_tag": provenance.test_tag(trained, tested), "cell": trained.cell,
+        "test_tag": provenance.test_tag(trained, tested), "episode_streams": EPISODE_STREAMS, "cell": trained.cell,
         "variant": variant_label(tested), "dataset": tested.data.dataset, "data_root": tested.data_root.name,
         "arch": tested.model.arch, "ways": tested.test.ways, "shots": tested.test.shots,
         "image_size": tested.data.image_size,
@@ -325,14 +331,19 @@ def summary_row(tested: Config, accuracies: np.ndarray, checkpoint: dict, checkp
 
 def own_tests(summary: pd.DataFrame) -> pd.DataFrame:
     """The rows of each run's own test of its config file's settings (empty train_tag and test_tag): what the tables
-    and plots show."""
-    return summary[(summary["test_tag"].fillna("") == "") & (summary["train_tag"].fillna("") == "")]
+    and plots show. A run tested on both episode streams shows its per-split row only (the shared-stream row stays
+    in summary.csv)."""
+    own = summary[(summary["test_tag"].fillna("") == "") & (summary["train_tag"].fillna("") == "")]
+    streams = own["episode_streams"].fillna(SUMMARY["episode_streams"].default)
+    retested = set(own.loc[streams == EPISODE_STREAMS, "run"])
+    return own[(streams == EPISODE_STREAMS) | ~own["run"].isin(retested)]
 
 
 def find_run(summary: pd.DataFrame, run: str, train_tag: str = "") -> pd.Series | None:
     """The row of `run`'s own test under training settings `train_tag`, or None."""
     match = summary[(summary["run"] == run) & (summary["train_tag"].fillna("") == train_tag)
-                    & (summary["test_tag"].fillna("") == "")]
+                    & (summary["test_tag"].fillna("") == "")
+                    & (summary["episode_streams"].fillna(SUMMARY["episode_streams"].default) == EPISODE_STREAMS)]
     return None if match.empty else match.iloc[0]
 
 
@@ -355,14 +366,17 @@ def short_hash(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:8]
 
 
-def run_file(results_dir: str | Path, cell: str, run: str, stem: str, test_tag: str = "", train_tag: str = "") -> Path:
+def run_file(results_dir: str | Path, cell: str, run: str, stem: str, test_tag: str = "", train_tag: str = "",
+             streams: str = EPISODE_STREAMS) -> Path:
     """results/<cell>/<stem><tag>.csv, where tag is what the run name adds to the cell, with '_' for '-'
     (run 'cub-conv4-1shot-quick': test_episodes_quick.csv), then '__train-<hash>' for a run with other training
-    settings than its config file's (`train_tag`) and '__test-<hash>' for a test with other settings than the run's
-    own (`test_tag`): so that no other run or test ever replaces a run's own file."""
+    settings than its config file's (`train_tag`), '__test-<hash>' for a test with other settings than the run's
+    own (`test_tag`) and '__shared-streams' for a row of the episode streams before #36 (`streams`): so that no
+    other run or test ever replaces a run's own file."""
     tag = run[len(cell):] if run.startswith(cell) else f"-{run}"
     other = (f"__train-{short_hash(train_tag)}" if train_tag else "") + (f"__test-{short_hash(test_tag)}"
                                                                          if test_tag else "")
+    other += "__shared-streams" if streams == "shared" else ""
     return Path(results_dir) / cell / f"{stem}{tag.replace('-', '_')}{other}.csv"
 
 
@@ -372,8 +386,9 @@ def cell_file(cfg: Config, stem: str) -> Path:
 
 def row_file(results_dir: str | Path, row, stem: str, test: bool = True) -> Path:
     """The per-run file `stem` of a summary row (its test's when `test`, else its run's: the training log)."""
+    streams = row.get("episode_streams")
     return run_file(results_dir, row["cell"], row["run"], stem, (row["test_tag"] or "") if test else "",
-                    row["train_tag"] or "")
+                    row["train_tag"] or "", streams if isinstance(streams, str) and streams else "shared")
 
 
 def write_test_episodes(path: str | Path, accuracies: np.ndarray) -> Path:

@@ -362,12 +362,12 @@ def run(results_dir: str | Path = "results") -> list[Path]:
         plot_omniglot(omniglot, plots / "omniglot_vs_paper.png")
         written.append(plots / "omniglot_vs_paper.png")
     for row in summary.itertuples():  # own rows: their files carry no tag
-        episodes_csv = results_io.run_file(results, row.cell, row.run, "test_episodes")
+        episodes_csv = results_io.row_file(results, row._asdict(), "test_episodes")
         if episodes_csv.exists():
             episodes = results_io.read_test_episodes(episodes_csv)
             plot_histogram(episodes["accuracy"], row.run, plots / f"{row.run}_test_histogram.png")
             written.append(plots / f"{row.run}_test_histogram.png")
-        log_csv = results_io.run_file(results, row.cell, row.run, "train_log")
+        log_csv = results_io.row_file(results, row._asdict(), "train_log", test=False)
         if log_csv.exists():
             log = results_io.read_train_log(log_csv)
             plot_learning_curve(log, row.run, plots / f"{row.run}_learning_curve.png")

@@ -29,7 +29,10 @@ from fsl.device import distributed
 
 def cell_split(cfg: Config, split: str) -> SplitDataset:
     """`split` of the cell's dataset under cfg.data_root, with the reader options the config sets."""
-    return load_split(cfg.data.dataset, cfg.data_root, split, **({"bbox_crop": True} if cfg.data.bbox_crop else {}))
+    options = {"bbox_crop": True} if cfg.data.bbox_crop else {}
+    if cfg.data.dataset == "omniglot":
+        options["images"] = cfg.data.omniglot_images
+    return load_split(cfg.data.dataset, cfg.data_root, split, **options)
 
 
 def cell_store(cfg: Config, dataset: SplitDataset, split: str, kind: str) -> ImageStore:
@@ -47,7 +50,7 @@ def training_episodes(cfg: Config, start: int, device: torch.device) -> EpisodeS
     sizes = store.sizes if cfg.data.train_augment else None  # for the augmentation parameters
     episodes = EpisodeDataset(split, cfg.train.ways, cfg.train.shots, cfg.train.queries, seed=cfg.seed, start=start,
                               count=cfg.train.tasks - start, image_sizes=sizes, rotations=cfg.data.class_rotations,
-                              keys="train")
+                              keys="train", stream="train")
     if distributed.world_size() > 1:
         episodes = RankShare(episodes, cfg.train.meta_batch, distributed.rank(), distributed.world_size())
     make = EpisodeMaker(store, cfg.train.ways, cfg.train.shots, cfg.train.queries, cfg.data.image_size, device,
@@ -76,7 +79,8 @@ def check_cell_data(cfg: Config) -> None:
 
 
 class FixedEpisodes:
-    """The `count` fixed `split` episodes of the cell (test.ways/shots/queries, seeded by test.seed): their
+    """The `count` fixed `split` episodes of the cell (test.ways/shots/queries, seeded by test.seed and the split's
+    own stream, fsl.data.episodes.STREAMS): their
     descriptions, drawn once, and the evaluation images they index (the store's eval kind). Validation uses the
     val split's, the test the test split's."""
 
@@ -84,7 +88,7 @@ class FixedEpisodes:
         dataset = cell_split(cfg, split)
         self.store = cell_store(cfg, dataset, split, "eval")
         stream = EpisodeDataset(dataset, cfg.test.ways, cfg.test.shots, cfg.test.queries, seed=cfg.test.seed,
-                                count=count, rotations=cfg.data.class_rotations, keys="test")
+                                count=count, rotations=cfg.data.class_rotations, keys="test", stream=split)
         self.specs = [stream[i] for i in range(count)]
         self.shape = (cfg.test.ways, cfg.test.shots, cfg.test.queries, cfg.data.image_size)
         self.normalisation = dataset.normalisation

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from fsl.config import Config, from_dict, to_dict
-from fsl.data.episodes import SEEDED
+from fsl.data.episodes import EPISODE_STREAMS, SEEDED
 from fsl.device import distributed
 from fsl.maml import InnerRates, batching, build_learner, make_fused
 from fsl.results import provenance
@@ -68,6 +68,7 @@ class Checkpoints:
                             {k: v.cpu() for k, v in module.state_dict().items()}))
             return TrainState()
         provenance.check_resume(from_dict(checkpoint["config"]), self.cfg, self.latest, checkpoint["tasks_done"])
+        check_streams(checkpoint, self.latest)
         self.model.load_state_dict(checkpoint["model"])
         if self.rates is not None:
             self.rates.load_state_dict(checkpoint["rates"])
@@ -94,6 +95,17 @@ class Checkpoints:
                         asdict(state))
 
 
+def check_streams(checkpoint: dict, path: Path) -> None:
+    """Refuse to resume a run whose training episodes were drawn from other streams than this fsl draws
+    (fsl.data.episodes.EPISODE_STREAMS; checkpoints written before #36 carry none: 'shared')."""
+    streams = checkpoint.get("episode_streams", "shared")
+    if streams != EPISODE_STREAMS:
+        raise CheckpointError(f"{path} was trained on the '{streams}' episode streams (before #36: episode i of "
+                              f"every split from (seed, i)); this fsl draws '{EPISODE_STREAMS}' streams, so a "
+                              f"resume would mix two task sequences. Fix: test it as it is (fsl test), or move it "
+                              f"away and train the run afresh")
+
+
 def tested_checkpoint(cfg: Config) -> Path:
     """The checkpoint `fsl test` takes by default (test.weights): <run_dir>/best_accuracy_mean.pth, the protocol's
     validation-selected weights, or <run_dir>/latest.pth, the final weights (the MAML paper's Omniglot test)."""
@@ -106,7 +118,8 @@ def save_checkpoint(path: Path, model: nn.Module, rates: InnerRates | None, opti
     with SEEDED:  # the RNGs' own states, not those an episode producer has seeded for a moment (fsl.data.episodes)
         rng = rng_states()
     checkpoint = {"model": model.state_dict(), "rates": rates.state_dict() if rates is not None else None,
-                  "optimizer": optimizer.state_dict(), "config": to_dict(cfg), "rng": rng, **state}
+                  "optimizer": optimizer.state_dict(), "config": to_dict(cfg), "rng": rng,
+                  "episode_streams": EPISODE_STREAMS, **state}
     try:
         write_atomic(path, lambda tmp: torch.save(checkpoint, tmp))
     except (OSError, RuntimeError) as error:  # torch reports a full disk as "enforce fail at inline_container.cc"
