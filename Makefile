@@ -37,7 +37,7 @@ endif
 SEED_ARGS := $(if $(SEEDS),$(foreach s,$(shell seq 0 $$(($(SEEDS) - 1))),seed=$(s)),_)
 FSL := $(if $(filter-out 1,$(GPUS)),$(VENV)/bin/torchrun --standalone --nproc_per_node $(GPUS) -m fsl,$(PY) -m fsl)
 
-.PHONY: help setup test test-fast lint demo all-tables omniglot slurm variants tables bench bench-data data-cub data-mini-imagenet \
+.PHONY: help setup test test-fast lint fidelity demo all-tables omniglot slurm variants tables bench bench-data data-cub data-mini-imagenet \
 	data-tiered-imagenet data-omniglot clean-venv $(CELLS) $(VARIANTS)
 
 help:
@@ -46,6 +46,7 @@ help:
 	@echo "make test                  the linter, then the whole test suite (CPU; ~20 min on 2 cores)"
 	@echo "make test-fast             the linter, then the in-process tests only (CONTRIBUTING.md)"
 	@echo "make lint                  ruff (pyproject.toml [tool.ruff])"
+	@echo "make fidelity              MMFewShot 0.1.0's MAML beside fsl's, float64 (benchmarks/results/fidelity-mmfewshot.md)"
 	@echo "make <cell> [GPUS=P] [SEEDS=N]  train then test one cell (P processes via torchrun; N seeds); cells: $(CELLS)"
 	@echo "make <cell>-<variant>      the same for a variant config of experiments/variants: $(VARIANTS)"
 	@echo "make all-tables            run every paper cell not yet done, then build the tables"
@@ -73,6 +74,13 @@ test: $(STAMP) lint
 
 test-fast: $(STAMP) lint   # the in-process tests only (no fsl/make/torchrun subprocess): a few minutes
 	$(PY) -m pytest -q -m "not slow" tests
+
+# MMFewShot 0.1.0 beside fsl (#35): a side environment on fsl's torch, then the step-by-step comparison; fails past
+# its tolerances. tests/test_mmcls_pixels.py (in `make test`) uses the same environment.
+MMFEWSHOT_VENV := .venv-mmfewshot
+fidelity: $(STAMP)
+	bash scripts/install_mmfewshot.sh $(PY) $(MMFEWSHOT_VENV)
+	$(MMFEWSHOT_VENV)/bin/python benchmarks/fidelity_mmfewshot.py --out benchmarks/results/fidelity-mmfewshot.md
 
 lint: $(STAMP)             # ruff's default rules plus import sorting (pyproject.toml [tool.ruff])
 	$(PY) -m ruff check .

@@ -15,14 +15,12 @@ import torch
 from conftest import REPO, fixture_root
 from PIL import Image
 from torchvision import transforms as T
-from torchvision.ops import roi_align
-from torchvision.transforms import functional as TF
 
 from fsl.data import DatasetError, load_split, store
-from fsl.data.augment import PARAMS, augment, colour_jitter_, draw_params, plan_augmentation, sample_crops
+from fsl.data.augment import PARAMS, augment, colour_jitter_, draw_params, plan_augmentation
 from fsl.data.base import SplitDataset
 from fsl.data.episodes import EpisodeDataset, EpisodeMaker, collate_specs, episode_loader, seeded
-from fsl.data.transforms import eval_resize_crop, eval_transform, train_transform
+from fsl.data.transforms import crop_resize, eval_resize_crop, eval_transform, train_transform
 
 
 @pytest.fixture(scope="module")
@@ -225,42 +223,55 @@ def test_parameters_are_torchvision_draws_for_any_image_shape():
     assert ((ours[-300:, 2] == sizes[-300:, 0]) & (ours[-300:, 1] > 0)).mean() > 0.5  # fallback: full height
 
 
-def test_crops_are_roi_align_and_colours_are_torchvision_adjust():
-    """The batched operations against their definitions: every crop-and-resize is roi_align's area-averaged bilinear
-    sampling (grid_sample where no crop is downscaled), ColorJitter is torchvision's adjust_* in each image's order,
-    and chunking changes nothing."""
-    g = torch.Generator().manual_seed(0)
-    images = torch.randint(0, 256, (24, 3, 120, 120), generator=g).float()
-    for largest in (84, 119):  # all crops upscaled (grid_sample path), then some downscaled (roi_align path)
-        side = 10 + torch.rand(24, 2, generator=g) * (largest - 10)
-        corner = torch.rand(24, 2, generator=g) * (120 - side)
-        boxes = torch.cat([corner, corner + side], 1)
-        assert ((boxes[:, 2:] - boxes[:, :2]) > 84).any() == (largest > 84)
-        indexed = torch.cat([torch.arange(24.0)[:, None], boxes], 1)
-        torch.testing.assert_close(sample_crops(images, boxes, 84),
-                                   roi_align(images, indexed, 84, 1.0, sampling_ratio=-1, aligned=True),
-                                   rtol=0, atol=0.02)  # 0-255 scale: float rounding of the sample positions
+def mmcv_jitter(image: np.ndarray, op: int, factor: float) -> np.ndarray:
+    """mmcv 1.4's adjust_brightness / adjust_contrast / adjust_color on one (H, W, 3) uint8 RGB image, written out
+    in numpy (the reference for fsl.data.augment.jitter_; tests/test_mmcls_pixels.py checks mmcv itself)."""
+    x = image.astype(np.float64)
+    grey = (4899 * x[..., 0] + 9617 * x[..., 1] + 1868 * x[..., 2] + 8192).astype(np.int64) >> 14  # BGR2GRAY
+    if op == 0:
+        return np.floor(np.clip((x * factor).astype(np.float32), 0, 255)).astype(np.uint8)
+    if op == 1:
+        mean = round(grey.sum() / grey.size)
+        return np.floor(np.clip((x * factor + mean * (1 - factor)).astype(np.float32), 0, 255)).astype(np.uint8)
+    blend = x.astype(np.float32) * np.float32(factor) + grey[..., None].astype(np.float32) * np.float32(1 - factor)
+    return np.clip(np.round(blend), 0, 255).astype(np.uint8)
 
-    x = torch.rand(30, 3, 16, 16, generator=g)
+
+def test_crop_resize_is_cut_then_resized_and_colours_are_mmcv_adjust():
+    """The batched operations against their definitions: a crop of the output's size comes back as it is, a crop
+    is resized from its own pixels only (cut, then resized: the image outside the box never enters), ColorJitter
+    is mmcv's adjust_* in each image's order, and chunking changes nothing."""
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (24, 3, 120, 120), generator=g, dtype=torch.uint8)
+    corner = torch.randint(0, 120 - 84, (24, 2), generator=g)
+    boxes = torch.cat([corner, corner + 84], 1).double()
+    expected = torch.stack([image[:, y:y + 84, x:x + 84] for image, (x, y) in zip(images, corner.tolist())])
+    assert torch.equal(crop_resize(images, boxes, 84), expected.float())
+    outside = images.clone()
+    outside[:, :, :, :10], outside[:, :, :, 50:] = 0, 255  # only columns 10..49 are the crop's
+    box = torch.tensor([[10.0, 5.0, 50.0, 100.0]]).expand(24, 4)
+    assert torch.equal(crop_resize(images, box, 84), crop_resize(outside, box, 84))
+
+    x = torch.randint(0, 256, (30, 3, 16, 16), generator=g, dtype=torch.uint8)
     orders = torch.stack([torch.randperm(4, generator=g) for _ in range(30)])
-    factors = 0.6 + 0.8 * torch.rand(30, 3, generator=g)
+    factors = 0.6 + 0.8 * torch.rand(30, 3, generator=g, dtype=torch.float64)
     expected = []
-    for image, order, factor in zip(x, orders, factors):
+    for image, order, factor in zip(x.permute(0, 2, 3, 1).numpy(), orders, factors):
         for op in order.tolist():
-            adjust = {0: TF.adjust_brightness, 1: TF.adjust_contrast, 2: TF.adjust_saturation}.get(op)
-            image = adjust(image, factor[op].item()) if adjust else image
-        expected.append(image)
+            image = mmcv_jitter(image, op, factor[op].item()) if op != 3 else image
+        expected.append(torch.from_numpy(image).permute(2, 0, 1))
     params = np.zeros((30, len(PARAMS)))
     params[:, 2:4], params[:, 5:9], params[:, 9:12] = 16, orders.numpy(), factors.numpy()
     plan = plan_augmentation(params, np.full((30, 2), 16), np.full((30, 2), 16), 16)
     assert len(plan.groups) <= 24 and sorted(plan.order.tolist()) == list(range(30))
-    ours = x[plan.order].clone()  # the processing order: one slice per jitter order
-    colour_jitter_(ours, factors[plan.order], plan.groups)
-    torch.testing.assert_close(ours, torch.stack(expected)[plan.order], rtol=0, atol=1e-6)
+    ours = x[plan.order].float()  # the processing order: one slice per jitter order
+    colour_jitter_(ours, plan.values[:, 5:8], plan.groups)
+    reference = torch.stack(expected)[plan.order].float()
+    assert torch.equal(ours, reference)
 
     sizes = np.array([[120, 120]] * 24)
     plan = plan_augmentation(draw_params(sizes), sizes, sizes, 84)
-    canvas = images.to(torch.uint8)[plan.order]
+    canvas = images[plan.order]
     torch.testing.assert_close(augment(canvas, plan, 84, chunk=5), augment(canvas, plan, 84, chunk=24), rtol=0,
                                atol=0)
 
@@ -376,21 +387,11 @@ def textured(width: int, height: int, seed: int) -> Image.Image:
     return Image.fromarray(np.clip(np.stack(channels, -1), 0, 255).astype(np.uint8))
 
 
-def torchvision_pipeline(image: Image.Image, row: np.ndarray) -> torch.Tensor:
-    """torchvision's v1 training transform with the given parameters, on the original PIL image."""
-    top, left, height, width = (int(v) for v in row[:4])
-    out = TF.resized_crop(image, top, left, height, width, [84, 84], T.InterpolationMode.BILINEAR, antialias=True)
-    out = TF.hflip(out) if row[4] else out
-    adjust = {0: TF.adjust_brightness, 1: TF.adjust_contrast, 2: TF.adjust_saturation}
-    for op in row[5:9].astype(int):
-        out = adjust[op](out, row[9 + op]) if op in adjust else out
-    return TF.normalize(TF.to_tensor(out), [0.485, 0.456, 0.406], [0.229, 0.224, 0.225])
-
-
-def test_non_square_crops_match_torchvision_on_the_original_image(tmp_path):
-    """CUB-size images (500x375 and 375x500) through the train store and the batched augmentation against
-    torchvision's RandomResizedCrop + flip + ColorJitter on the original PIL image with the same parameters. The
-    tolerance is tight enough that the squashed square canvas of the previous store format fails it."""
+def test_non_square_crops_from_the_store_stay_near_the_original_images_crops(tmp_path):
+    """CUB-size images (500x375 and 375x500) through the train store, which keeps them downscaled (297x396: the
+    smallest crop still spans 84 pixels), against the same augmentation of the original images (what mmcls computes,
+    tests/test_mmcls_pixels.py). The tolerance is tight enough that the squashed square canvas of an earlier store
+    format fails it; the downscale itself is the difference docs/protocol.md lists for photos over ~343 px."""
     images = [textured(500, 375, 0), textured(375, 500, 1)]
     dataset = MadeImages(images, tmp_path)
     made = store.open_store(dataset, "made", "train", "train", 84, tmp_path / "cache")
@@ -398,18 +399,21 @@ def test_non_square_crops_match_torchvision_on_the_original_image(tmp_path):
     torch.manual_seed(0)
     indices = np.repeat([0, 1], 150)
     params = draw_params(made.sizes[indices])
-    expected = torch.stack([torchvision_pipeline(images[i], row) for i, row in zip(indices, params)])
 
     def batched(pixels: np.ndarray, stored: np.ndarray) -> torch.Tensor:
         plan = plan_augmentation(params, made.sizes[indices], stored[indices], 84)
         canvas = torch.from_numpy(pixels[indices[plan.order]]).permute(0, 3, 1, 2)
         return augment(canvas, plan, 84)
 
+    originals = np.zeros((2, 500, 500, 3), np.uint8)
+    for canvas, image in zip(originals, images):
+        canvas[:image.height, :image.width] = np.asarray(image)
+    expected = batched(originals, made.sizes)
     ours = (batched(np.asarray(made.pixels), made.stored_sizes) - expected).abs().mean((1, 2, 3))
     squashed_pixels = np.stack([np.asarray(image.resize((297, 297), Image.BILINEAR)) for image in images])
     squashed = (batched(squashed_pixels, np.full((2, 2), 297)) - expected).abs().mean((1, 2, 3))
     small = torch.from_numpy(params[:, 2:4].min(1) < 141)  # crops where the squashed canvas lost detail
-    print(f"\nmean |difference| to torchvision (normalised units), all {len(ours)} crops / the {int(small.sum())} "
+    print(f"\nmean |difference| to the originals' crops (normalised units), all {len(ours)} crops / the {int(small.sum())} "
           f"smaller than 141 px: aspect kept {ours.mean():.4f} / {ours[small].mean():.4f}, squashed canvas "
           f"{squashed.mean():.4f} / {squashed[small].mean():.4f}")
-    assert ours.mean() < 0.035 and ours[small].mean() < 0.05 < squashed[small].mean()
+    assert ours.mean() < 0.13 and ours[small].mean() < squashed[small].mean()  # ~7 grey levels: the downscale

@@ -194,3 +194,35 @@ def test_test_settings_the_split_cannot_fill_are_named_before_the_checkpoint(tmp
                             capture_output=True, text=True)
     assert result.returncode == 2 and "fewer images than test.shots + test.queries = 100 + 15" in result.stderr
     assert "checkpoint not found" not in result.stderr
+
+
+def test_a_redirected_training_log_is_plain_lines(tmp_path):
+    """stderr to a file (Slurm, nohup, CI): no carriage-return frames, one progress line per interval and the last
+    (here every 0 s would be every refresh: the interval is 30 s, so a short run writes its first and last lines)."""
+    root = fixture_root("mini-imagenet")
+    with open(tmp_path / "train.log", "w") as log:
+        subprocess.run([sys.executable, "-m", "fsl", "train", str(CONFIG), "train.tasks=40", "train.val_every=20",
+                        *tiny(root, tmp_path)], cwd=REPO, check=True, stdout=log, stderr=subprocess.STDOUT)
+    text = (tmp_path / "train.log").read_text()
+    assert "\r" not in text
+    progress = [line for line in text.splitlines() if line.startswith("mini-imagenet-conv4-1shot: ")]
+    assert 1 <= len(progress) <= 4, progress  # 40 tasks in seconds: the first line, then the final one
+    assert progress[-1].startswith("mini-imagenet-conv4-1shot: 40/40 task (100%)") and "ETA" in progress[-1]
+    assert "loss=" in progress[-1] and "acc=" in progress[-1]
+    assert sum(line.startswith("task ") and ": validation " in line for line in text.splitlines()) == 2  # own lines
+
+
+def test_progress_lines_come_at_most_once_per_interval(monkeypatch):
+    import io
+
+    from fsl.data import progress
+    clock = iter(range(0, 10_000, 7))  # 7 s per refresh
+    monkeypatch.setattr(progress.time, "monotonic", lambda: next(clock))
+    out = io.StringIO()
+    bar = progress.progress_bar(interval=30, total=100, desc="x", unit="task", file=out, mininterval=0)
+    for _ in range(100):
+        bar.update()
+    bar.close()
+    lines = out.getvalue().splitlines()
+    assert "\r" not in out.getvalue() and lines[-1].startswith("x: 100/100 task (100%)")
+    assert 2 <= len(lines) <= 100 * 7 // 30 + 2

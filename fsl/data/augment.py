@@ -1,19 +1,22 @@
 """The protocol's training augmentation, applied to a whole batch of uint8 images on the training device.
 
-MMFewShot's MAML pipeline (torchvision v1, one PIL image at a time): RandomResizedCrop(84, scale 0.08-1, ratio
-3/4-4/3), RandomHorizontalFlip(0.5), ColorJitter(brightness 0.4, contrast 0.4, saturation 0.4), normalise. Here the
-random parameters are drawn per image on the CPU with the generator calls of torchvision's `get_params` functions, in
-the order the v1 pipeline makes them (so a seeded episode gets the very parameters the v1 pipeline would draw), and
-stored as rows of numbers; `augment` then applies them to all images of a meta-batch at once: every crop-and-resize as
-torchvision.ops.roi_align computes it (area-averaged bilinear sampling, i.e. antialiased like PIL's resize; as
-grid_sample where a crop is not downscaled), the flips, the colour operations in each image's own random order, and
-the normalisation. Pixels differ from PIL's by interpolation and rounding only. Everything data-dependent (the order
-images are processed in, the groups of images sharing a jitter order, whether a crop is downscaled) is decided on the
-host from the parameters (`plan_augmentation`), so `augment` never makes the host wait for the device.
+MMFewShot's MAML train pipeline is mmcls 0.18's (configs/classification/maml/*: RandomResizedCrop(84), RandomFlip(0.5),
+ColorJitter(0.4, 0.4, 0.4), Normalize; mmcls/datasets/pipelines/transforms.py), on uint8 images: the crop is cut out,
+then resized with cv2's bilinear interpolation (no smoothing when shrinking); the flip; the three colour operations in
+a random order, each through mmcv's adjust_* with its uint8 rounding; the normalisation. `augment` computes the same
+on all images of a meta-batch at once (`crop_resize`, `jitter_`), within 1 grey level of mmcls's per-image output
+(tests/test_mmcls_pixels.py feeds both the same images and parameters).
+
+The random parameters are fsl's own draws, from torch's CPU generator with the calls of torchvision's `get_params`
+functions (`draw_params`): the same distributions as mmcls's draws (a crop of 8-100 % of the area at a log-uniform
+aspect ratio in 3/4-4/3, a fair flip, factors uniform in 0.6-1.4, a uniformly random order), but not its streams
+(mmcls draws with Python's `random` and NumPy). Everything data-dependent (the order images are processed in, the
+groups of images sharing a jitter order) is decided on the host from the parameters (`plan_augmentation`), so
+`augment` never makes the host wait for the device.
 
 Parameter row per image (PARAMS columns): crop top, left, height, width in the original image's pixels; flip (0/1);
-the ColorJitter order (a permutation of 0 brightness, 1 contrast, 2 saturation, 3 hue); the brightness, contrast and
-saturation factors.
+the ColorJitter order (a permutation of 0 brightness, 1 contrast, 2 saturation, 3 hue, which is off); the
+brightness, contrast and saturation factors.
 """
 from __future__ import annotations
 
@@ -22,10 +25,8 @@ from typing import NamedTuple
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from torchvision.ops import roi_align
 
-from fsl.data.transforms import IMAGENET, Normalisation
+from fsl.data.transforms import IMAGENET, Normalisation, crop_resize
 
 SCALE, RATIO, FLIP, JITTER = (0.08, 1.0), (3 / 4, 4 / 3), 0.5, 0.4
 PARAMS = ("top", "left", "height", "width", "flip", "order0", "order1", "order2", "order3", "brightness",
@@ -98,25 +99,32 @@ def normalise(images: torch.Tensor, scale: float = 1.0, out: torch.Tensor | None
     return torch.addcmul(-shift, images.float(), inverse_std * scale if scale != 1.0 else inverse_std, out=out)
 
 
-def grayscale(images: torch.Tensor) -> torch.Tensor:
-    """(B, 3, H, W) in [0, 1] -> (B, 1, H, W), ITU-R 601 luma as torchvision's rgb_to_grayscale."""
-    r, g, b = images.unbind(1)
-    return (0.2989 * r).add_(g, alpha=0.587).add_(b, alpha=0.114).unsqueeze(1)
+def luma(images: torch.Tensor) -> torch.Tensor:
+    """(B, 3, H, W) RGB, integer values 0-255 -> (B, 1, H, W) float64 grey levels exactly as mmcv.bgr2gray
+    (cv2.COLOR_BGR2GRAY on uint8) gives them: (4899 R + 9617 G + 1868 B + 8192) >> 14, cv2's fixed point for
+    0.299 R + 0.587 G + 0.114 B."""
+    r, g, b = images.long().unbind(1)
+    return ((4899 * r + 9617 * g + 1868 * b + 8192) >> 14).unsqueeze(1).double()
 
 
 def jitter_(images: torch.Tensor, op: int, factor: torch.Tensor) -> None:
-    """Apply ColorJitter operation `op` (0 brightness, 1 contrast, 2 saturation) in place to (B, 3, H, W) images in
-    [0, 1], with per-image factors (B,); a factor of 1 leaves an image unchanged. As torchvision's adjust_* for
-    float images: brightness scales, contrast blends with the mean grey level, saturation with the grey image, then
-    clamp to [0, 1]."""
+    """Apply ColorJitter operation `op` (0 brightness, 1 contrast, 2 saturation) in place to (B, 3, H, W) float32
+    images of integer values 0-255, with per-image factors (B,) (float64), as mmcls 0.18's ColorJitter applies them
+    (its Brightness, Contrast and ColorTransform through mmcv 1.4's adjust_brightness, adjust_contrast and
+    adjust_color on uint8 images): brightness x f and contrast's blend with the image's mean grey level (the mean of
+    `luma`, rounded) as cv2.addWeighted computes them on float32 images (in double, stored as float32), clamped,
+    then truncated to integers (astype(uint8)); saturation's blend with `luma` rounded as cv2.addWeighted does on
+    uint8 (in float32). A factor of 1 leaves an image unchanged."""
     factor = factor.view(-1, 1, 1, 1)
     if op == 0:
-        images.mul_(factor)
+        images.copy_((images.double() * factor).float().clamp_(0, 255).floor_())
+    elif op == 1:
+        mean = luma(images).mean(dim=(1, 2, 3), keepdim=True).round_()
+        images.copy_((images.double() * factor + mean * (1 - factor)).float().clamp_(0, 255).floor_())
     else:
-        grey = grayscale(images)
-        other = grey.mean(dim=(1, 2, 3), keepdim=True) if op == 1 else grey
-        images.mul_(factor).add_(other * (1 - factor))
-    images.clamp_(0, 1)
+        alpha, beta = factor.float(), (1 - factor).float()  # cv2 takes both weights as float32
+        grey = luma(images).float()
+        images.mul_(alpha).add_(grey * beta).round_().clamp_(0, 255)
 
 
 def jitter_orders(orders: np.ndarray) -> np.ndarray:
@@ -136,7 +144,7 @@ def order_groups(orders: np.ndarray) -> list[tuple[int, int, tuple[int, int, int
 
 def colour_jitter_(images: torch.Tensor, factors: torch.Tensor, groups: list[tuple[int, int, tuple[int, int, int]]],
                    offset: int = 0) -> None:
-    """ColorJitter(0.4, 0.4, 0.4) in place on (B, 3, H, W) images in [0, 1] with factors (B, 3), each image's
+    """ColorJitter(0.4, 0.4, 0.4) in place on (B, 3, H, W) images of integer values 0-255 with factors (B, 3) (`jitter_`), each image's
     operations in its own order: `groups` are runs (start, stop, order) of a processing order sorted by jitter order
     (`AugmentPlan`), and `images` are its rows offset .. offset + B - 1. A run is a slice: no gather, no scatter."""
     for first, last, order in groups:
@@ -150,15 +158,13 @@ class AugmentPlan(NamedTuple):
     device never has to report a value back): the batch is processed in `order` (images sorted by their jitter
     order, so that each `groups` run is a slice), and written back to its own rows.
 
-    order (B,) host: the input row of each processed image; values (B, 8) float32: crop box (x1, y1, x2, y2) in
+    order (B,) host: the input row of each processed image; values (B, 8) float64: crop box (x1, y1, x2, y2) in
     the stored image's pixels, flip (0/1), brightness, contrast, saturation factors, in processing order;
-    positions (B,) int64: the output row of each processed image; groups: (start, stop, jitter order) runs;
-    downscales: some crop is larger than the output (roi_align's area averaging is needed)."""
+    positions (B,) int64: the output row of each processed image; groups: (start, stop, jitter order) runs."""
     order: np.ndarray
     values: torch.Tensor
     positions: torch.Tensor
     groups: list[tuple[int, int, tuple[int, int, int]]]
-    downscales: bool
 
     def to(self, device: torch.device) -> "AugmentPlan":
         """The plan's tensors on `device` (non-blocking from pinned memory where the device is a GPU)."""
@@ -178,39 +184,13 @@ def plan_augmentation(params: np.ndarray, sizes: np.ndarray, stored: np.ndarray,
     boxes scaled from original to stored pixels on each axis."""
     real = jitter_orders(params[:, 5:9])
     order = np.lexsort(real.T[::-1])  # by jitter order (first operation first), stable
-    real, params = real[order], torch.from_numpy(params[order]).float()
-    scale = torch.from_numpy(stored[order] / sizes[order]).float()  # (B, 2) stored / original, per axis
+    real, params = real[order], torch.from_numpy(params[order]).double()
+    scale = torch.from_numpy(stored[order] / sizes[order]).double()  # (B, 2) stored / original, per axis
     top, left = params[:, 0] * scale[:, 0], params[:, 1] * scale[:, 1]
     boxes = torch.stack([left, top, left + params[:, 3] * scale[:, 1], top + params[:, 2] * scale[:, 0]], dim=1)
     positions = torch.from_numpy(order)  # processed image i goes to output row order[i]
     values = torch.cat([boxes, params[:, 4:5], params[:, 9:12]], dim=1)
-    extent = boxes.numpy()
-    downscales = bool((extent[:, 2:] - extent[:, :2] > out_size).any())
-    return AugmentPlan(order, values, positions, order_groups(real), downscales)
-
-
-def sample_crops(images: torch.Tensor, boxes: torch.Tensor, out_size: int, downscales: bool | None = None
-                 ) -> torch.Tensor:
-    """Crop boxes (B, 4) = (x1, y1, x2, y2) in pixels of float images (B, 3, S, S) and resize each to out_size: the
-    value torchvision.ops.roi_align(aligned=True, sampling_ratio=-1) gives, i.e. ceil(box side / out_size)
-    bilinear samples per output pixel and axis, averaged (so a downscaling crop averages every source pixel it
-    covers, like PIL's antialiased resize). A box no larger than out_size needs one sample per pixel: that is
-    grid_sample's bilinear interpolation at the same points (vectorised and multi-threaded on CPUs, unlike
-    roi_align), used for all boxes when none is larger. `downscales`: whether some box is larger, if the caller
-    knows (from the host); None: looked up on the device (a sync)."""
-    if downscales is None:
-        downscales = bool((boxes[:, 2:] - boxes[:, :2] > out_size).any())
-    if downscales:
-        indexed = torch.cat([torch.arange(len(images), device=images.device, dtype=boxes.dtype)[:, None], boxes], 1)
-        return roi_align(images, indexed, out_size, spatial_scale=1.0, sampling_ratio=-1, aligned=True)
-    side = images.shape[-1]
-    steps = (torch.arange(out_size, device=images.device, dtype=boxes.dtype) + 0.5) / out_size  # bin centres
-    x = boxes[:, 0:1] + steps * (boxes[:, 2:3] - boxes[:, 0:1]) - 0.5   # (B, out) pixel coordinates (aligned)
-    y = boxes[:, 1:2] + steps * (boxes[:, 3:4] - boxes[:, 1:2]) - 0.5
-    # grid_sample (align_corners=False): pixel p is at (2p + 1) / side - 1; border padding = roi_align's clamping
-    grid = torch.stack(torch.broadcast_tensors((2 * x + 1)[:, None, :] / side - 1,
-                                               (2 * y + 1)[:, :, None] / side - 1), dim=-1)
-    return F.grid_sample(images, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    return AugmentPlan(order, values, positions, order_groups(real))
 
 
 def augment(images: torch.Tensor, plan: AugmentPlan, out_size: int, chunk: int | None = 64) -> torch.Tensor:
@@ -226,9 +206,8 @@ def augment(images: torch.Tensor, plan: AugmentPlan, out_size: int, chunk: int |
     step = chunk or len(images)
     for start in range(0, len(images), step):
         stop = min(start + step, len(images))
-        canvases = images[start:stop].to(torch.float32, memory_format=torch.contiguous_format)
-        x = sample_crops(canvases, boxes[start:stop], out_size, plan.downscales).div_(255)
+        x = crop_resize(images[start:stop], boxes[start:stop], out_size)
         x = torch.where(flips[start:stop].view(-1, 1, 1, 1) > 0, x.flip(-1), x)
         colour_jitter_(x, factors[start:stop], plan.groups, offset=start)
-        out.index_copy_(0, plan.positions[start:stop], normalise(x, scale=255.0))
+        out.index_copy_(0, plan.positions[start:stop], normalise(x))
     return out

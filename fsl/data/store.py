@@ -38,12 +38,12 @@ from typing import Iterator
 
 import numpy as np
 from PIL import Image
-from tqdm import tqdm
 
 from fsl.data.augment import RATIO, SCALE
 from fsl.data.base import DatasetError, SplitDataset
+from fsl.data.progress import progress_bar
 
-FORMAT = "fsl-image-store-2"
+FORMAT = "fsl-image-store-3"  # 3: the eval kind is mmcls's cv2 resize and centre crop (#35)
 KINDS = ("train", "eval")
 
 
@@ -220,8 +220,10 @@ def build(dataset: SplitDataset, base: Path, stamp: dict, kind: str, image_size:
     try:
         pixels = np.lib.format.open_memmap(temporary["pixels"], mode="w+", dtype=np.uint8,
                                            shape=(len(dataset), side, side, 3))
-        for index in tqdm(range(len(dataset)), desc=f"decoding {base.name}", unit="img", disable=not progress,
-                          mininterval=2):
+        bar = progress_bar(total=len(dataset), desc=f"decoding {base.name}", unit="img", disable=not progress,
+                           mininterval=2)
+        for index in range(len(dataset)):
+            bar.update()
             image = decode(dataset, index)
             if (image.height, image.width) != tuple(sizes[index]):
                 raise DatasetError(f"{dataset.source(index)}: decoded {image.height}x{image.width}, its header says "
@@ -232,6 +234,7 @@ def build(dataset: SplitDataset, base: Path, stamp: dict, kind: str, image_size:
                 image = image.resize((width, height), Image.BILINEAR)  # PIL filters are antialiased when shrinking
             array = np.asarray(image, dtype=np.uint8)
             pixels[index] = np.pad(array, ((0, side - height), (0, side - width), (0, 0)), mode="edge")
+        bar.close()
         pixels.flush()
         del pixels
         with open(temporary["sizes"], "wb") as f:

@@ -1,16 +1,19 @@
-"""Image transforms of the protocol (MMFewShot's MAML pipelines), as torchvision's per-image v1 transforms.
+"""Image transforms: MMFewShot's test pipeline (`eval_resize_crop`, mmcls's cv2-based Resize and CenterCrop), the
+batched crop-and-resize both pipelines use (`crop_resize`), and torchvision's per-image v1 transforms.
 
 fsl does not run these per image during training: the image store (fsl.data.store) keeps `eval_resize_crop`'s output
-and the source images, and fsl.data.augment applies the training augmentation to whole batches on the training
-device, with parameters drawn exactly as `train_transform` draws them. These definitions are the reference the tests
-and benchmarks compare with. Outputs of the full transforms are float32 tensors (3, size, size) normalised with
+and the source images, and fsl.data.augment applies mmcls's training augmentation to whole batches on the training
+device, with parameters drawn as `train_transform` (torchvision's) draws them; `train_transform` is the reference
+for those draws, not for the pixels (tests/test_mmcls_pixels.py compares the pixels with mmcls's own transforms). Outputs of the full transforms are float32 tensors (3, size, size) normalised with
 ImageNet's mean/std on the 0-255 scale, so values lie roughly in [-2.2, 2.7].
 """
 from __future__ import annotations
 
 from typing import NamedTuple
 
+import numpy as np
 import torch
+from PIL import Image
 from torchvision import transforms as T
 
 MEAN_255 = (123.675, 116.28, 103.53)
@@ -36,7 +39,8 @@ def to_normalised_tensor() -> T.Compose:
 
 
 def train_transform(image_size: int = 84) -> T.Compose:
-    """RandomResizedCrop(scale 0.08-1, ratio 3/4-4/3), horizontal flip p=0.5, ColorJitter(0.4, 0.4, 0.4)."""
+    """torchvision's RandomResizedCrop(scale 0.08-1, ratio 3/4-4/3), horizontal flip p=0.5, ColorJitter(0.4, 0.4,
+    0.4): the parameter draws fsl's augmentation makes (its pixels are mmcls's, fsl.data.augment)."""
     return T.Compose([
         T.RandomResizedCrop(image_size, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)),
         T.RandomHorizontalFlip(0.5),
@@ -45,9 +49,71 @@ def train_transform(image_size: int = 84) -> T.Compose:
     ])
 
 
-def eval_resize_crop(image_size: int = 84) -> T.Compose:
-    """PIL -> PIL: resize the short side to 96/84 of `image_size` (96 for 84), keep the aspect, CenterCrop(size)."""
-    return T.Compose([T.Resize(round(image_size * 96 / 84)), T.CenterCrop(image_size)])
+COEF_SCALE = 2048  # cv2's INTER_RESIZE_COEF_SCALE: its bilinear weights are integers out of 2048
+
+
+def cv2_taps(start: torch.Tensor, length: torch.Tensor, out: int) -> tuple[torch.Tensor, ...]:
+    """cv2.resize's INTER_LINEAR taps along one axis of crops `start` .. `start + length` (B, 1) (long) resized to
+    `out` pixels (modules/imgproc/src/resize.cpp): output pixel j reads source pixels i0 and i1 (B, out) with integer
+    weights w0 + w1 = 2048 (B, out), at fx = (j + 0.5) x length / out - 0.5 in float32; outside the crop the edge
+    pixel alone. No smoothing when shrinking."""
+    centre = (torch.arange(out, device=start.device, dtype=torch.float64) + 0.5) * (length.double() / out) - 0.5
+    fx = centre.float()
+    sx = fx.floor()
+    fx, sx = fx - sx, sx.long()
+    low, high = sx < 0, sx >= length - 1
+    fx = torch.where(low | high, torch.zeros_like(fx), fx)
+    sx = torch.where(low, torch.zeros_like(sx), torch.where(high, (length - 1).expand_as(sx), sx))
+    w1 = (fx * COEF_SCALE).round_().int()
+    w0 = ((1 - fx) * COEF_SCALE).round_().int()
+    return start + sx, start + torch.minimum(sx + 1, length - 1), w0, w1
+
+
+def crop_resize(images: torch.Tensor, boxes: torch.Tensor, out_height: int, out_width: int | None = None
+                ) -> torch.Tensor:
+    """Cut boxes (B, 4) = (x1, y1, x2, y2) (x2, y2 exclusive; rounded to whole pixels) out of images (B, C, H, W)
+    of integer values 0-255 and resize each crop to out_height x out_width as mmcls does (mmcv.imcrop, then
+    mmcv.imresize: cv2.resize with INTER_LINEAR on uint8, in its fixed point: `cv2_taps`, the horizontal pass
+    S0 w0 + S1 w1, the vertical pass as its SIMD kernel rounds, ((b0 (R0 >> 4)) >> 16 + (b1 (R1 >> 4)) >> 16 + 2)
+    >> 2). Returns float32 (B, C, out_height, out_width) of integer values; equal to cv2's but for about 1 value in
+    2,000, by 1 (tests/test_mmcls_pixels.py). Batched: two gathers per axis."""
+    out_width = out_width or out_height
+    boxes = boxes.round().long()
+    batch, channels = images.shape[:2]
+    y0, y1, b0, b1 = cv2_taps(boxes[:, 1:2], boxes[:, 3:4] - boxes[:, 1:2], out_height)
+    x0, x1, a0, a1 = cv2_taps(boxes[:, 0:1], boxes[:, 2:3] - boxes[:, 0:1], out_width)
+    pixels = images.int()
+    width = pixels.shape[-1]
+
+    def rows(index: torch.Tensor) -> torch.Tensor:  # (B, C, out_height, W)
+        return pixels.gather(2, index[:, None, :, None].expand(batch, channels, out_height, width))
+
+    def across(row: torch.Tensor) -> torch.Tensor:  # the horizontal pass, (B, C, out_height, out_width)
+        take = lambda index: row.gather(3, index[:, None, None, :].expand(batch, channels, out_height, out_width))  # noqa: E731
+        return take(x0) * a0[:, None, None, :] + take(x1) * a1[:, None, None, :]
+    top, bottom = across(rows(y0)), across(rows(y1))
+    b0, b1 = b0[:, None, :, None], b1[:, None, :, None]
+    out = (((b0 * (top >> 4)) >> 16) + ((b1 * (bottom >> 4)) >> 16) + 2) >> 2
+    return out.clamp_(0, 255).float()
+
+
+def eval_resize_crop(image_size: int = 84):
+    """PIL -> PIL RGB: MMFewShot's test pipeline (configs/classification/_base_/meta_test/*: mmcls's
+    Resize(size=(int(image_size * 1.15), -1)), then CenterCrop(image_size)): the short side resized to
+    int(1.15 x image_size) (96 for 84) and the long side to int(96 x long / short), with cv2's bilinear interpolation
+    (`crop_resize`, no smoothing when shrinking); then the centre crop at round((side - size) / 2)."""
+    short = int(image_size * 1.15)
+
+    def resize_crop(image: Image.Image) -> Image.Image:
+        pixels = torch.from_numpy(np.asarray(image.convert("RGB"), dtype=np.uint8).copy()).permute(2, 0, 1)
+        height, width = pixels.shape[1:]
+        new_h, new_w = (int(short * height / width), short) if width < height else (short, int(short * width / height))
+        box = torch.tensor([[0, 0, width, height]])
+        resized = crop_resize(pixels[None], box, new_h, new_w)[0]
+        top, left = max(0, int(round((new_h - image_size) / 2))), max(0, int(round((new_w - image_size) / 2)))
+        crop = resized[:, top:top + image_size, left:left + image_size]
+        return Image.fromarray(crop.permute(1, 2, 0).to(torch.uint8).numpy())
+    return resize_crop
 
 
 def resize_lanczos(image_size: int) -> T.Compose:
@@ -57,5 +123,5 @@ def resize_lanczos(image_size: int) -> T.Compose:
 
 
 def eval_transform(image_size: int = 84) -> T.Compose:
-    """`eval_resize_crop`, then normalise."""
+    """`eval_resize_crop`, then normalise (MMFewShot's test pipeline)."""
     return T.Compose([eval_resize_crop(image_size), to_normalised_tensor()])

@@ -10,9 +10,9 @@ from contextlib import closing
 import numpy as np
 import torch
 from torch import nn
-from tqdm import tqdm
 
 from fsl.config import Config
+from fsl.data.progress import progress_bar
 from fsl.device import distributed
 from fsl.device.precision import autocast
 from fsl.maml import InnerLoop, InnerRates, batching, evaluate_tasks
@@ -44,7 +44,7 @@ def evaluate(model: nn.Module, episodes: FixedEpisodes, loop: InnerLoop, device:
     every process gets the full array, identical to a single-process run's."""
     share = list(distributed.my_share(len(episodes)))
     accuracies = []
-    with tqdm(total=len(share), desc=progress, unit="ep", leave=False,
+    with progress_bar(total=len(share), desc=progress, unit="ep", leave=False,
               disable=progress is None or not distributed.is_main()) as bar, \
             closing(episodes.batches(share, parallel, device, prefetch)) as batches:
         for batch in batches:

@@ -32,6 +32,7 @@ from tqdm import tqdm
 
 from fsl.config import Config, ConfigError, dump_yaml
 from fsl.data.episodes import Episode
+from fsl.data.progress import progress_bar
 from fsl.device import distributed
 from fsl.device.precision import apply_precision, autocast
 from fsl.maml import (
@@ -89,7 +90,7 @@ def meta_train(cfg: Config, device: torch.device) -> Path:
     validation = Validation(cfg, model, rates, device)
     log = RunLog(cfg, resume_at=state.tasks_done) if main else None
     window = StepWindow(*state.window, started=state.train_seconds)
-    progress = tqdm(total=cfg.train.tasks, initial=state.tasks_done, unit="task", desc=cfg.run_name,
+    progress = progress_bar(total=cfg.train.tasks, initial=state.tasks_done, unit="task", desc=cfg.run_name,
                     dynamic_ncols=True, smoothing=0.05, disable=not main)
     clock = time.time()
     with StopRequest() as stop, closing(stream), closing(log) if log is not None else nullcontext():
