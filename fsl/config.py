@@ -251,6 +251,10 @@ def _coerce(key: str, value: Any, kind: type) -> Any:
         value = float(value)
     if kind is str and isinstance(value, (int, float)) and not isinstance(value, bool):
         value = str(value)
+    if kind is str and isinstance(value, bool):  # YAML 1.1 reads yes/no/on/off/true/false as booleans
+        raise ConfigError(f"config key '{key}' expects str, got {value!r}: YAML read the unquoted word as a boolean "
+                          f"(yes, no, on, off, true and false are booleans in YAML); fix: quote it, e.g. "
+                          f"{key.split('.')[-1]}: \"yes\"")
     if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
         raise ConfigError(f"config key '{key}' expects {kind.__name__}, got {value!r}")
     return value
@@ -271,11 +275,19 @@ def set_key(cfg: Config, key: str, value: Any) -> None:
     setattr(node, parts[-1], _coerce(key, value, types[parts[-1]]))
 
 
-def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
+SECTIONS = ("data", "model", "maml", "train", "test")  # the config's sections (mappings of keys)
+
+
+def _flatten(tree: dict, prefix: str = "", path: Path | None = None) -> dict[str, Any]:
     flat = {}
     for key, value in tree.items():
         if isinstance(value, dict):
-            flat.update(_flatten(value, f"{prefix}{key}."))
+            flat.update(_flatten(value, f"{prefix}{key}.", path))
+        elif not prefix and key in SECTIONS:  # `data:` with nothing under it, or `data: 5`
+            where = f"{path}: " if path else ""
+            raise ConfigError(f"{where}section '{key}' must be a mapping of keys (e.g. `{key}:` then indented "
+                              f"`dataset: cub` lines), got {value!r}; fix: indent its keys under it, or remove the "
+                              f"empty `{key}:` line")
         else:
             flat[prefix + str(key)] = value
     return flat
@@ -342,12 +354,15 @@ def _read_chain(path: Path, depth: int = 0) -> dict[str, tuple[Any, int]]:
     tree = _read_yaml(path)
     base = tree.pop("base", None)
     values = {}
+    if base is not None and not isinstance(base, str):
+        raise ConfigError(f"{path}: base: {base!r} is not a file name; fix: `base: _base.yaml` (a YAML file, relative "
+                          f"to {path.name}), or remove the line")
     if base is not None:
         if depth == 1 and "base" in _read_yaml(path.parent / base):
             raise ConfigError(f"{path}: its base {base} names another base; at most two levels (a variant file on a "
                               f"cell file on the shared base)")
         values.update(_read_chain(path.parent / base, depth + 1))
-    values.update({key: (value, depth) for key, value in _flatten(tree).items()})
+    values.update({key: (value, depth) for key, value in _flatten(tree, path=path).items()})
     return values
 
 
@@ -433,6 +448,10 @@ def validate(cfg: Config) -> None:
                 "test.parallel_episodes"):
         if flat[key] != "auto" and flat[key] < 1:
             raise ConfigError(f"{key} must be >= 1, got {flat[key]}")
+    for key in ("seed", "test.seed"):  # numpy and torch take seeds in 0 .. 2**32 - 1
+        if not 0 <= flat[key] < 2**32:
+            raise ConfigError(f"{key}={flat[key]}: a seed is a whole number from 0 to {2**32 - 1}; fix: e.g. "
+                              f"{key}=0, or {key}=1 for another run")
     for key in ("train.ways", "test.ways"):
         if flat[key] < 2:
             raise ConfigError(f"{key}={flat[key]}: an episode needs at least 2 classes (with one, every "

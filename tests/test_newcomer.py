@@ -93,6 +93,16 @@ def fewer_images_than_labels(path: Path) -> None:
         pickle.dump(images[:-7], f)
 
 
+def write(where: Path, text: str) -> None:
+    where.mkdir(parents=True, exist_ok=True)
+    (where / "cell.yaml").write_text(text)
+
+
+def no_run_folder_after(where: Path, trained: Path) -> None:
+    """Marks a case whose refusal must leave no run folder behind (checked by test_case)."""
+    (where / ".expect-no-work").touch()
+
+
 @dataclass
 class Case:
     name: str
@@ -186,6 +196,29 @@ CASES = [
                                                                         str(w / "tiered"), "--no-decode"], 1,
          ["val_labels.pkl has 320 labels but", "has 313 images"], setup=lambda w, t: tiered_copy(
              w, fewer_images_than_labels)),
+    # round 2 (#38): each a one-line refusal, before any folder is made
+    Case("base: 5", lambda w, t: ["train", str(w / "cell.yaml")], 2,
+         ["base: 5 is not a file name", "fix: `base: _base.yaml`"], setup=lambda w, t: write(w, "base: 5\n")),
+    Case("base: a list", lambda w, t: ["train", str(w / "cell.yaml")], 2,
+         ["base: ['_base.yaml'] is not a file name"], setup=lambda w, t: write(w, "base: [_base.yaml]\n")),
+    Case("data: null", lambda w, t: ["train", str(w / "cell.yaml")], 2,
+         ["section 'data' must be a mapping of keys", "fix: indent its keys under it"],
+         setup=lambda w, t: write(w, f"base: {REPO / 'experiments/_base.yaml'}\ndata:\n")),
+    Case("name: yes", lambda w, t: ["train", str(w / "cell.yaml")], 2,
+         ["YAML read the unquoted word as a boolean", 'fix: quote it, e.g. name: "yes"'],
+         setup=lambda w, t: write(w, f"base: {REPO / 'experiments/_base.yaml'}\nname: yes\n")),
+    Case("seed=-1", lambda w, t: ["train", MINI, "seed=-1", *tiny(w)], 2,
+         ["seed=-1: a seed is a whole number from 0 to 4294967295", "fix: e.g. seed=0"], setup=no_run_folder_after),
+    Case("seed too large", lambda w, t: ["train", MINI, "seed=99999999999999999999", *tiny(w)], 2,
+         ["seed=99999999999999999999: a seed is a whole number"], setup=no_run_folder_after),
+    Case("test.seed=-5", lambda w, t: ["train", MINI, "test.seed=-5", *tiny(w)], 2,
+         ["test.seed=-5: a seed is a whole number"], setup=no_run_folder_after),
+    Case("unwritable data.cache_dir", lambda w, t: ["train", MINI, *tiny(w), "data.cache_dir=/proc/fsl-x"], 2,
+         ["data.cache_dir: cannot write into /proc/fsl-x", "fix: data.cache_dir=<a folder you can write>"],
+         setup=no_run_folder_after),
+    Case("adapt --device gpu", lambda w, t: ["adapt", str(run_dir(t) / "best_accuracy_mean.pth"), str(w), str(w),
+                                             "--device", "gpu"], 2,
+         ["--device 'gpu': choose auto (cuda if available), cpu, cuda or cuda:N"]),
     Case("tiered, decoding: the mismatch once, not once per image", lambda w, t: ["data", "check", "tiered-imagenet",
                                                                                    "--root", str(w / "tiered")], 1,
          ["has 313 images"], once=["has 313 images"], setup=lambda w, t: tiered_copy(w, fewer_images_than_labels)),
@@ -220,6 +253,9 @@ def test_newcomer(case, trained, tmp_path):
         assert output.count(words) == 1, output[-3000:]
     if case.code:
         assert "Traceback" not in output, output[-3000:]
+        assert len([line for line in output.splitlines() if line.startswith("error:")]) <= 1, output[-3000:]
+    if (tmp_path / ".expect-no-work").exists():
+        assert not (tmp_path / "work").exists(), "the refusal left a run folder behind"
 
 
 def test_another_run_of_the_demo_cell_never_replaces_its_row_or_files(tmp_path, glyphs_root):

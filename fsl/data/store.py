@@ -203,6 +203,12 @@ def read_sizes(dataset: SplitDataset) -> np.ndarray:
     return np.asarray(sizes, dtype=np.int32).reshape(len(dataset), 2)
 
 
+def current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def build(dataset: SplitDataset, base: Path, stamp: dict, kind: str, image_size: int, progress: bool) -> None:
     """Decode every image of `dataset` into temporary files, then rename them into place, the stamp last."""
     sizes = read_sizes(dataset)
@@ -242,7 +248,9 @@ def build(dataset: SplitDataset, base: Path, stamp: dict, kind: str, image_size:
         temporary["stamp"].write_text(json.dumps({**stamp, "bytes": temporary["pixels"].stat().st_size,
                                                   "side": side}, indent=1))
         final["stamp"].unlink(missing_ok=True)  # no stamp while the files change: an interruption means "rebuild"
+        mode = 0o666 & ~current_umask()  # mkstemp made them 0600: a shared cache_dir must be readable by the lab
         for key in ("pixels", "sizes", "stamp"):
+            os.chmod(temporary[key], mode)
             os.replace(temporary[key], final[key])
     finally:
         for path in temporary.values():

@@ -15,20 +15,28 @@ Without torchrun (no WORLD_SIZE in the environment) every function here is a no-
 from __future__ import annotations
 
 import os
+import re
 from datetime import timedelta
 from typing import Any, Sequence
 
 import torch
 import torch.distributed as dist
 
+from fsl.config import ConfigError
 
-def resolve_device(name: str) -> torch.device:
-    """'auto' -> cuda if available else cpu; 'cuda...' without a GPU is an error that says so."""
+
+def resolve_device(name: str, key: str = "device") -> torch.device:
+    """'auto' -> cuda if available else cpu; 'cuda...' without a GPU is an error that says so. `key`: how the
+    caller's user wrote the setting ('device' for a config key, '--device' for a command-line flag), for the
+    messages."""
+    setting = (lambda value: f"{key} {value}") if key.startswith("--") else (lambda value: f"{key}={value}")
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", str(name)):
+        raise ConfigError(f"{setting(repr(name))}: choose auto (cuda if available), cpu, cuda or cuda:N")
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"device={name} but torch sees no CUDA GPU; use device=cpu or device=auto")
+        raise ConfigError(f"{setting(name)} but torch sees no CUDA GPU; use {setting('cpu')} or {setting('auto')}")
     return device
 
 

@@ -92,7 +92,7 @@ def run(checkpoint: str | Path, support_dir: str | Path, queries: list[str], out
             raise DatasetError(f"--out {out} is a folder; fix: name the CSV file to write, e.g. --out "
                                f"{Path(out) / 'predictions.csv'}")
         check_writable(Path(out).parent, "--out")
-    device = resolve_device(device)
+    device = resolve_device(device, "--device")
     model, rates, _, cfg = load_checkpoint_model(checkpoint, None, device)
     apply_precision(cfg.precision, device, cfg.cudnn_benchmark, cfg.deterministic)  # as the checkpoint was tested
     classes, support_paths, labels = support_set(Path(support_dir), cfg.train.ways)

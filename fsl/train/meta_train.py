@@ -66,6 +66,7 @@ def run(cfg: Config) -> Path:
     Under torchrun every rank runs this function; see fsl.device.distributed for who does what."""
     device = distributed.setup(cfg.device)
     if distributed.is_main():  # before anything is written: folders the run could not write into
+        check_writable(Path(cfg.data.cache_dir), "data.cache_dir")
         check_writable(cfg.run_dir, "work_dir")
         check_writable(Path(cfg.results_dir), "results_dir")
     with RunDirLock(cfg.run_dir) if distributed.is_main() else nullcontext():
