@@ -156,3 +156,20 @@ def test_adapt_refuses_what_the_checkpoint_cannot_take(trained_folder_cell, tmp_
     broken.write_bytes(b"not an image")
     unreadable = adapt(checkpoint, support, *queries)
     assert unreadable.returncode == 2 and f"cannot read image {broken}" in unreadable.stderr
+
+
+def test_a_16_bit_greyscale_png_reads_as_its_grey_levels_not_white(tmp_path):
+    """#38: PIL's convert("RGB") clips 16-bit values at 255, so a microscope's 16-bit PNG became a white image; every
+    reader and `fsl adapt` decode through fsl.data.base.open_rgb, which scales by the type's range."""
+    import numpy as np
+    from PIL import Image
+
+    from fsl.data.base import open_rgb
+    values = (np.arange(48 * 48).reshape(48, 48) * 28).astype(np.uint16)  # 0 .. 64,484
+    Image.fromarray(values).save(tmp_path / "gray16.png")
+    assert Image.open(tmp_path / "gray16.png").mode.startswith("I")
+    clipped = np.asarray(Image.open(tmp_path / "gray16.png").convert("RGB"))
+    assert (clipped == 255).mean() > 0.9  # what the old reader fed the network
+    image = np.asarray(open_rgb(tmp_path / "gray16.png"))
+    assert image.shape == (48, 48, 3) and (image[..., 0] == image[..., 2]).all()
+    assert np.array_equal(image[..., 0], np.rint(values.astype(np.float64) * 255 / 65535).astype(np.uint8))

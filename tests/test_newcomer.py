@@ -219,10 +219,38 @@ CASES = [
     Case("adapt --device gpu", lambda w, t: ["adapt", str(run_dir(t) / "best_accuracy_mean.pth"), str(w), str(w),
                                              "--device", "gpu"], 2,
          ["--device 'gpu': choose auto (cuda if available), cpu, cuda or cuda:N"]),
+    Case("resume on other data", lambda w, t: ["train", MINI, "train.tasks=8", "train.val_every=2", *tiny(w),
+                                               f"data.root={w / 'mini'}"], 2,
+         ["was trained on the data under", "holds other classes or images", "fix: data.root="],
+         setup=lambda w, t: (copy_run(t, w), mini_without_a_class(w / "mini"))),
+    Case("omniglot without an alphabet", lambda w, t: ["data", "check", "omniglot", "--root", str(w / "omni"),
+                                                       "--no-decode"], 1,
+         ["holds 1,597 Omniglot characters", "not the protocol's data", "no result on it is comparable"],
+         setup=lambda w, t: omniglot_without(w / "omni", "images_background/Arcadian/")),
     Case("tiered, decoding: the mismatch once, not once per image", lambda w, t: ["data", "check", "tiered-imagenet",
                                                                                    "--root", str(w / "tiered")], 1,
          ["has 313 images"], once=["has 313 images"], setup=lambda w, t: tiered_copy(w, fewer_images_than_labels)),
 ]
+
+
+def mini_without_a_class(root: Path) -> None:
+    """mini-ImageNet-lite with one training class left out of train.csv (other data, the same folder layout)."""
+    shutil.copytree(fixture_root("mini-imagenet"), root)
+    lines = (root / "train.csv").read_text().splitlines()
+    first = lines[1].split(",")[1]
+    (root / "train.csv").write_text("\n".join([lines[0]] + [l for l in lines[1:] if l.split(",")[1] != first]) + "\n")
+
+
+def omniglot_without(root: Path, prefix: str) -> None:
+    """The two Omniglot archives, without the members under `prefix` (one alphabet)."""
+    import zipfile
+    root.mkdir(parents=True)
+    for name in ("images_background.zip", "images_evaluation.zip"):
+        with zipfile.ZipFile(fixture_root("omniglot") / name) as source, \
+                zipfile.ZipFile(root / name, "w", zipfile.ZIP_STORED) as target:
+            for member in source.namelist():
+                if not member.startswith(prefix):
+                    target.writestr(member, source.read(member))
 
 
 def as_before_any_validation(latest: Path) -> None:

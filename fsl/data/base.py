@@ -7,6 +7,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Callable, Iterable
 
+import numpy as np
 from PIL import Image
 from torch.utils.data import Dataset
 
@@ -93,6 +94,11 @@ class SplitDataset(Dataset):
         alphabets); none by default."""
         return {}
 
+    def protocol_problem(self) -> str | None:
+        """Why this data is not the protocol's dataset, when the reader can tell (e.g. an incomplete Omniglot); None
+        otherwise. `fsl data check` reports it, and a row tested on such data is never comparable."""
+        return None
+
     def images_per_class(self) -> Counter:
         """class index -> number of images."""
         return Counter(self.labels)
@@ -120,7 +126,24 @@ def header_size(path_or_bytes: Path | bytes) -> tuple[int, int]:
 
 
 def open_rgb(path_or_bytes: Path | bytes) -> Image.Image:
-    """Decode an image file (or encoded bytes) fully into an RGB PIL image; errors name the source."""
+    """Decode an image file (or encoded bytes) fully into an RGB PIL image; errors name the source. Every reader
+    and `fsl adapt` decode through here. Images of more than 8 bits per channel (16-bit greyscale PNGs of scientific
+    cameras and microscopes: PIL's "I;16" modes, and 32-bit "I" / float "F") are scaled to 0-255 by their type's
+    range: PIL's own convert("RGB") clips them, so every pixel above 255 becomes white (#38)."""
     source = io.BytesIO(path_or_bytes) if isinstance(path_or_bytes, bytes) else path_or_bytes
     with Image.open(source) as image:
+        if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+            return wide_to_rgb(image)
         return image.convert("RGB")  # convert() forces the full decode, so truncated files fail here
+
+
+def wide_to_rgb(image: Image.Image) -> Image.Image:
+    """A greyscale image of more than 8 bits -> RGB, value v of a 16-bit image (or a 32-bit integer image holding
+    16-bit values, as PIL reads 16-bit PNGs) as round(v * 255 / 65535); float images by 0-1 if they lie there."""
+    values = np.asarray(image, dtype=np.float64)
+    if image.mode == "F":
+        top = 1.0 if values.min() >= 0 and values.max() <= 1 else max(float(values.max()), 1e-12)
+    else:
+        top = 65535.0 if values.max() <= 65535 else float(2**32 - 1)
+    grey = np.clip(np.rint(values * 255.0 / top), 0, 255).astype(np.uint8)
+    return Image.fromarray(grey, mode="L").convert("RGB")

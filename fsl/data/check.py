@@ -75,6 +75,7 @@ def check_dataset(name: str, root: str | Path, decode: bool = True, progress: bo
                     problems.append(f"unreadable or truncated image {dataset.source(index)}: {error}; "
                                     f"fix: replace the file")
     problems = split_problems(datasets, {s: (min_images or d.min_images)[s] for s, d in datasets.items()}) + problems
+    problems += sorted({why for d in datasets.values() if (why := d.protocol_problem())})
     if counts:
         counts["all"] = {"classes": sum(c["classes"] for c in counts.values()),
                          "images": sum(c["images"] for c in counts.values()),

@@ -40,6 +40,7 @@ IMAGES = ("binary", "greyscale")  # the input forms (module docstring)
 ARCHIVES = ("images_background", "images_evaluation")
 SPLIT_SIZES = {"train": 1100, "val": 100, "test": 423}  # characters; cbfinn: num_train 1200 - num_val 100, rest test
 SPLIT_SEED = 1  # cbfinn's random.seed(1) before its shuffle
+RELEASE_CHARACTERS = 1623  # 964 in images_background, 659 in images_evaluation
 LAYOUT = """expected under ROOT, for each of images_background and images_evaluation, either the archive or its folder:
   ROOT/images_background.zip   ROOT/images_evaluation.zip      (the official archives), or
   ROOT/images_background/<Alphabet>/characterNN/<id>_<drawer>.png and the same for images_evaluation"""
@@ -136,6 +137,7 @@ class Omniglot(SplitDataset):
         if len(found) <= SPLIT_SIZES["train"] + SPLIT_SIZES["val"]:
             raise DatasetError(f"{root} holds {len(found)} Omniglot characters; the protocol's split needs more than "
                                f"{SPLIT_SIZES['train'] + SPLIT_SIZES['val']} (the release has 1,623)\n  fix: {LAYOUT}")
+        self.characters, self.release_alphabets = len(found), sorted({key[:2] for key in found})
         keys = split_characters(list(found))[split]
         self.class_names = ["/".join(key) for key in keys]
         self.alphabets = sorted({key[:2] for key in keys})
@@ -153,6 +155,16 @@ class Omniglot(SplitDataset):
                 image.load()
                 return image.copy()  # mode "1", as in the archive
             return image.convert("L").convert("RGB")  # paper 255, ink 0; convert() decodes fully
+
+    def protocol_problem(self) -> str | None:
+        """The protocol's split needs the release's 1,623 characters (964 + 659) of 50 alphabets: with any missing,
+        the shuffled split moves other characters between train, val and test too."""
+        if self.characters == RELEASE_CHARACTERS:
+            return None
+        return (f"{self.root} holds {self.characters:,} Omniglot characters in {len(self.release_alphabets)} "
+                f"alphabets, not the release's {RELEASE_CHARACTERS:,} in 50: not the protocol's data (its character "
+                f"split changes with every character missing), so no result on it is comparable; fix: the complete "
+                f"archives (`fsl data prepare omniglot --root {self.root}`)")
 
     @property
     def store_tag(self) -> str:

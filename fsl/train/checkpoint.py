@@ -10,6 +10,7 @@ A checkpoint is a dict: model, rates (learned inner rates or None), optimizer, c
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import os
 import random
 from dataclasses import asdict, dataclass, field, fields
@@ -25,6 +26,7 @@ from fsl.device import distributed
 from fsl.maml import InnerRates, batching, build_learner, make_fused
 from fsl.results import provenance
 from fsl.results.files import write_atomic
+from fsl.train.cell import cell_split
 
 
 @dataclass
@@ -51,6 +53,7 @@ class Checkpoints:
         self.cfg, self.model, self.rates, self.optimizer, self.device = cfg, model, rates, optimizer, device
         self.latest, self.best = cfg.run_dir / "latest.pth", cfg.run_dir / "best_accuracy_mean.pth"
         self.tested = tested_checkpoint(cfg)
+        self.data = data_identity(cfg)
 
     def resume(self) -> TrainState:
         """Restore latest.pth if there is one (after fsl.results.provenance.check_resume); under torchrun rank 0 reads it and
@@ -69,6 +72,7 @@ class Checkpoints:
             return TrainState()
         provenance.check_resume(from_dict(checkpoint["config"]), self.cfg, self.latest, checkpoint["tasks_done"])
         check_streams(checkpoint, self.latest)
+        check_data(checkpoint, self.data, self.latest)
         self.model.load_state_dict(checkpoint["model"])
         if self.rates is not None:
             self.rates.load_state_dict(checkpoint["rates"])
@@ -92,7 +96,32 @@ class Checkpoints:
             peak = batching.run_peak_bytes(self.device) / 2**20
             state.peak_memory_mb = max(state.peak_memory_mb or 0.0, peak)
         save_checkpoint(self.best if best else self.latest, self.model, self.rates, self.optimizer, self.cfg,
-                        asdict(state))
+                        {**asdict(state), "data_identity": self.data})
+
+
+def data_identity(cfg: Config) -> dict:
+    """What the run trains and selects on, independent of where it is stored: a hash of the train and val splits'
+    class names and images per class (the same data in another folder, or on another machine, is the same), and
+    the folder it was read from, for messages."""
+    digest = hashlib.sha256()
+    for split in ("train", "val"):
+        dataset = cell_split(cfg, split)
+        counts = dataset.images_per_class()
+        digest.update("\n".join(f"{split}/{name}:{counts.get(c, 0)}" for c, name in enumerate(dataset.class_names))
+                      .encode())
+    return {"root": str(cfg.data_root), "splits": digest.hexdigest()[:16]}
+
+
+def check_data(checkpoint: dict, data: dict, path: Path) -> None:
+    """Refuse to resume a run on other data than it was trained on (any dataset; checkpoints written before #38
+    carry no identity and are not checked)."""
+    stored = checkpoint.get("data_identity")
+    if stored and stored["splits"] != data["splits"]:
+        raise CheckpointError(f"{path} was trained on the data under {stored['root']}, but data.root={data['root']} "
+                              f"holds other classes or images (its train/val splits differ): resuming would mix two "
+                              f"class splits and select the best weights on another validation set. Fix: "
+                              f"data.root={stored['root']} (or a complete copy of it), or start afresh in another "
+                              f"work_dir")
 
 
 def check_streams(checkpoint: dict, path: Path) -> None:
