@@ -119,7 +119,7 @@ def check_data(checkpoint: dict, data: dict, path: Path) -> None:
     if stored and stored["splits"] != data["splits"]:
         raise CheckpointError(f"{path} was trained on the data under {stored['root']}, but data.root={data['root']} "
                               f"holds other classes or images (its train/val splits differ): resuming would mix two "
-                              f"class splits and select the best weights on another validation set. Fix: "
+                              f"class splits and select the best weights on another validation set. fix: "
                               f"data.root={stored['root']} (or a complete copy of it), or start afresh in another "
                               f"work_dir")
 
