@@ -1,4 +1,4 @@
-"""Command line: `fsl {train,test,adapt,data,tables,demo,sweep,slurm,done} ...` (or `python -m fsl ...`). It only
+"""Command line: `fsl {train,test,adapt,data,tables,compare,demo,sweep,slurm,done} ...` (or `python -m fsl ...`). It only
 parses the arguments and calls each job's run(): fsl.train.meta_train, fsl.train.meta_test, fsl.jobs.*,
 fsl.results.report."""
 from __future__ import annotations
@@ -34,6 +34,11 @@ def build_parser() -> argparse.ArgumentParser:
     demo = commands.add_parser("demo", help="train, test and tabulate the glyphs 5-way 1-shot cell")
     demo.add_argument("overrides", nargs="*")
     add_cluster_commands(commands)
+    compare = commands.add_parser("compare", help="paired per-episode difference of two runs tested on the same "
+                                                  "episodes")
+    compare.add_argument("run_a", help="a run name of results/summary.csv, e.g. glyphs-conv4-1shot-anil")
+    compare.add_argument("run_b")
+    compare.add_argument("--results", default="results")
     done = commands.add_parser("done", help="exit 0 if summary.csv holds this run's comparable result for this config")
     done.add_argument("config")
     done.add_argument("overrides", nargs="*")
@@ -131,6 +136,9 @@ def run_command(args: argparse.Namespace) -> int:
             devices = args.devices.split(",") if args.devices else None
             return 1 if sweep.run(configs, overrides, devices, args.gpus_per_cell) else 0
         slurm.run(configs, overrides, args.time, args.gpus, args.cpus, args.partition, args.account, args.submit)
+    elif args.command == "compare":
+        from fsl.results import compare
+        compare.run(args.results, args.run_a, args.run_b)
     elif args.command == "done":
         from fsl.results import is_done
         return 0 if is_done(load_config(args.config, args.overrides), args.config) else 1

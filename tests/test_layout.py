@@ -104,7 +104,7 @@ def test_the_command_line_only_parses_and_dispatches():
     calls = {ast.unparse(node.func) for node in ast.walk(tree) if isinstance(node, ast.Call)}
     jobs = {call for call in calls if call.endswith(".run") or call.endswith(".run_command")}
     assert jobs == {"train.run", "meta_test.run_command", "data.run", "report.run", "adapt.run", "demo.run",
-                    "sweep.run", "slurm.run"}
+                    "sweep.run", "slurm.run", "compare.run"}
 
 
 def test_no_function_in_fsl_is_longer_than_60_lines():

@@ -192,8 +192,34 @@ def test_variants_and_seeds_tables(tmp_path):
     assert [line.split(" | ")[2] for line in lines] == ["glyphs-conv4-1shot", "glyphs-conv4-1shot-anil",
                                                         "glyphs-conv4-1shot-anil-seed1",
                                                         "glyphs-conv4-1shot-anil-seed2"]  # 5-shot: one variant
-    assert "| glyphs-conv4-1shot | anil+cosine | glyphs-conv4-1shot-anil | 85.00 ± 1.00 | 86.00 ± 1.00, 3 | 9600 " \
+    assert "| glyphs-conv4-1shot | anil+cosine | glyphs-conv4-1shot-anil | 85.00 ± 1.00 |  | 86.00 ± 1.00, 3 | 9600 " \
            "| 60.5 |  | cpu x2 | abc |" in variants
     seeds = (results / "tables/seeds.md").read_text()
     assert "| glyphs-conv4-1shot-anil | 3 | seed 0: 85.00 ± 1.00, seed 1: 87.00 ± 1.10, seed 2: 86.00 ± 1.20 | " \
            "86.00 ± 1.00 |" in seeds
+
+
+def test_fsl_compare_pairs_episodes_and_refuses_other_episodes(tmp_path):
+    """`fsl compare A B`: the per-episode difference a - b, mean ± 1.96 std / sqrt(n), and who wins how often; runs
+    tested on other episodes (here another shot count) are refused with the reason."""
+    import numpy as np
+
+    from fsl.results import compare, read_summary, upsert_summary
+    results = write_results(tmp_path / "results")
+    base = read_summary(results).iloc[0].to_dict()
+    upsert_summary(results, {**base, "run": "mini-imagenet-conv4-1shot-anil", "variant": "anil"})
+    rng = np.random.RandomState(0)
+    a, b = rng.uniform(20, 80, 2000), rng.uniform(20, 80, 2000)
+    cell = results / "mini-imagenet-conv4-1shot"
+    cell.mkdir()
+    for name, values in (("test_episodes.csv", b), ("test_episodes_anil.csv", a)):
+        pd.DataFrame({"episode": range(2000), "accuracy": values}).to_csv(cell / name, index=False)
+    result = compare.compare_runs(results, "mini-imagenet-conv4-1shot-anil", "mini-imagenet-conv4-1shot")
+    difference = a - b
+    assert result["mean"] == pytest.approx(difference.mean(), abs=1e-12)
+    assert result["ci95"] == pytest.approx(1.96 * difference.std() / np.sqrt(2000), abs=1e-12)
+    assert (result["a_better"], result["b_better"], result["episodes"]) == ((a > b).sum(), (a < b).sum(), 2000)
+    with pytest.raises(ResultsError, match="tested on different episodes .*shots 1 vs 5"):
+        compare.compare_runs(results, "mini-imagenet-conv4-1shot", "cub-resnet12-5shot")
+    with pytest.raises(ResultsError, match="no row of run 'nothing'"):
+        compare.compare_runs(results, "nothing", "cub-resnet12-5shot")

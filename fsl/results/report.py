@@ -247,18 +247,45 @@ def variant_rows(summary: pd.DataFrame) -> pd.DataFrame:
     return rows.assign(order=order).sort_values(["cell", "order", "variant", "seed"], kind="stable")
 
 
-def variants_table(summary: pd.DataFrame) -> str:
-    """Variant x cell: mean ± ci95, speed and memory of meta-training, and the test-config hash (equal within a
-    cell = the same test episodes and adaptation); across-seed statistics where a run has several seeds."""
+def paired_against_maml(summary: pd.DataFrame, results_dir: Path | None) -> dict[str, str]:
+    """run -> its paired per-episode difference against its cell's plain MAML run (fsl.results.compare), where
+    both were tested on the same episodes and their per-episode files are there."""
+    from fsl.results import compare
+    if results_dir is None:
+        return {}
+    rows, paired = variant_rows(summary), {}
+    for cell, of_cell in rows.groupby("cell"):
+        plain = of_cell[of_cell["run"] == f"{cell}-maml"]  # the variant file maml, else a plain MAML run
+        if plain.empty:
+            plain = of_cell[(of_cell["variant"].str.split("+").str[0] == "maml") & (of_cell["seed"] == 0)
+                            & ~of_cell["variant"].str.contains("zero_head")]
+        for row in of_cell.itertuples() if len(plain) else ():
+            if row.run == plain.iloc[0]["run"]:
+                continue
+            try:
+                d = compare.compare_runs(results_dir, row.run, plain.iloc[0]["run"])
+            except (ResultsError, OSError):
+                continue
+            paired[row.run] = f"{d['mean']:+.2f} ± {d['ci95']:.2f} ({d['a_better']}/{d['b_better']})"
+    return paired
+
+
+def variants_table(summary: pd.DataFrame, results_dir: Path | None = None) -> str:
+    """Variant x cell: mean ± ci95, the paired difference against the cell's plain MAML run on the same test
+    episodes, speed and memory of meta-training, and the test-config hash (equal within a cell = the same test
+    episodes and adaptation); across-seed statistics where a run has several seeds."""
     stats = {s.group: s for s in seed_statistics(summary).itertuples()}
-    lines = ["| cell | variant | run | mean ± ci95 | across seeds (mean ± std, n) | train tasks | tasks/s | "
-             "peak GPU MB | device | test config |", "|---|---|---|---|---|---|---|---|---|---|"]
+    paired = paired_against_maml(summary, results_dir)
+    lines = ["| cell | variant | run | mean ± ci95 | paired vs MAML (episodes better/worse) | across seeds (mean ± "
+             "std, n) | train tasks | tasks/s | peak GPU MB | device | test config |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for row in variant_rows(summary).itertuples():
         stat = stats.get(run_group(row.run))
         seeds = f"{fmt(stat.mean, stat.std)}, {stat.seeds}" if stat is not None else ""
         speed = "" if pd.isna(row.tasks_per_s) else f"{row.tasks_per_s:.1f}"
         memory = "" if pd.isna(row.peak_memory_mb) else f"{row.peak_memory_mb:.0f}"
-        lines.append(f"| {row.cell} | {row.variant} | {row.run} | {fmt(row.mean_acc, row.ci95)} | {seeds} | "
+        lines.append(f"| {row.cell} | {row.variant} | {row.run} | {fmt(row.mean_acc, row.ci95)} | "
+                     f"{paired.get(row.run, '')} | {seeds} | "
                      f"{optional_int(row.train_tasks)} | {speed} | {memory} | {row.device} | "
                      f"{row.test_config_sha} |")
     return "\n".join(lines) + "\n"
@@ -288,7 +315,7 @@ def plot_variants(summary: pd.DataFrame, path: Path) -> None:
     save_figure(fig, path)
 
 
-def tables(summary: pd.DataFrame) -> dict[str, str]:
+def tables(summary: pd.DataFrame, results_dir: Path | None = None) -> dict[str, str]:
     """{file name: markdown} of every table the summary allows (what `run` writes under results/tables)."""
     written = {}
     for dataset, rows in summary[~summary["quick"]].groupby("dataset", sort=True):
@@ -314,7 +341,9 @@ def tables(summary: pd.DataFrame) -> dict[str, str]:
                                   "adaptation); only the inner loop differs. ci95: 95% half-width over the test "
                                   "episodes of one trained model; across seeds: the spread of the mean over "
                                   "training seeds (`make <run> SEEDS=3`). tasks/s: meta-training, validation "
-                                  "excluded. Plot: plots/variants.png\n\n" + variants_table(summary))
+                                  "excluded. paired vs MAML: the mean per-episode difference to the cell's MAML "
+                                  "run on the same episodes, ± its 95% half-width (`fsl compare`). Plot: "
+                                  "plots/variants.png\n\n" + variants_table(summary, results_dir))
     if len(seed_statistics(summary)):
         written["seeds.md"] = ("# Runs under several seeds\n\nci95 is the 95% half-width over one model's test "
                                "episodes; std the standard deviation of the mean over training seeds (ddof 1).\n\n"
@@ -348,7 +377,7 @@ def run(results_dir: str | Path = "results") -> list[Path]:
                           "settings than a run's own. The other tables show each run's own row (config file, own "
                           "test); these never replace it.\n\n" + other_tests_table(others))
         written.append(results / "tables" / "other_tests.md")
-    for name, text in tables(summary).items():
+    for name, text in tables(summary, results).items():
         write_text_atomic(results / "tables" / name, text)
         written.append(results / "tables" / name)
     plots = results / "plots"
