@@ -238,7 +238,7 @@ def mini_without_a_class(root: Path) -> None:
     shutil.copytree(fixture_root("mini-imagenet"), root)
     lines = (root / "train.csv").read_text().splitlines()
     first = lines[1].split(",")[1]
-    (root / "train.csv").write_text("\n".join([lines[0]] + [l for l in lines[1:] if l.split(",")[1] != first]) + "\n")
+    (root / "train.csv").write_text("\n".join([lines[0]] + [line for line in lines[1:] if line.split(",")[1] != first]) + "\n")
 
 
 def omniglot_without(root: Path, prefix: str) -> None:
