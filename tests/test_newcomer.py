@@ -227,6 +227,10 @@ CASES = [
                                                        "--no-decode"], 1,
          ["holds 1,597 Omniglot characters", "not the protocol's data", "no result on it is comparable"],
          setup=lambda w, t: omniglot_without(w / "omni", "images_background/Arcadian/")),
+    Case("omniglot: a damaged byte range in an archive", lambda w, t: ["data", "check", "omniglot", "--root",
+                                                                       str(w / "omni")], 1,
+         ["images_background.zip is damaged:", "of its images cannot be read", "fix: download the archive again"],
+         once=["is damaged"], setup=lambda w, t: damaged_omniglot(w / "omni")),
     Case("tiered, decoding: the mismatch once, not once per image", lambda w, t: ["data", "check", "tiered-imagenet",
                                                                                    "--root", str(w / "tiered")], 1,
          ["has 313 images"], once=["has 313 images"], setup=lambda w, t: tiered_copy(w, fewer_images_than_labels)),
@@ -251,6 +255,16 @@ def omniglot_without(root: Path, prefix: str) -> None:
             for member in source.namelist():
                 if not member.startswith(prefix):
                     target.writestr(member, source.read(member))
+
+
+def damaged_omniglot(root: Path) -> None:
+    """The two archives, 40 KB of images_background.zip zeroed in the middle (a bad download or disk)."""
+    root.mkdir(parents=True)
+    for name in ("images_background.zip", "images_evaluation.zip"):
+        shutil.copyfile(fixture_root("omniglot") / name, root / name)  # the fixture is read-only
+    with open(root / "images_background.zip", "r+b") as archive:
+        archive.seek(3_000_000)
+        archive.write(b"\0" * 40_000)
 
 
 def as_before_any_validation(latest: Path) -> None:

@@ -9,10 +9,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tqdm import tqdm
-
 from fsl.data import SPLITS, load_split
 from fsl.data.base import DatasetError, SplitDataset
+from fsl.data.progress import progress_bar
 
 
 def split_problems(datasets: dict[str, SplitDataset], needed: dict[str, int],
@@ -50,6 +49,7 @@ def check_dataset(name: str, root: str | Path, decode: bool = True, progress: bo
     split that the reader declares (`SplitDataset.min_images`) unless `min_images` says otherwise. Without
     `decode`, each reader's structural check (`SplitDataset.verify`) still runs."""
     counts, problems, groups, datasets = {}, [], {}, {}
+    damaged: dict[str, list[str]] = {}  # archive -> its unreadable members, over the splits
     for split in SPLITS:
         try:
             dataset = load_split(name, root, split)
@@ -68,12 +68,23 @@ def check_dataset(name: str, root: str | Path, decode: bool = True, progress: bo
             problems.append(str(error))
             continue
         if decode:
-            for index in tqdm(range(len(dataset)), desc=f"decoding {split}", disable=not progress, leave=False):
+            bar = progress_bar(total=len(dataset), desc=f"decoding {split}", unit="img", disable=not progress,
+                               leave=False)
+            for index in range(len(dataset)):
+                bar.update()
                 try:
                     dataset.load_image(index)
                 except Exception as error:  # PIL raises many types for corrupt files; report each with its file
-                    problems.append(f"unreadable or truncated image {dataset.source(index)}: {error}; "
-                                    f"fix: replace the file")
+                    source = dataset.source(index)
+                    archive, _, member = source.partition(".zip:")
+                    if member:  # inside an archive: the archive is the thing to replace
+                        damaged.setdefault(archive + ".zip", []).append(member)
+                    else:
+                        problems.append(f"unreadable or truncated image {source}: {error}; fix: replace the file")
+            bar.close()
+    problems += [f"{archive} is damaged: {len(members):,} of its images cannot be read (e.g. {members[0]}); fix: "
+                 f"download the archive again (`fsl data prepare`), or restore it from a copy"
+                 for archive, members in damaged.items()]
     problems = split_problems(datasets, {s: (min_images or d.min_images)[s] for s, d in datasets.items()}) + problems
     problems += sorted({why for d in datasets.values() if (why := d.protocol_problem())})
     if counts:
