@@ -75,6 +75,19 @@ def without_jitter(params: np.ndarray) -> np.ndarray:
     return plain
 
 
+def check_both_pipelines(name: str, images: list[np.ndarray], canvases: np.ndarray, params: np.ndarray,
+                         sizes: np.ndarray, stored: np.ndarray, tmp_path: Path) -> np.ndarray:
+    """mmcls's and fsl's training images (with and without the colour jitter) and test images of `images`, checked;
+    returns mmcls's test images."""
+    train, test = mmcls_outputs(images, params, tmp_path)
+    check(f"{name} train", fsl_train(canvases, params, sizes, stored), train, jittered=True)
+    check(f"{name} test", fsl_test(images), test)
+    plain = without_jitter(params)
+    check(f"{name} crop, resize, flip", fsl_train(canvases, plain, sizes, stored),
+          mmcls_outputs(images, plain, tmp_path)[0])
+    return test
+
+
 def canvas_of(images: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
     side = max(max(image.shape[:2]) for image in images)
     canvases = np.zeros((len(images), side, side, 3), dtype=np.uint8)
@@ -98,13 +111,7 @@ def test_mini_imagenet_train_and_test_images_are_mmcls_within_one_grey_level(tmp
     images = [np.asarray(dataset.load_image(i)) for i in range(0, 60 * 8, 12)]
     canvases, sizes = canvas_of(images)
     torch.manual_seed(0)
-    params = draw_params(sizes)
-    train, test = mmcls_outputs(images, params, tmp_path)
-    check("mini-ImageNet train", fsl_train(canvases, params, sizes, sizes), train, jittered=True)
-    check("mini-ImageNet test", fsl_test(images), test)
-    plain = without_jitter(params)
-    check("mini-ImageNet crop, resize, flip", fsl_train(canvases, plain, sizes, sizes),
-          mmcls_outputs(images, plain, tmp_path)[0])
+    check_both_pipelines("mini-ImageNet", images, canvases, draw_params(sizes), sizes, sizes, tmp_path)
 
 
 def test_cub_crops_from_the_store_are_mmcls_within_one_grey_level(tmp_path):
@@ -116,28 +123,17 @@ def test_cub_crops_from_the_store_are_mmcls_within_one_grey_level(tmp_path):
     images = [np.asarray(dataset.load_image(i)) for i in indices]
     assert len({image.shape for image in images}) > 5  # many sizes
     torch.manual_seed(1)
-    params = draw_params(store.sizes[indices])
-    train, test = mmcls_outputs(images, params, tmp_path)
-    canvases, sizes, stored = np.asarray(store.pixels[indices]), store.sizes[indices], store.stored_sizes[indices]
-    check("CUB train", fsl_train(canvases, params, sizes, stored), train, jittered=True)
-    check("CUB test", fsl_test(images), test)
-    plain = without_jitter(params)
-    check("CUB crop, resize, flip", fsl_train(canvases, plain, sizes, stored), mmcls_outputs(images, plain, tmp_path)[0])
+    sizes, stored = store.sizes[indices], store.stored_sizes[indices]
+    check_both_pipelines("CUB", images, np.asarray(store.pixels[indices]), draw_params(sizes), sizes, stored, tmp_path)
 
 
 def test_a_photo_sized_image_with_fine_detail_is_mmcls_within_one_grey_level(tmp_path):
     """500 x 375, the size of real CUB and ImageNet photos: mmcls keeps the aliased detail of a shrinking resize
-    (cv2's bilinear does not smooth), and so does fsl now; the smoothing resize it replaced differed by ~43 grey
-    levels here."""
+    (cv2's bilinear does not smooth), and so does fsl now; the smoothing resize it replaced is far from it."""
     images = [fine_photo(seed=s) for s in range(12)]
     canvases, sizes = canvas_of(images)
     torch.manual_seed(2)
-    params = draw_params(sizes)
-    train, test = mmcls_outputs(images, params, tmp_path)
-    check("photo train", fsl_train(canvases, params, sizes, sizes), train, jittered=True)
-    check("photo test", fsl_test(images), test)
-    plain = without_jitter(params)
-    check("photo crop, resize, flip", fsl_train(canvases, plain, sizes, sizes), mmcls_outputs(images, plain, tmp_path)[0])
+    test = check_both_pipelines("photo", images, canvases, draw_params(sizes), sizes, sizes, tmp_path)
     from PIL import Image
     from torchvision import transforms as T
     smoothing = T.Compose([T.Resize(96), T.CenterCrop(SIZE)])  # PIL's antialiased resize, fsl's before #35
