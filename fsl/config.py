@@ -420,6 +420,8 @@ CHOICES = {"model.downsample": ("maxpool", "stride"), "model.head_input": ("flat
            "data.omniglot_images": ("binary", "greyscale")}
 MIN_IMAGE_SIZE = 16  # conv4 and resnet12 both halve the image four times (16 -> 1 pixel)
 PRECISIONS = ("fp32", "tf32", "bf16")       # see fsl.device.precision
+DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")  # device= and fsl adapt --device (fsl.device.distributed.resolve_device)
+DEVICE_CHOICES = "auto (cuda if available), cpu, cuda or cuda:N"
 
 
 # the datasets (fsl.data.READERS) and backbones (fsl.models.BACKBONES), named here so that config imports neither
@@ -464,8 +466,8 @@ def validate(cfg: Config) -> None:
         if not (value > 0 and math.isfinite(value)):
             raise ConfigError(f"{key}={value}: a learning rate must be a finite number > 0; fix: the protocol's "
                               f"{flat_dict(Config())[key]}")
-    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", cfg.device):
-        raise ConfigError(f"device={cfg.device!r}: choose auto (cuda if available), cpu, cuda or cuda:N")
+    if not DEVICE.fullmatch(cfg.device):
+        raise ConfigError(f"device={cfg.device!r}: choose {DEVICE_CHOICES}")
     if not re.fullmatch(r"[A-Za-z0-9_.+=-]*", cfg.name) or cfg.name.startswith("."):
         raise ConfigError(f"name={cfg.name!r}: the run's tag becomes a folder name (<work_dir>/<cell>-<name>); use "
                           f"letters, digits and _ . + = - only, e.g. name=lr01")

@@ -68,10 +68,8 @@ def check_dataset(name: str, root: str | Path, decode: bool = True, progress: bo
             problems.append(str(error))
             continue
         if decode:
-            bar = progress_bar(total=len(dataset), desc=f"decoding {split}", unit="img", disable=not progress,
-                               leave=False)
-            for index in range(len(dataset)):
-                bar.update()
+            for index in progress_bar(range(len(dataset)), desc=f"decoding {split}", unit="img",
+                                      disable=not progress, leave=False):
                 try:
                     dataset.load_image(index)
                 except Exception as error:  # PIL raises many types for corrupt files; report each with its file
@@ -81,7 +79,6 @@ def check_dataset(name: str, root: str | Path, decode: bool = True, progress: bo
                         damaged.setdefault(archive + ".zip", []).append(member)
                     else:
                         problems.append(f"unreadable or truncated image {source}: {error}; fix: replace the file")
-            bar.close()
     problems += [f"{archive} is damaged: {len(members):,} of its images cannot be read (e.g. {members[0]}); fix: "
                  f"download the archive again (`fsl data prepare`), or restore it from a copy"
                  for archive, members in damaged.items()]

@@ -43,11 +43,11 @@ class Lines:
         self.stream.flush()
 
 
-def progress_bar(interval: float = LINE_INTERVAL, **kwargs) -> tqdm:
-    """tqdm(**kwargs) on a terminal; plain lines (`Lines`) at most every `interval` seconds otherwise."""
+def progress_bar(iterable=None, interval: float = LINE_INTERVAL, **kwargs) -> tqdm:
+    """tqdm(iterable, **kwargs) on a terminal; plain lines (`Lines`) at most every `interval` seconds otherwise."""
     stream = kwargs.pop("file", None) or sys.stderr
     if stream.isatty() or kwargs.get("disable"):
-        return tqdm(file=stream, **kwargs)
+        return tqdm(iterable, file=stream, **kwargs)
     kwargs.pop("dynamic_ncols", None)
     kwargs.update(bar_format=LINE_FORMAT, mininterval=min(interval, kwargs.get("mininterval", 5.0)), ascii=True)
-    return tqdm(file=Lines(stream, interval), **kwargs)
+    return tqdm(iterable, file=Lines(stream, interval), **kwargs)

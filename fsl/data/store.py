@@ -226,10 +226,8 @@ def build(dataset: SplitDataset, base: Path, stamp: dict, kind: str, image_size:
     try:
         pixels = np.lib.format.open_memmap(temporary["pixels"], mode="w+", dtype=np.uint8,
                                            shape=(len(dataset), side, side, 3))
-        bar = progress_bar(total=len(dataset), desc=f"decoding {base.name}", unit="img", disable=not progress,
-                           mininterval=2)
-        for index in range(len(dataset)):
-            bar.update()
+        for index in progress_bar(range(len(dataset)), desc=f"decoding {base.name}", unit="img",
+                                  disable=not progress, mininterval=2):
             image = decode(dataset, index)
             if (image.height, image.width) != tuple(sizes[index]):
                 raise DatasetError(f"{dataset.source(index)}: decoded {image.height}x{image.width}, its header says "
@@ -240,7 +238,6 @@ def build(dataset: SplitDataset, base: Path, stamp: dict, kind: str, image_size:
                 image = image.resize((width, height), Image.BILINEAR)  # PIL filters are antialiased when shrinking
             array = np.asarray(image, dtype=np.uint8)
             pixels[index] = np.pad(array, ((0, side - height), (0, side - width), (0, 0)), mode="edge")
-        bar.close()
         pixels.flush()
         del pixels
         with open(temporary["sizes"], "wb") as f:

@@ -15,14 +15,13 @@ Without torchrun (no WORLD_SIZE in the environment) every function here is a no-
 from __future__ import annotations
 
 import os
-import re
 from datetime import timedelta
 from typing import Any, Sequence
 
 import torch
 import torch.distributed as dist
 
-from fsl.config import ConfigError
+from fsl.config import DEVICE, DEVICE_CHOICES, ConfigError
 
 
 def resolve_device(name: str, key: str = "device") -> torch.device:
@@ -30,8 +29,8 @@ def resolve_device(name: str, key: str = "device") -> torch.device:
     caller's user wrote the setting ('device' for a config key, '--device' for a command-line flag), for the
     messages."""
     setting = (lambda value: f"{key} {value}") if key.startswith("--") else (lambda value: f"{key}={value}")
-    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", str(name)):
-        raise ConfigError(f"{setting(repr(name))}: choose auto (cuda if available), cpu, cuda or cuda:N")
+    if not DEVICE.fullmatch(str(name)):
+        raise ConfigError(f"{setting(repr(name))}: choose {DEVICE_CHOICES}")
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(name)

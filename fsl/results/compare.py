@@ -7,13 +7,12 @@ streams) are refused with the reason; a field a row written before it existed la
 """
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from fsl.results.files import ResultsError, own_tests, read_summary, read_test_episodes, row_file
+from fsl.results.files import ResultsError, ci95, own_tests, read_summary, read_test_episodes, row_file
 
 SAME_EPISODES = ("dataset", "data_root", "ways", "shots", "image_size", "episodes", "episode_streams")
 
@@ -31,7 +30,7 @@ def paired_difference(a: np.ndarray, b: np.ndarray) -> dict:
     """Per-episode accuracies (%) of two runs on the same episodes -> mean difference a - b, its 95 % half-width
     (1.96 x std / sqrt(n), as fsl.results.ci95), and how many episodes favour each side."""
     difference = np.asarray(a, np.float64) - np.asarray(b, np.float64)
-    return {"mean": float(difference.mean()), "ci95": float(1.96 * difference.std(ddof=0) / math.sqrt(len(difference))),
+    return {"mean": float(difference.mean()), "ci95": ci95(difference),
             "episodes": len(difference), "a_better": int((difference > 0).sum()), "b_better": int((difference < 0).sum()),
             "ties": int((difference == 0).sum())}
 
@@ -40,9 +39,8 @@ def compare_runs(results_dir: str | Path, run_a: str, run_b: str) -> dict:
     """The paired difference of `run_a` over `run_b`, or ResultsError saying why their episodes differ."""
     summary = read_summary(results_dir)
     a, b = own_row(summary, run_a), own_row(summary, run_b)
-    known = lambda value: value is not None and not (isinstance(value, float) and math.isnan(value))  # noqa: E731
     different = [f"{key} {a.get(key)} vs {b.get(key)}" for key in SAME_EPISODES
-                 if known(a.get(key)) and known(b.get(key)) and a.get(key) != b.get(key)]
+                 if pd.notna(a.get(key)) and pd.notna(b.get(key)) and a.get(key) != b.get(key)]
     if different:
         raise ResultsError(f"{run_a} and {run_b} were tested on different episodes ({'; '.join(different)}): a "
                            f"paired difference needs the same fixed episodes; fix: compare runs of one cell's test, "

@@ -92,6 +92,7 @@ class FixedEpisodes:
         self.specs = [stream[i] for i in range(count)]
         self.shape = (cfg.test.ways, cfg.test.shots, cfg.test.queries, cfg.data.image_size)
         self.normalisation = dataset.normalisation
+        self.protocol_problem = dataset.protocol_problem()  # why this data is not the protocol's, or None
 
     def __len__(self) -> int:
         return len(self.specs)

@@ -16,7 +16,7 @@ from fsl.maml import InnerLoop
 from fsl.results import ci95, read_summary, row_file, summary_row, upsert_summary, write_test_episodes
 from fsl.results.files import check_writable, write_atomic
 from fsl.train.accuracy import evaluate_fitting, parallel_episodes
-from fsl.train.cell import FixedEpisodes, cell_split, check_test_episodes
+from fsl.train.cell import FixedEpisodes, check_test_episodes
 from fsl.train.checkpoint import load_checkpoint_model, tested_checkpoint, trained_tasks
 
 
@@ -45,7 +45,7 @@ def run(requested: Config, checkpoint_path: str | Path, config_path: str | Path 
                                             parallel=parallel, prefetch=cfg.data.prefetch)
     row = summary_row(cfg, accuracies, checkpoint, checkpoint_path, trained_tasks(checkpoint_path, checkpoint),
                       parallel, device, time.time() - start, config_path)
-    incomplete = cell_split(cfg, "test").protocol_problem()
+    incomplete = episodes.protocol_problem
     if incomplete:  # data that is not the protocol's (fsl.data.base.SplitDataset.protocol_problem)
         row["comparable"] = False
         row["not_comparable_why"] = "; ".join(filter(None, [row["not_comparable_why"], incomplete.split(": not")[0]
