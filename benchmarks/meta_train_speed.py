@@ -42,6 +42,7 @@ from fsl.maml import InnerLoop, evaluate_tasks, meta_optimizer, meta_train_step 
 from fsl.models import build_model  # noqa: E402
 
 WAYS, SHOTS, QUERIES, STEPS, LR = 5, 5, 16, 2, 0.01
+IMAGE_SIZE = 84  # the protocol's (--image-size changes it, for a dry run only)
 GRAD_TOLERANCE = {"fp32": 1e-2, "tf32": 0.5, "bf16": 0.5}  # relative L2 difference to fsl loop in fp32
 
 
@@ -153,8 +154,8 @@ def time_training(arch: str, device: torch.device, meta_batch: int, rounds: int,
                   precisions: list[str]) -> list[dict]:
     """One row per implementation x precision: median seconds per meta-iteration, tasks/s, peak memory."""
     torch.manual_seed(0)
-    model = build_model(arch, WAYS, 84).to(device)
-    batch = random_batch(meta_batch, 84, device)
+    model = build_model(arch, WAYS, IMAGE_SIZE).to(device)
+    batch = random_batch(meta_batch, IMAGE_SIZE, device)
     order = "first" if first_order else "second"
     apply_precision("fp32", device)
     reference = meta_gradient(fsl_loop, model, batch, first_order, "fp32", device)
@@ -213,8 +214,8 @@ def time_training(arch: str, device: torch.device, meta_batch: int, rounds: int,
 def time_meta_test(arch: str, device: torch.device, episodes: int, parallel: int) -> float:
     """Seconds per 100 meta-test episodes (5-way 1-shot, 15 queries, 5 steps), `parallel` episodes at a time."""
     torch.manual_seed(0)
-    model = build_model(arch, WAYS, 84).to(device)
-    batch = random_batch(parallel, 84, device, shots=1, queries=15)
+    model = build_model(arch, WAYS, IMAGE_SIZE).to(device)
+    batch = random_batch(parallel, IMAGE_SIZE, device, shots=1, queries=15)
     evaluate_tasks(model, batch, InnerLoop(5, LR, True))
     sync(device)
     start = time.perf_counter()
@@ -261,7 +262,12 @@ def main() -> None:
     parser.add_argument("--meta-batch", type=int, default=None, help="default 8 (quick 2)")
     parser.add_argument("--precisions", nargs="+", default=None, help="default: every one the device honours")
     parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
+    parser.add_argument("--image-size", type=int, default=84, help="the protocol's 84; smaller only to check that "
+                        "the script runs (GPU_SESSION_DRY=1 bash benchmarks/gpu_session.sh): its files are then "
+                        "named -<size>px and are not a measurement of the protocol")
     args = parser.parse_args()
+    global IMAGE_SIZE
+    IMAGE_SIZE = args.image_size
     device = torch.device(args.device)
     archs = args.archs or (["conv4"] if args.quick else ["conv4", "resnet12"])
     meta_batch = args.meta_batch or (2 if args.quick else 8)
@@ -282,7 +288,7 @@ def main() -> None:
 def write_results(device, rows, exact, test_rows, hours, quick, out: Path, seconds: float) -> None:
     import pandas as pd
 
-    name = device_slug(device) + ("-quick" if quick else "")
+    name = device_slug(device) + ("-quick" if quick else "") + (f"-{IMAGE_SIZE}px" if IMAGE_SIZE != 84 else "")
     out.mkdir(parents=True, exist_ok=True)
     columns = ["arch", "order", "implementation", "tasks_per_s", "speedup_vs_l2l", "peak_mb", "grad_rel_diff",
                "precision", "meta_batch", "median_s", "min_s", "max_s", "note"]

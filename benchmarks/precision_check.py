@@ -22,6 +22,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from fsl.config import load_config  # noqa: E402
+from fsl.data.mini_imagenet import form_of  # noqa: E402
 from fsl.device.distributed import device_slug  # noqa: E402
 from fsl.device.precision import honoured_precisions  # noqa: E402
 from fsl.train import meta_test as evaluate
@@ -31,7 +32,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def run_setting(arch: str, precision: str, args: argparse.Namespace, out: Path) -> dict:
-    overrides = [f"data.root={args.data_root}", f"data.cache_dir={out / 'cache'}", f"device={args.device}",
+    overrides = [f"data.root={args.data_root}", f"data.mini_imagenet_images={form_of(args.data_root)}", f"data.cache_dir={out / 'cache'}", f"device={args.device}",
                  f"precision={precision}", f"train.tasks={args.tasks}", f"train.val_every={args.tasks}",
                  f"train.val_episodes={args.val_episodes}", f"test.episodes={args.episodes}",
                  f"train.parallel_tasks={args.parallel_tasks}", f"test.parallel_episodes={args.parallel_episodes}",

@@ -47,7 +47,7 @@ EPISODE_TARGET = 400                        # ops per meta-batch of episode buil
 def cell(arch: str, cache_dir: str, image_size: int = 84):
     """The mini-ImageNet 5-shot cell of `arch` on the fixture, its train split and store."""
     cfg = load_config(REPO / f"experiments/mini-imagenet-{arch}-5shot.yaml",
-                      [f"data.root={SHARED / 'mini-imagenet-lite'}", f"data.cache_dir={cache_dir}", "data.workers=0",
+                      [f"data.root={SHARED / 'mini-imagenet-lite'}", "data.mini_imagenet_images=84x84", f"data.cache_dir={cache_dir}", "data.workers=0",
                        "device=cpu", f"data.image_size={image_size}"])
     split = cell_split(cfg, "train")
     return cfg, split, cell_store(cfg, split, "train", "train")

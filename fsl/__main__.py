@@ -31,6 +31,10 @@ def build_parser() -> argparse.ArgumentParser:
     adapt.add_argument("queries", nargs="+", help="images to label: files, or folders (searched recursively)")
     adapt.add_argument("--out", help="write the predictions CSV here (file, predicted, p_<class>...)")
     adapt.add_argument("--device", default="auto", help="auto (cuda if available) | cpu | cuda[:N]")
+    adapt.add_argument("--batch-norm", default="each", choices=("each", "together"),
+                       help="each (default): every query classified in a batch of the support images and itself, "
+                            "independent of the other queries; together: the queries normalised by each other's "
+                            "statistics, as MAML's meta-test does (fsl/jobs/adapt.py)")
     demo = commands.add_parser("demo", help="train, test and tabulate the glyphs 5-way 1-shot cell")
     demo.add_argument("overrides", nargs="*")
     add_cluster_commands(commands)
@@ -124,7 +128,7 @@ def run_command(args: argparse.Namespace) -> int:
         report.run(args.results)
     elif args.command == "adapt":
         from fsl.jobs import adapt
-        adapt.run(args.checkpoint, args.support, args.queries, args.out, args.device)
+        adapt.run(args.checkpoint, args.support, args.queries, args.out, args.device, args.batch_norm)
     elif args.command == "demo":
         from fsl.jobs import demo
         demo.run(args.overrides)

@@ -42,6 +42,10 @@ class DataConfig:
                                     # resize_images.py, the inputs behind the paper's numbers; values 0 and 255) |
                                     # greyscale: converted to greyscale first, then LANCZOS (learn2learn's benchmark;
                                     # fsl's rows before #36)
+    mini_imagenet_images: str = "full"  # mini-ImageNet only: full: the full-size ImageNet JPEGs through the split CSVs,
+                                    # as MMFewShot reads them (the seed's cells) | 84x84: the pre-shrunk release (or
+                                    # learn2learn's cache), never comparable; a root holding the other form is refused
+                                    # (fsl/data/mini_imagenet.py, docs/datasets.md)
     workers: int = -1               # DataLoader processes that describe training episodes; -1: the CPU cores but
                                     # one, at most 4 (fsl.data.episodes.default_workers)
     cache_dir: str = "data/cache"   # decoded-image stores (fsl.data.store), built once per split and image size
@@ -196,6 +200,13 @@ class Config:
     @property
     def data_root(self) -> Path:
         return Path(self.data.root or Path("data") / self.data.dataset)
+
+    @property
+    def images_form(self) -> str:
+        """Which form of the dataset's images the run reads, where it has two: mini-ImageNet's
+        data.mini_imagenet_images, Omniglot's data.omniglot_images; '' for the others."""
+        return {"mini-imagenet": self.data.mini_imagenet_images,
+                "omniglot": self.data.omniglot_images}.get(self.data.dataset, "")
 
     @property
     def episode_images(self) -> dict[str, int]:
@@ -417,7 +428,7 @@ META_LR_SCHEDULES = ("constant", "cosine")  # see fsl.maml.schedule.meta_lr_at
 CHOICES = {"model.downsample": ("maxpool", "stride"), "model.head_input": ("flatten", "mean"),
            "model.init": ("kaiming", "xavier"), "maml.inner_loss": ("mean", "class_sum"),
            "test.weights": ("best", "final"), "data.prefetch": ("auto", "thread", "inline"),
-           "data.omniglot_images": ("binary", "greyscale")}
+           "data.omniglot_images": ("binary", "greyscale"), "data.mini_imagenet_images": ("full", "84x84")}
 MIN_IMAGE_SIZE = 16  # conv4 and resnet12 both halve the image four times (16 -> 1 pixel)
 PRECISIONS = ("fp32", "tf32", "bf16")       # see fsl.device.precision
 DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")  # device= and fsl adapt --device (fsl.device.distributed.resolve_device)
@@ -592,7 +603,7 @@ def flat_dict(cfg: Config) -> dict[str, Any]:
 # keys added after results were first hashed (fsl 0.2.0, issue #29): hashed only when set away from their default, so
 # that a row written before them keeps its identity (fsl done, fsl.results.provenance)
 NEWER_KEYS = ("data.class_rotations", "model.downsample", "model.head_input", "model.bn_scale", "model.bn_eps",
-              "model.init", "maml.adapt_bn", "maml.inner_loss", "test.weights")
+              "model.init", "maml.adapt_bn", "maml.inner_loss", "test.weights", "data.mini_imagenet_images")
 
 
 def settings_sha(cfg: Config, keys: list[str]) -> str:

@@ -15,6 +15,9 @@ SHARED_DATA = Path(os.environ.get("FSL_SHARED_DATA", REPO.parent / "shared" / "d
 FIXTURES = {"mini-imagenet": "mini-imagenet-lite", "cub": "CUB_200_2011-lite",
             "tiered-imagenet": "tiered-imagenet-lite", "omniglot": "omniglot"}
 
+# mini-ImageNet-lite is the 84x84 release: runs on it name that form (the cells default to the full-size JPEGs)
+MINI_84 = "data.mini_imagenet_images=84x84"
+
 torch.set_num_threads(2)
 # decoded-image stores (fsl.data.store) shared by every test of the session, built on first use
 STORE_CACHE = Path(tempfile.mkdtemp(prefix="fsl-test-stores-"))

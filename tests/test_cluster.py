@@ -9,14 +9,14 @@ from pathlib import Path
 
 import pandas as pd
 import torch
-from conftest import REPO, STORE_CACHE, fixture_root
+from conftest import MINI_84, REPO, STORE_CACHE, fixture_root
 
 TINY = ["data.image_size=28", "data.workers=0", "train.parallel_tasks=1", "test.parallel_episodes=1", f"data.cache_dir={STORE_CACHE}", "train.meta_batch=2",
         "train.queries=2", "train.val_episodes=2", "train.log_every=2", "train.val_every=2", "test.episodes=3"]
 
 
 def tiny(tmp_path, tasks=4):
-    return [f"data.root={fixture_root('mini-imagenet')}", f"train.tasks={tasks}", *TINY,
+    return [f"data.root={fixture_root('mini-imagenet')}", MINI_84, f"train.tasks={tasks}", *TINY,
             f"work_dir={tmp_path / 'work'}", f"results_dir={tmp_path / 'results'}"]
 
 
@@ -107,7 +107,7 @@ def test_sigterm_to_the_process_group_loses_no_completed_step(tmp_path):
     workers ignore it, the trainer finishes its step and writes latest.pth at it; the rerun resumes there and ends
     with the weights of an uninterrupted run, bit for bit."""
     config = str(REPO / "experiments/mini-imagenet-conv4-1shot.yaml")
-    settings = [f"data.root={fixture_root('mini-imagenet')}", "train.tasks=40", *TINY, "data.workers=1",
+    settings = [f"data.root={fixture_root('mini-imagenet')}", MINI_84, "train.tasks=40", *TINY, "data.workers=1",
                 "train.val_every=40", "train.checkpoint_every=1000", "train.tensorboard=false", "device=cpu"]
     interrupted = settings + [f"work_dir={tmp_path / 'a'}", f"results_dir={tmp_path / 'ra'}"]
     job = subprocess.Popen([sys.executable, "-m", "fsl", "train", config, *interrupted], cwd=REPO,

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from conftest import REPO, STORE_CACHE, fixture_root
+from conftest import MINI_84, REPO, STORE_CACHE, fixture_root
 
 from fsl.data.episodes import Episode, RankShare, collate_episodes
 from fsl.device import distributed
@@ -25,7 +25,7 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1"}  # the same kernels in every proces
 
 def tiny(root, out, *extra):
     """Tiny but real: 28x28 mini-ImageNet-lite episodes, 2 queries, meta-batch 4 (2 tasks per process)."""
-    return [f"data.root={root}", "data.image_size=28", "data.workers=0", "train.parallel_tasks=1", "test.parallel_episodes=1", f"data.cache_dir={STORE_CACHE}",
+    return [f"data.root={root}", MINI_84, "data.image_size=28", "data.workers=0", "train.parallel_tasks=1", "test.parallel_episodes=1", f"data.cache_dir={STORE_CACHE}",
             "device=cpu", "train.meta_batch=4", "train.queries=2", "train.val_episodes=5", "train.val_every=8",
             "train.log_every=4", "train.checkpoint_every=4", "test.episodes=6", f"work_dir={out / 'work'}",
             f"results_dir={out / 'results'}", *extra]

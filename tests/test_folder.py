@@ -125,12 +125,37 @@ def test_adapt_labels_new_images_and_writes_the_predictions(trained_folder_cell,
     predictions = pd.read_csv(tmp_path / "predictions.csv")
     classes = sorted(p.name for p in support.iterdir())
     assert len(predictions) == 5 * 20 + 1 and list(predictions.columns) == ["file", "predicted"] + [
-        f"p_{c}" for c in classes]
+        f"p_{c}" for c in classes] + ["batch_norm"]
+    assert set(predictions["batch_norm"]) == {"each"} and "BatchNorm: each query in a batch of the support" in \
+        result.stdout
+    twice = predictions[predictions["file"] == str(single)]  # in its folder's batch, and alone at the end
+    assert len(twice) == 2 and twice.iloc[0].equals(twice.iloc[1])  # one answer, whatever else is passed (#38)
     assert predictions[[f"p_{c}" for c in classes]].sum(axis=1).round(4).eq(1).all()
     assert set(predictions["predicted"]) <= set(classes)
     accuracy = float(result.stdout.split("support class: ")[1].split(" %")[0])
     correct = sum(Path(f).parent.name == p for f, p in zip(predictions["file"], predictions["predicted"]))
     assert accuracy == pytest.approx(100 * correct / len(predictions), abs=0.01)
+
+
+def test_adapt_together_is_the_transductive_test_where_other_queries_change_a_label(trained_folder_cell, tmp_path):
+    """--batch-norm together: MAML's meta-test form, each query normalised with the other queries of its batch, so
+    the same image gets other probabilities alone and among others (#38 item 4: the default no longer does)."""
+    tmp, root = trained_folder_cell
+    checkpoint = tmp / "work/folder-conv4-5shot/best_accuracy_mean.pth"
+    support = tmp_path / "support"
+    for folder in sorted((root / "test").iterdir()):
+        (support / folder.name).mkdir(parents=True)
+        for image in sorted(folder.iterdir())[:5]:
+            shutil.copy(image, support / folder.name / image.name)
+    others = [sorted(folder.iterdir())[5] for folder in sorted((root / "test").iterdir())]
+    single = others[0]
+    result = adapt(checkpoint, support, *others, *others, single, "--batch-norm", "together", "--out",
+                   tmp_path / "together.csv")  # batches of 5 ways x 2 queries: the 10, then `single` alone
+    assert result.returncode == 0, result.stderr
+    predictions = pd.read_csv(tmp_path / "together.csv")
+    rows = predictions[predictions["file"] == str(single)].drop(columns=["file"])
+    assert len(rows) == 3 and set(predictions["batch_norm"]) == {"together"}
+    assert rows.iloc[0].equals(rows.iloc[1]) and not rows.iloc[0].equals(rows.iloc[2])
 
 
 def test_adapt_refuses_what_the_checkpoint_cannot_take(trained_folder_cell, tmp_path):

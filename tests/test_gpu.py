@@ -12,6 +12,7 @@ from test_maml import batch_of, make_episode
 
 from fsl.config import ConfigError
 from fsl.data.augment import augment, plan_augmentation
+from fsl.data.transforms import Taps, tap_patches
 from fsl.device.precision import apply_precision, autocast, check_precision, honoured_precisions
 from fsl.maml import InnerLoop, meta_train_step
 from fsl.models import build_model
@@ -72,12 +73,13 @@ def test_bf16_meta_gradient_points_the_fp32_way():
 def test_augmentation_on_the_gpu_matches_the_cpu():
     generator = torch.Generator().manual_seed(0)
     images = torch.randint(0, 256, (16, 3, 84, 84), dtype=torch.uint8, generator=generator)
-    sizes = np.full((16, 2), 84)
     params = np.array([[10, 5, 60, 70, i % 2, *((0, 1, 2, 3) if i % 3 else (2, 3, 1, 0)), 1.2, 0.8, 1.1]
                        for i in range(16)], dtype=np.float64)
-    plan = plan_augmentation(params, sizes, sizes, 84)
-    cpu = augment(images[plan.order], plan, 84)
-    gpu = augment(images[plan.order].cuda(), plan.to(torch.device("cuda")), 84).cpu()
+    plan = plan_augmentation(params, 84)
+    patches = tap_patches(images[plan.order], Taps(torch.from_numpy(plan.rows), torch.from_numpy(plan.cols),
+                                                   plan.row_weights, plan.col_weights))
+    cpu = augment(patches, plan, 84)
+    gpu = augment(patches.cuda(), plan.to(torch.device("cuda")), 84).cpu()
     torch.testing.assert_close(gpu, cpu, rtol=1e-4, atol=1e-4)
 
 
@@ -85,13 +87,13 @@ def test_augmentation_on_the_gpu_matches_the_cpu():
 def test_steady_state_training_steps_make_no_host_sync_on_the_gpu(tmp_path, monkeypatch):
     """The training loop of tests/test_step_syncs.py on CUDA, every steady-state step (its episodes included) under
     torch.cuda.set_sync_debug_mode("error"): any sync, a blocking copy among them, raises."""
-    from conftest import REPO, STORE_CACHE, fixture_root
+    from conftest import MINI_84, REPO, STORE_CACHE, fixture_root
 
     from fsl.config import load_config
     from fsl.train import meta_train as train
 
     cfg = load_config(REPO / "experiments/mini-imagenet-conv4-5shot.yaml", [
-        f"data.root={fixture_root('mini-imagenet')}", f"data.cache_dir={STORE_CACHE}", "data.workers=0",
+        f"data.root={fixture_root('mini-imagenet')}", MINI_84, f"data.cache_dir={STORE_CACHE}", "data.workers=0",
         "device=cuda", "train.meta_batch=4", "train.tasks=24", "train.log_every=24", "train.val_every=24",
         "train.val_episodes=2", "train.tensorboard=false", f"work_dir={tmp_path}", f"results_dir={tmp_path / 'r'}"])
     real_step, steps = train.meta_train_step, []
@@ -159,11 +161,11 @@ def test_fused_adam_skips_a_non_finite_step_on_the_device_and_drops_the_flag():
 
 
 def cuda_run(tmp_path, *extra):
-    from conftest import REPO, STORE_CACHE, fixture_root
+    from conftest import MINI_84, REPO, STORE_CACHE, fixture_root
 
     from fsl.config import load_config
     return load_config(REPO / "experiments/mini-imagenet-conv4-5shot.yaml", [
-        f"data.root={fixture_root('mini-imagenet')}", f"data.cache_dir={STORE_CACHE}", "data.workers=0",
+        f"data.root={fixture_root('mini-imagenet')}", MINI_84, f"data.cache_dir={STORE_CACHE}", "data.workers=0",
         "device=cuda", "train.meta_batch=4", "train.tasks=8", "train.log_every=4", "train.val_every=8",
         "train.val_episodes=4", "train.tensorboard=false", f"work_dir={tmp_path}", f"results_dir={tmp_path / 'r'}",
         *extra])
@@ -188,8 +190,8 @@ def test_nccl_two_processes_train(tmp_path):
     import subprocess
     import sys
 
-    from conftest import REPO, STORE_CACHE, fixture_root
-    args = [f"data.root={fixture_root('mini-imagenet')}", f"data.cache_dir={STORE_CACHE}", "data.workers=0",
+    from conftest import MINI_84, REPO, STORE_CACHE, fixture_root
+    args = [f"data.root={fixture_root('mini-imagenet')}", MINI_84, f"data.cache_dir={STORE_CACHE}", "data.workers=0",
             "device=cuda", "train.meta_batch=4", "train.tasks=8", "train.val_every=8", "train.val_episodes=4",
             f"work_dir={tmp_path}", f"results_dir={tmp_path / 'r'}"]
     result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",

@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import REPO, STORE_CACHE, fixture_root
+from conftest import MINI_84, REPO, STORE_CACHE, fixture_root
 from test_maml import batch_of, make_episode
 
 from fsl.config import ConfigError, load_config
@@ -29,7 +29,7 @@ CONFIG = REPO / "experiments/mini-imagenet-conv4-1shot.yaml"
 
 def tiny(tmp_path, *extra):
     """Tiny but real: 28x28 mini-ImageNet-lite episodes, 2 queries, 2 tasks per outer step."""
-    return [f"data.root={fixture_root('mini-imagenet')}", "data.image_size=28", "data.workers=0",
+    return [f"data.root={fixture_root('mini-imagenet')}", MINI_84, "data.image_size=28", "data.workers=0",
             f"data.cache_dir={STORE_CACHE}", "device=cpu", "train.meta_batch=2", "train.queries=2",
             "train.val_episodes=3", "train.log_every=2", "test.episodes=4", "train.tensorboard=false",
             f"work_dir={tmp_path / 'work'}", f"results_dir={tmp_path / 'results'}", *extra]

@@ -1,6 +1,6 @@
 """fsl's training and test images against mmcls 0.18's own transforms (MMFewShot's MAML pipelines), pixel by pixel
 (issue #35): the same images and the same random parameters through both, on mini-ImageNet-lite, CUB-lite (the
-crops taken from the images in the store, at their full resolution) and a large synthetic photo with fine detail.
+crops taken from the originals in the store) and large synthetic photos with fine detail (through a store too).
 mmcls runs in the side environment `make fidelity` installs (tests/helpers/mmcls_pipeline.py); without it these
 tests skip."""
 from __future__ import annotations
@@ -15,8 +15,9 @@ import torch
 from conftest import REPO, fixture_root
 
 from fsl.data import load_split
-from fsl.data.augment import augment, draw_params, normalise, plan_augmentation
-from fsl.data.store import open_store
+from fsl.data.augment import augment_originals, draw_params, normalise
+from fsl.data.base import SplitDataset
+from fsl.data.store import ImageStore, from_images, open_store
 from fsl.data.transforms import STD_255, eval_resize_crop
 
 SIDE_PYTHON = Path(os.environ.get("FSL_MMFEWSHOT_PYTHON", REPO / ".venv-mmfewshot" / "bin" / "python"))
@@ -37,11 +38,9 @@ def mmcls_outputs(images: list[np.ndarray], params: np.ndarray, tmp_path: Path) 
             np.stack([out[f"test_{i}"] for i in range(len(images))]))
 
 
-def fsl_train(canvases: np.ndarray, params: np.ndarray, sizes: np.ndarray, stored: np.ndarray) -> np.ndarray:
-    """fsl's batched augmentation of canvases (N, S, S, 3) uint8 (images at the top left) with params."""
-    plan = plan_augmentation(params, sizes, stored, SIZE)
-    batch = torch.from_numpy(np.ascontiguousarray(canvases[plan.order])).permute(0, 3, 1, 2)
-    return augment(batch, plan, SIZE).numpy()
+def fsl_train(store: ImageStore, indices: list[int], params: np.ndarray) -> np.ndarray:
+    """fsl's batched augmentation of train-kind store originals `indices` with params, as training runs it."""
+    return augment_originals(store, np.asarray(indices), params, SIZE).numpy()
 
 
 def fsl_test(images: list[np.ndarray]) -> np.ndarray:
@@ -75,25 +74,20 @@ def without_jitter(params: np.ndarray) -> np.ndarray:
     return plain
 
 
-def check_both_pipelines(name: str, images: list[np.ndarray], canvases: np.ndarray, params: np.ndarray,
-                         sizes: np.ndarray, stored: np.ndarray, tmp_path: Path) -> np.ndarray:
-    """mmcls's and fsl's training images (with and without the colour jitter) and test images of `images`, checked;
-    returns mmcls's test images."""
+def check_both_pipelines(name: str, images: list[np.ndarray], store: ImageStore, indices: list[int],
+                         params: np.ndarray, tmp_path: Path) -> np.ndarray:
+    """mmcls's training images (with and without the colour jitter) and test images of `images`, checked against
+    fsl's of the same originals in `store` (`indices`); returns mmcls's test images."""
     train, test = mmcls_outputs(images, params, tmp_path)
-    check(f"{name} train", fsl_train(canvases, params, sizes, stored), train, jittered=True)
+    check(f"{name} train", fsl_train(store, indices, params), train, jittered=True)
     check(f"{name} test", fsl_test(images), test)
     plain = without_jitter(params)
-    check(f"{name} crop, resize, flip", fsl_train(canvases, plain, sizes, stored),
-          mmcls_outputs(images, plain, tmp_path)[0])
+    check(f"{name} crop, resize, flip", fsl_train(store, indices, plain), mmcls_outputs(images, plain, tmp_path)[0])
     return test
 
 
-def canvas_of(images: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-    side = max(max(image.shape[:2]) for image in images)
-    canvases = np.zeros((len(images), side, side, 3), dtype=np.uint8)
-    for canvas, image in zip(canvases, images):
-        canvas[:image.shape[0], :image.shape[1]] = image
-    return canvases, np.asarray([image.shape[:2] for image in images])
+def sizes_of(images: list[np.ndarray]) -> np.ndarray:
+    return np.asarray([image.shape[:2] for image in images])
 
 
 def fine_photo(height: int = 375, width: int = 500, seed: int = 0) -> np.ndarray:
@@ -109,31 +103,53 @@ def fine_photo(height: int = 375, width: int = 500, seed: int = 0) -> np.ndarray
 def test_mini_imagenet_train_and_test_images_are_mmcls_within_one_grey_level(tmp_path):
     dataset = load_split("mini-imagenet", fixture_root("mini-imagenet"), "train")
     images = [np.asarray(dataset.load_image(i)) for i in range(0, 60 * 8, 12)]
-    canvases, sizes = canvas_of(images)
     torch.manual_seed(0)
-    check_both_pipelines("mini-ImageNet", images, canvases, draw_params(sizes), sizes, sizes, tmp_path)
+    check_both_pipelines("mini-ImageNet", images, from_images(images), list(range(len(images))),
+                         draw_params(sizes_of(images)), tmp_path)
 
 
 def test_cub_crops_from_the_store_are_mmcls_within_one_grey_level(tmp_path):
-    """CUB's training crops come from the store's train kind, which keeps these images at full resolution."""
+    """CUB's training crops come from the store's train kind, which keeps the originals at full resolution."""
     dataset = load_split("cub", fixture_root("cub"), "val")
     store = open_store(dataset, "cub", "val", "train", SIZE, tmp_path / "cache", progress=False)
     indices = list(range(0, len(dataset), max(1, len(dataset) // 40)))[:40]
-    assert (store.stored_sizes[indices] == store.sizes[indices]).all()  # stored as they are
     images = [np.asarray(dataset.load_image(i)) for i in indices]
     assert len({image.shape for image in images}) > 5  # many sizes
     torch.manual_seed(1)
-    sizes, stored = store.sizes[indices], store.stored_sizes[indices]
-    check_both_pipelines("CUB", images, np.asarray(store.pixels[indices]), draw_params(sizes), sizes, stored, tmp_path)
+    check_both_pipelines("CUB", images, store, indices, draw_params(store.sizes[indices]), tmp_path)
+
+
+class Photos(SplitDataset):
+    """Photo-sized images as a dataset, so that they go through a real train-kind store."""
+
+    def __init__(self, images: list[np.ndarray], root: Path):
+        super().__init__()
+        self.images, self.root = images, root
+        self.labels, self.class_names = [0] * len(images), ["photo"]
+
+    def load_image(self, index: int):
+        from PIL import Image
+        return Image.fromarray(self.images[index])
+
+    def source(self, index: int) -> str:
+        return f"photo {index}"
+
+    def image_size(self, index: int) -> tuple[int, int]:
+        return self.images[index].shape[:2]
+
+    def fingerprint(self) -> str:
+        return "photos"
 
 
 def test_a_photo_sized_image_with_fine_detail_is_mmcls_within_one_grey_level(tmp_path):
-    """500 x 375, the size of real CUB and ImageNet photos: mmcls keeps the aliased detail of a shrinking resize
-    (cv2's bilinear does not smooth), and so does fsl now; the smoothing resize it replaced is far from it."""
-    images = [fine_photo(seed=s) for s in range(12)]
-    canvases, sizes = canvas_of(images)
+    """500 x 375 and 375 x 500, the size of real CUB and ImageNet photos, through a train-kind store: mmcls keeps the
+    aliased detail of a shrinking resize (cv2's bilinear does not smooth), and so does fsl now, from the store's
+    full-resolution originals; the smoothing resize it replaced is far from it."""
+    images = [fine_photo(seed=s) for s in range(10)] + [fine_photo(500, 375, seed=s) for s in (10, 11)]
+    store = open_store(Photos(images, tmp_path), "photos", "train", "train", SIZE, tmp_path / "cache", progress=False)
     torch.manual_seed(2)
-    test = check_both_pipelines("photo", images, canvases, draw_params(sizes), sizes, sizes, tmp_path)
+    test = check_both_pipelines("photo", images, store, list(range(len(images))), draw_params(sizes_of(images)),
+                                tmp_path)
     from PIL import Image
     from torchvision import transforms as T
     smoothing = T.Compose([T.Resize(96), T.CenterCrop(SIZE)])  # PIL's antialiased resize, fsl's before #35

@@ -17,7 +17,7 @@ from typing import Callable
 import pandas as pd
 import pytest
 import torch
-from conftest import REPO, STORE_CACHE, fixture_root
+from conftest import MINI_84, REPO, STORE_CACHE, fixture_root
 from test_folder import class_folders
 
 MINI = str(REPO / "experiments/mini-imagenet-conv4-1shot.yaml")
@@ -25,7 +25,7 @@ FOLDER = str(REPO / "experiments/folder-conv4-5shot.yaml")
 
 
 def tiny(where: Path, *extra: str) -> list[str]:
-    return [f"data.root={fixture_root('mini-imagenet')}", "data.image_size=28", "data.workers=0",
+    return [f"data.root={fixture_root('mini-imagenet')}", MINI_84, "data.image_size=28", "data.workers=0",
             f"data.cache_dir={STORE_CACHE}", "device=cpu", "train.meta_batch=2", "train.queries=2",
             "train.val_episodes=2", "train.log_every=2", "test.episodes=4", "train.tensorboard=false",
             "train.parallel_tasks=1", "test.parallel_episodes=1", f"work_dir={where / 'work'}",
@@ -234,6 +234,10 @@ CASES = [
     Case("tiered, decoding: the mismatch once, not once per image", lambda w, t: ["data", "check", "tiered-imagenet",
                                                                                    "--root", str(w / "tiered")], 1,
          ["has 313 images"], once=["has 313 images"], setup=lambda w, t: tiered_copy(w, fewer_images_than_labels)),
+    Case("a seed's mini-ImageNet cell on the 84x84 release", lambda w, t: ["train", MINI, "train.tasks=4",
+                                                                          *[a for a in tiny(w) if a != MINI_84]], 2,
+         ["holds mini-ImageNet's the 84x84 release", "data.mini_imagenet_images=full asks for the full-size",
+          "fix: pass data.mini_imagenet_images=84x84 (its rows are never comparable"], once=["error:"]),
 ]
 
 

@@ -2,7 +2,7 @@
 import pandas as pd
 import pytest
 import torch
-from conftest import REPO, STORE_CACHE, fixture_root
+from conftest import MINI_84, REPO, STORE_CACHE, fixture_root
 
 from fsl.config import ConfigError, load_config
 from fsl.results import is_done
@@ -102,7 +102,7 @@ def test_omniglot_comparability_tests_the_final_weights_and_its_fomaml_has_a_ref
 
 
 def tiny(tmp_path, *extra):
-    return [f"data.root={fixture_root('mini-imagenet')}", "data.image_size=28", "data.workers=0", "train.parallel_tasks=1", "test.parallel_episodes=1",
+    return [f"data.root={fixture_root('mini-imagenet')}", MINI_84, "data.image_size=28", "data.workers=0", "train.parallel_tasks=1", "test.parallel_episodes=1",
             f"data.cache_dir={STORE_CACHE}", "device=cpu", "train.meta_batch=2", "train.queries=2",
             "train.val_episodes=2", "train.log_every=2", "test.episodes=5", f"work_dir={tmp_path / 'work'}",
             f"results_dir={tmp_path / 'results'}", *extra]

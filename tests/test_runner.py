@@ -7,7 +7,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import REPO, STORE_CACHE, fixture_root
+from conftest import MINI_84, REPO, STORE_CACHE, fixture_root
 
 from fsl.config import ConfigError, load_config
 from fsl.results import ci95, row_file
@@ -20,7 +20,7 @@ CONFIG = REPO / "experiments/mini-imagenet-conv4-1shot.yaml"
 
 def tiny(root, tmp_path, *extra):
     """Tiny but real: 28x28 images, 2 queries, 2 tasks per outer step."""
-    return [f"data.root={root}", "data.image_size=28", "data.workers=0", "train.parallel_tasks=1", "test.parallel_episodes=1", f"data.cache_dir={STORE_CACHE}",
+    return [f"data.root={root}", MINI_84, "data.image_size=28", "data.workers=0", "train.parallel_tasks=1", "test.parallel_episodes=1", f"data.cache_dir={STORE_CACHE}",
             "device=cpu", "train.meta_batch=2", "train.queries=2", "train.val_episodes=2", "train.log_every=2",
             "test.episodes=5", f"work_dir={tmp_path / 'work'}", f"results_dir={tmp_path / 'results'}", *extra]
 
@@ -190,7 +190,7 @@ def test_a_test_with_other_settings_never_replaces_the_runs_own_result(tmp_path)
 def test_test_settings_the_split_cannot_fill_are_named_before_the_checkpoint(tmp_path):
     """`fsl test ... test.shots=100`: the real problem (too few images per class), not a missing run directory."""
     result = subprocess.run([sys.executable, "-m", "fsl", "test", str(CONFIG), "test.shots=100",
-                             f"data.root={fixture_root('mini-imagenet')}", f"work_dir={tmp_path}"], cwd=REPO,
+                             f"data.root={fixture_root('mini-imagenet')}", MINI_84, f"work_dir={tmp_path}"], cwd=REPO,
                             capture_output=True, text=True)
     assert result.returncode == 2 and "fewer images than test.shots + test.queries = 100 + 15" in result.stderr
     assert "checkpoint not found" not in result.stderr

@@ -9,7 +9,7 @@ import time
 import pandas as pd
 import pytest
 import torch
-from conftest import REPO, STORE_CACHE, fixture_root
+from conftest import MINI_84, REPO, STORE_CACHE, fixture_root
 
 
 def slurm_is_up() -> bool:
@@ -67,7 +67,7 @@ def test_requeue_mid_training_resumes_to_the_weights_of_an_uninterrupted_run(tmp
     trainer stops after its step with latest.pth, the task runs again and resumes; the final weights equal those of
     the same run never interrupted."""
     config = str(REPO / "experiments/mini-imagenet-conv4-1shot.yaml")
-    settings = [f"data.root={fixture_root('mini-imagenet')}", "data.image_size=28", "data.workers=1",
+    settings = [f"data.root={fixture_root('mini-imagenet')}", MINI_84, "data.image_size=28", "data.workers=1",
                 f"data.cache_dir={STORE_CACHE}", "train.meta_batch=2", "train.queries=2", "train.val_episodes=2",
                 "train.log_every=2", "train.tasks=120", "train.val_every=120", "train.checkpoint_every=1000",
                 "test.episodes=3", "train.tensorboard=false",

@@ -11,7 +11,7 @@ torch.cuda.set_sync_debug_mode("error").
 """
 import pytest
 import torch
-from conftest import REPO, STORE_CACHE, fixture_root
+from conftest import MINI_84, REPO, STORE_CACHE, fixture_root
 
 from fsl.config import load_config
 from fsl.data.episodes import EpisodeDataset, EpisodeMaker
@@ -54,7 +54,7 @@ def counted_run(cfg, monkeypatch) -> tuple[OpCounter, list[int]]:
 
 
 def test_steady_state_training_steps_make_no_host_sync(tmp_path, monkeypatch):
-    cfg = load_config(CONFIG, [f"data.root={fixture_root('mini-imagenet')}", f"data.cache_dir={STORE_CACHE}",
+    cfg = load_config(CONFIG, [f"data.root={fixture_root('mini-imagenet')}", MINI_84, f"data.cache_dir={STORE_CACHE}",
                                "data.image_size=32", "data.workers=0", "device=cpu", "train.meta_batch=2",
                                "train.shots=1", "train.queries=2", "train.tasks=12", "train.log_every=6",
                                "train.val_every=12", "train.val_episodes=2", "train.tensorboard=false",

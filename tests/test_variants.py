@@ -3,7 +3,7 @@ MAML++'s loss weights, per-step BatchNorm, resume, meta-test with the learned ra
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import REPO, STORE_CACHE, fixture_root
+from conftest import MINI_84, REPO, STORE_CACHE, fixture_root
 from test_maml import batch_of, make_episode, plain_copy
 from torch.func import functional_call
 
@@ -142,7 +142,7 @@ def test_per_step_batchnorm_weights_are_used_at_their_step_and_not_adapted():
 
 
 def tiny(tmp_path, *extra):
-    return [f"data.root={fixture_root('mini-imagenet')}", "data.image_size=28", "data.workers=0", "train.parallel_tasks=1", "test.parallel_episodes=1",
+    return [f"data.root={fixture_root('mini-imagenet')}", MINI_84, "data.image_size=28", "data.workers=0", "train.parallel_tasks=1", "test.parallel_episodes=1",
             f"data.cache_dir={STORE_CACHE}", "device=cpu", "train.meta_batch=2", "train.queries=2",
             "train.val_episodes=2", "train.log_every=2", "test.episodes=3", f"work_dir={tmp_path / 'work'}",
             f"results_dir={tmp_path / 'results'}", *extra]

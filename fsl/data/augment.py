@@ -4,7 +4,7 @@ MMFewShot's MAML train pipeline is mmcls 0.18's (configs/classification/maml/*: 
 ColorJitter(0.4, 0.4, 0.4), Normalize; mmcls/datasets/pipelines/transforms.py), on uint8 images: the crop is cut out,
 then resized with cv2's bilinear interpolation (no smoothing when shrinking); the flip; the three colour operations in
 a random order, each through mmcv's adjust_* with its uint8 rounding; the normalisation. `augment` computes the same
-on all images of a meta-batch at once (`crop_resize`, `jitter_`), within 1 grey level of mmcls's per-image output
+on all images of a meta-batch at once (`blend_taps`, `jitter_`), from the source pixels each crop's resize reads, within 1 grey level of mmcls's per-image output
 (tests/test_mmcls_pixels.py feeds both the same images and parameters).
 
 The random parameters are fsl's own draws, from torch's CPU generator with the calls of torchvision's `get_params`
@@ -26,7 +26,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from fsl.data.transforms import IMAGENET, Normalisation, crop_resize
+from fsl.data.transforms import IMAGENET, Normalisation, blend_taps, resize_taps
 
 SCALE, RATIO, FLIP, JITTER = (0.08, 1.0), (3 / 4, 4 / 3), 0.5, 0.4
 PARAMS = ("top", "left", "height", "width", "flip", "order0", "order1", "order2", "order3", "brightness",
@@ -158,17 +158,24 @@ class AugmentPlan(NamedTuple):
     device never has to report a value back): the batch is processed in `order` (images sorted by their jitter
     order, so that each `groups` run is a slice), and written back to its own rows.
 
-    order (B,) host: the input row of each processed image; values (B, 8) float64: crop box (x1, y1, x2, y2) in
-    the stored image's pixels, flip (0/1), brightness, contrast, saturation factors, in processing order;
-    positions (B,) int64: the output row of each processed image; groups: (start, stop, jitter order) runs."""
+    order (B,) host: the input row of each processed image; rows (B, 2 out) and cols (B, 2 out) host: the source
+    pixels each crop's resize reads (fsl.data.transforms.Taps), in processing order; on the device: row_weights (B, 2,
+    out) and col_weights (B, 2, out) int32, their weights; values (B, 4) float64: flip (0/1), brightness, contrast,
+    saturation factors; positions (B,) int64: the output row of each processed image; groups: (start, stop, jitter
+    order) runs."""
     order: np.ndarray
+    rows: np.ndarray
+    cols: np.ndarray
+    row_weights: torch.Tensor
+    col_weights: torch.Tensor
     values: torch.Tensor
     positions: torch.Tensor
     groups: list[tuple[int, int, tuple[int, int, int]]]
 
     def to(self, device: torch.device) -> "AugmentPlan":
         """The plan's tensors on `device` (non-blocking from pinned memory where the device is a GPU)."""
-        return self._replace(values=to_device(self.values, device), positions=to_device(self.positions, device))
+        return self._replace(**{key: to_device(getattr(self, key), device)
+                                for key in ("row_weights", "col_weights", "values", "positions")})
 
 
 def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -178,36 +185,46 @@ def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
     return (tensor if tensor.is_pinned() else tensor.pin_memory()).to(device, non_blocking=True)
 
 
-def plan_augmentation(params: np.ndarray, sizes: np.ndarray, stored: np.ndarray, out_size: int) -> AugmentPlan:
-    """The plan for images with parameters `params` (B, len(PARAMS)) drawn for their original sizes `sizes` (B, 2)
-    = (height, width), stored at sizes `stored` (B, 2) (an original downscaled for the store, fsl.data.store): crop
-    boxes scaled from original to stored pixels on each axis."""
+def plan_augmentation(params: np.ndarray, out_size: int) -> AugmentPlan:
+    """The plan for images with parameters `params` (B, len(PARAMS)) drawn for their original sizes (the train
+    store keeps the originals, fsl.data.store): the crop boxes' resize taps (`resize_taps`), computed on the host."""
     real = jitter_orders(params[:, 5:9])
     order = np.lexsort(real.T[::-1])  # by jitter order (first operation first), stable
     real, params = real[order], torch.from_numpy(params[order]).double()
-    scale = torch.from_numpy(stored[order] / sizes[order]).double()  # (B, 2) stored / original, per axis
-    top, left = params[:, 0] * scale[:, 0], params[:, 1] * scale[:, 1]
-    boxes = torch.stack([left, top, left + params[:, 3] * scale[:, 1], top + params[:, 2] * scale[:, 0]], dim=1)
+    top, left, height, width = params[:, :4].unbind(1)
+    taps = resize_taps(torch.stack([left, top, left + width, top + height], dim=1), out_size)
     positions = torch.from_numpy(order)  # processed image i goes to output row order[i]
-    values = torch.cat([boxes, params[:, 4:5], params[:, 9:12]], dim=1)
-    return AugmentPlan(order, values, positions, order_groups(real))
+    values = torch.cat([params[:, 4:5], params[:, 9:12]], dim=1)
+    return AugmentPlan(order, taps.rows.numpy(), taps.cols.numpy(), taps.row_weights, taps.col_weights, values,
+                       positions, order_groups(real))
 
 
-def augment(images: torch.Tensor, plan: AugmentPlan, out_size: int, chunk: int | None = 64) -> torch.Tensor:
+def augment(patches: torch.Tensor, plan: AugmentPlan, out_size: int, chunk: int | None = 64) -> torch.Tensor:
     """Apply each image's parameters and normalise, without a host sync: every data-dependent choice is in `plan`
-    (on `images`' device: `plan.to(device)`).
+    (on `patches`' device: `plan.to(device)`).
 
-    images: (B, 3, S, S) uint8, the stored images in the plan's processing order (`plan.order` of the batch);
-    returns (B, 3, out_size, out_size) float32, normalised, in the batch's own order. Works `chunk` images at a
-    time (None: all at once, as on a GPU): on a CPU, small blocks stay in cache and their memory is reused (fresh
-    70 MB tensors cost more in page faults than in arithmetic)."""
-    boxes, flips, factors = plan.values[:, :4], plan.values[:, 4], plan.values[:, 5:8]
-    out = torch.empty(len(images), 3, out_size, out_size, device=images.device)
-    step = chunk or len(images)
-    for start in range(0, len(images), step):
-        stop = min(start + step, len(images))
-        x = crop_resize(images[start:stop], boxes[start:stop], out_size)
+    patches: (B, 3, 2 out_size, 2 out_size) uint8, the source pixels of each crop's resize (`plan.rows` x
+    `plan.cols` of the stored original, fsl.data.store.ImageStore.patches), in the plan's processing order; returns
+    (B, 3, out_size, out_size) float32, normalised, in the batch's own order. Works `chunk` images at a time (None:
+    all at once, as on a GPU): on a CPU, small blocks stay in cache and their memory is reused (fresh 70 MB tensors
+    cost more in page faults than in arithmetic)."""
+    flips, factors = plan.values[:, 0], plan.values[:, 1:4]
+    out = torch.empty(len(patches), 3, out_size, out_size, device=patches.device)
+    step = chunk or len(patches)
+    for start in range(0, len(patches), step):
+        stop = min(start + step, len(patches))
+        x = blend_taps(patches[start:stop], plan.row_weights[start:stop], plan.col_weights[start:stop])
         x = torch.where(flips[start:stop].view(-1, 1, 1, 1) > 0, x.flip(-1), x)
         colour_jitter_(x, factors[start:stop], plan.groups, offset=start)
         out.index_copy_(0, plan.positions[start:stop], normalise(x))
     return out
+
+
+def augment_originals(store, indices: np.ndarray, params: np.ndarray, out_size: int, chunk: int | None = 64
+                      ) -> torch.Tensor:
+    """The augmented images (B, 3, out_size, out_size) of originals `indices` (B,) of a train-kind store
+    (fsl.data.store.ImageStore) with parameters `params` (B, len(PARAMS)), in their own order, on the CPU: what
+    fsl.data.episodes.EpisodeMaker does for a meta-batch."""
+    plan = plan_augmentation(params, out_size)
+    patches = store.patches(np.asarray(indices)[plan.order], plan.rows, plan.cols)
+    return augment(torch.from_numpy(patches).permute(0, 3, 1, 2), plan, out_size, chunk)

@@ -97,3 +97,17 @@ def summarise(problems: list[str]) -> list[str]:
     for problem in problems:
         seen[problem] = seen.get(problem, 0) + 1
     return [problem if n == 1 else f"({n:,} times) {problem}" for problem, n in seen.items()]
+
+
+def images_form(name: str, root: str | Path) -> str | None:
+    """Which form of its images a root holds, for datasets with two (mini-ImageNet: fsl.data.mini_imagenet.FORMS):
+    'FORM: description', or None (one form only, or the root cannot be read: check_dataset says why)."""
+    if name != "mini-imagenet":
+        return None
+    from fsl.data.mini_imagenet import FORMS, form_of
+    try:
+        form = form_of(root)
+    except DatasetError:
+        return None
+    return f"{form}: {FORMS[form]}" + ("" if form == "full" else "; train on it with data.mini_imagenet_images=84x84 "
+                                       "(never comparable to the seed's cells)")

@@ -260,8 +260,9 @@ def episode_loader(episodes: Dataset, meta_batch: int = 1, workers: int = 0) -> 
 
 
 class Gathered(NamedTuple):
-    """A meta-batch on the host, ready for its device (`EpisodeMaker.gather`): pixels (n, S, S, 3) uint8, pinned
-    where the device is a GPU, in the order the device processes them; labels (n,) int64; tasks; plan: the
+    """A meta-batch on the host, ready for its device (`EpisodeMaker.gather`): pixels uint8, pinned where the device
+    is a GPU, in the order the device processes them: (n, S, S, 3) eval-kind images, or (n, 2 S, 2 S, 3) the source
+    pixels of each training crop (`EpisodeMaker.host_patches`); labels (n,) int64; tasks; plan: the
     augmentation plan (fsl.data.augment.AugmentPlan), or None for evaluation-kind images."""
     pixels: torch.Tensor
     labels: torch.Tensor
@@ -275,8 +276,8 @@ class EpisodeMaker:
     (training) or take the images as stored (evaluation kind), normalise, split support and query). `build` makes
     no host sync, so it can run ahead of the training step (`EpisodeStream`).
 
-    images: from the store (T*n, S, S, 3) uint8 -> device -> (T, n, C, image_size, image_size) float32, C the
-    channels of `normalisation` (the dataset's: ImageNet's RGB, or Omniglot's inverted greyscale, C = 1)."""
+    images: from the store (T*n, S, S, 3) uint8 (evaluation kind), or the (T*n, 2 S, 2 S, 3) pixels the crops read
+    (training) -> device -> (T, n, C, image_size, image_size) float32, C the channels of `normalisation` (the dataset's: ImageNet's RGB, or Omniglot's inverted greyscale, C = 1)."""
 
     def __init__(self, store: ImageStore, ways: int, shots: int, queries: int, image_size: int,
                  device: torch.device, chunk: int | None = None, normalisation: Normalisation = IMAGENET):
@@ -289,8 +290,8 @@ class EpisodeMaker:
         return self.build(self.gather(specs))
 
     def host_images(self, indices: np.ndarray, turns: np.ndarray | None = None) -> torch.Tensor:
-        """The stored uint8 images `indices` (N,) as (N, S, S, 3), read into pinned memory for a GPU; each turned
-        counter-clockwise by its `turns` (N,) quarter turns, if given (square eval-kind images only)."""
+        """The stored eval-kind uint8 images `indices` (N,) as (N, S, S, 3), read into pinned memory for a GPU;
+        each turned counter-clockwise by its `turns` (N,) quarter turns, if given."""
         pixels = torch.empty((len(indices), *self.store.pixels.shape[1:]), dtype=torch.uint8,
                              pin_memory=self.device.type == "cuda")
         array = self.store.gather(indices, out=pixels.numpy())
@@ -298,6 +299,14 @@ class EpisodeMaker:
             turned = turns == k
             if turned.any():
                 array[turned] = np.rot90(array[turned], k, axes=(1, 2))
+        return pixels
+
+    def host_patches(self, indices: np.ndarray, plan: AugmentPlan) -> torch.Tensor:
+        """The source pixels each crop's resize reads from the stored originals `indices` (N,) (in the plan's
+        order): (N, 2 image_size, 2 image_size, 3) uint8, pinned for a GPU."""
+        pixels = torch.empty((len(indices), plan.rows.shape[1], plan.cols.shape[1], 3), dtype=torch.uint8,
+                             pin_memory=self.device.type == "cuda")
+        self.store.patches(indices, plan.rows, plan.cols, out=pixels.numpy())
         return pixels
 
     def gather(self, specs: EpisodeSpec) -> Gathered:
@@ -313,12 +322,12 @@ class EpisodeMaker:
             k = self.shots
             order = np.concatenate([position[:, :, :k].ravel(), position[:, :, k:].ravel()])
             indices, labels = indices[order], labels[order]
-            plan = plan_augmentation(specs.params.reshape(tasks * per_task, -1)[order], self.store.sizes[indices],
-                                     self.store.stored_sizes[indices], self.image_size)
-            indices = indices[plan.order]
+            plan = plan_augmentation(specs.params.reshape(tasks * per_task, -1)[order], self.image_size)
+            pixels = self.host_patches(indices[plan.order], plan)
+        else:
+            pixels = self.host_images(indices, turns)
         labels = torch.from_numpy(np.ascontiguousarray(labels, dtype=np.int64))
-        return Gathered(self.host_images(indices, turns),
-                        labels.pin_memory() if self.device.type == "cuda" else labels, tasks, plan)
+        return Gathered(pixels, labels.pin_memory() if self.device.type == "cuda" else labels, tasks, plan)
 
     def build(self, gathered: Gathered) -> Episode:
         """Device side: the Episode batch of a gathered meta-batch, without a host sync."""

@@ -1,10 +1,17 @@
 """mini-ImageNet (Vinyals et al. 2016) with the Ravi & Larochelle split: 64/16/20 classes, 600 images each.
 
-Layouts read (under `root`):
-- `train.csv`, `val.csv`, `test.csv` (`filename,label`) with images either flat in `images/<filename>` (the common
-  84x84 release) or in per-class folders `images/<label>/<filename>` (original ImageNet JPEGs, MMFewShot's layout);
-- or learn2learn's `mini-imagenet-cache-{train,validation,test}.pkl` (dict with `image_data` (N, 84, 84, 3) uint8
-  and `class_dict` {class name: [indices]}), used when the CSV files are absent.
+Two forms of its images, told apart by what a root holds (`form`):
+- `full`: the full-size ImageNet (ILSVRC-2012 train) JPEGs, as MMFewShot reads them (its documented layout,
+  tools/data/classification/mini-imagenet/README.md): `images/<wnid>/<wnid>_<number>.JPEG`, every file of each
+  class's ImageNet folder, and the split CSVs. A CSV row `n0153282900000005.jpg,n01532829` names the 5th image of
+  class n01532829 in the order of the number after the last `_` (MMFewShot 0.1.0,
+  mmfewshot/classification/datasets/mini_imagenet.py, `load_annotations`: the number is the file name's last five
+  digits). MMFewShot's MAML cells crop these originals (train) and resize their short side to 96 (test): the seed's
+  cells (data.mini_imagenet_images=full).
+- `84x84`: the common pre-shrunk release, `images/<filename>` flat beside the CSVs, or learn2learn's
+  `mini-imagenet-cache-{train,validation,test}.pkl` (dict with `image_data` (N, 84, 84, 3) uint8 and `class_dict`
+  {class name: [indices]}), used when the CSV files are absent. Each image was resized to 84 x 84 from the original,
+  squashing its aspect ratio: data.mini_imagenet_images=84x84, and no row on it is comparable to the seed's.
 """
 from __future__ import annotations
 
@@ -17,11 +24,16 @@ from PIL import Image
 
 from fsl.data.base import DatasetError, SplitDataset, files_fingerprint, header_size, open_rgb, require
 
-LAYOUT = """expected layout under ROOT (either one):
-  ROOT/train.csv, ROOT/val.csv, ROOT/test.csv   (header `filename,label`, Ravi & Larochelle split)
-  ROOT/images/<filename>  or  ROOT/images/<label>/<filename>
-or learn2learn's cache files:
-  ROOT/mini-imagenet-cache-train.pkl, ROOT/mini-imagenet-cache-validation.pkl, ROOT/mini-imagenet-cache-test.pkl"""
+FORMS = {"full": "the full-size ImageNet JPEGs (images/<wnid>/<wnid>_<number>.JPEG), as MMFewShot reads them",
+         "84x84": "the 84x84 release (images/<filename> or learn2learn's cache), each image squashed to 84 x 84"}
+
+LAYOUT = """expected layout under ROOT (one of):
+  full-size ImageNet JPEGs (MMFewShot's layout; the seed's cells, data.mini_imagenet_images=full):
+    ROOT/train.csv, ROOT/val.csv, ROOT/test.csv   (header `filename,label`, Ravi & Larochelle split)
+    ROOT/images/<wnid>/<wnid>_<number>.JPEG      (ILSVRC-2012 train: each CSV class's whole folder)
+  the 84x84 release (data.mini_imagenet_images=84x84, never comparable):
+    ROOT/train.csv, ROOT/val.csv, ROOT/test.csv and ROOT/images/<filename>
+    or learn2learn's ROOT/mini-imagenet-cache-{train,validation,test}.pkl"""
 
 L2L_SPLIT_NAMES = {"train": "train", "val": "validation", "test": "test"}
 
@@ -43,8 +55,20 @@ def read_split_csv(path: Path) -> list[tuple[str, str]]:
     return rows
 
 
+def imagenet_order(name: str) -> int:
+    """The number an ImageNet train file name ends with (`n01532829_1234.JPEG` -> 1234): MMFewShot's sort key."""
+    stem = name.split(".")[0]
+    try:
+        return int(stem.split("_")[-1])
+    except ValueError:
+        return -1
+
+
 class MiniImageNet(SplitDataset):
-    def __init__(self, root: str | Path, split: str, transform: Callable | None = None):
+    """One split; `form` is the form the root holds (`FORMS`). `images` ('full' or '84x84') asks for a form: a root
+    that holds the other is refused, naming both and the fix."""
+
+    def __init__(self, root: str | Path, split: str, transform: Callable | None = None, images: str | None = None):
         super().__init__(transform)
         root = self.root = Path(root)
         require(root, "mini-ImageNet root folder",
@@ -58,22 +82,58 @@ class MiniImageNet(SplitDataset):
         else:
             raise DatasetError(f"mini-ImageNet split file not found: {csv_path} (nor {cache_path.name})\n"
                                f"  fix: {LAYOUT}")
+        if images is not None and images != self.form:
+            other = "full" if self.form == "84x84" else "84x84"
+            raise DatasetError(
+                f"data.root={root} holds mini-ImageNet's {FORMS[self.form]}, but data.mini_imagenet_images={images} "
+                f"asks for {FORMS[images]}; fix: pass data.mini_imagenet_images={self.form}"
+                + (" (its rows are never comparable to the seed's)" if self.form == "84x84" else "")
+                + f", or point data.root at a root of the {other} form (docs/datasets.md)")
 
     def _read_csv_layout(self, root: Path, csv_path: Path) -> None:
         rows = read_split_csv(csv_path)
         images = require(root / "images", "mini-ImageNet image folder", LAYOUT)
         first_file, first_label = rows[0]
-        per_class_folders = not (images / first_file).exists() and (images / first_label / first_file).exists()
+        self.form = "84x84" if (images / first_file).exists() or not (images / first_label).is_dir() else "full"
         self.class_names = sorted({label for _, label in rows})
         class_index = {name: i for i, name in enumerate(self.class_names)}
         self.labels = [class_index[label] for _, label in rows]
-        self.paths = [images / label / name if per_class_folders else images / name for name, label in rows]
+        self._listing: dict[str, list[str]] = {}  # class -> its ImageNet files in MMFewShot's order
+        if self.form == "84x84":
+            self.paths = [images / name for name, _ in rows]
+        else:
+            self.paths = [self._imagenet_file(images, csv_path, line, name, label)
+                          for line, (name, label) in enumerate(rows, start=2)]
         missing = [(i, p) for i, p in enumerate(self.paths) if not p.exists()]
         if missing:
             i, path = missing[0]
             raise DatasetError(f"{csv_path}: line {i + 2} names an image that does not exist: {path} "
                                f"({len(missing)} missing in all)\n  fix: complete the image folder or the CSV")
         self.array = None
+
+    def _imagenet_file(self, images: Path, csv_path: Path, line: int, name: str, label: str) -> Path:
+        """The ImageNet file a CSV row names: the k-th of its class folder by MMFewShot's order, k = the last five
+        digits of the row's file name."""
+        if label not in self._listing:
+            folder = images / label
+            if not folder.is_dir():
+                raise DatasetError(f"{csv_path}: line {line} names class {label}, but {folder} is not a folder; fix: "
+                                   f"extract ImageNet's train folder {label} there ({LAYOUT.splitlines()[0]})")
+            files = sorted((p.name for p in folder.iterdir() if not p.name.startswith(".")), key=imagenet_order)
+            odd = [f for f in files if imagenet_order(f) < 0]
+            if odd:
+                raise DatasetError(f"{folder / odd[0]} is not an ImageNet train file name (<wnid>_<number>.JPEG); "
+                                   f"fix: keep only the class's ImageNet JPEGs in {folder}")
+            self._listing[label] = files
+        stem = name.split(".")[0]
+        if not stem[-5:].isdigit():
+            raise DatasetError(f"{csv_path}: line {line}: {name!r} does not end in five digits (e.g. "
+                               f"n0153282900000005.jpg); fix: the Ravi & Larochelle CSVs")
+        k, files = int(stem[-5:]), self._listing[label]
+        if not 1 <= k <= len(files):
+            raise DatasetError(f"{csv_path}: line {line} names image {k} of class {label}, whose folder "
+                               f"{images / label} holds {len(files)}; fix: extract the class's whole ImageNet folder")
+        return images / label / files[k - 1]
 
     def _read_l2l_cache(self, path: Path) -> None:
         try:
@@ -90,6 +150,7 @@ class MiniImageNet(SplitDataset):
                 labels[index] = class_id
         self.labels = labels
         self.cache_path = path
+        self.form = "84x84"
 
     def image_size(self, index: int) -> tuple[int, int]:
         return tuple(self.array.shape[1:3]) if self.array is not None else header_size(self.paths[index])
@@ -107,3 +168,8 @@ class MiniImageNet(SplitDataset):
 
     def source(self, index: int) -> str:
         return f"{self.cache_path}[{index}]" if self.array is not None else str(self.paths[index])
+
+
+def form_of(root: str | Path) -> str:
+    """The form (`FORMS`) of the images under `root`, read from its test split; DatasetError if it holds none."""
+    return MiniImageNet(root, "test").form

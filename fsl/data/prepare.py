@@ -48,9 +48,14 @@ MANUAL_STEPS = {
   2. tar -xzf CUB_200_2011.tgz  and pass the extracted CUB_200_2011 folder as --root / data.root
 {cub.LAYOUT}""",
     "mini-imagenet": f"""manual steps:
-  1. get the Ravi & Larochelle split files train.csv/val.csv/test.csv and the 84x84 images (or ImageNet JPEGs),
-     or learn2learn's mini-imagenet-cache-*.pkl from {ZENODO}/
-  2. place them under --root / data.root
+  the seed's cells read the full-size ImageNet JPEGs (data.mini_imagenet_images=full), which need an ImageNet
+  account, so nothing downloads them:
+  1. get the Ravi & Larochelle split files train.csv, val.csv, test.csv (github.com/twitter-research/meta-learning-lstm,
+     data/miniImagenet) and ILSVRC-2012's train images (image-net.org)
+  2. under --root / data.root: the three CSVs, and images/<wnid>/ holding each CSV class's whole ImageNet train folder
+     (ILSVRC2012_img_train.tar holds <wnid>.tar per class: tar -xf <wnid>.tar -C images/<wnid>)
+  the 84x84 release (data.mini_imagenet_images=84x84, never comparable): learn2learn's mini-imagenet-cache-*.pkl from
+  {ZENODO}/, which `fsl data prepare mini-imagenet` downloads when the root holds no full-size form
 {mini_imagenet.LAYOUT}""",
     "tiered-imagenet": f"""manual steps:
   1. download Ren et al.'s tiered-ImageNet release (https://github.com/renmengye/few-shot-ssl-public) or
@@ -111,6 +116,13 @@ def prepare(name: str, root: str | Path) -> Path:
     if name not in SOURCES:
         raise DatasetError(f"unknown dataset {name!r}; choose one of {sorted(SOURCES) + ['glyphs']}")
     root.mkdir(parents=True, exist_ok=True)
+    if name == "mini-imagenet" and (root / "train.csv").exists() and (root / "images").is_dir():
+        print(f"{root} holds the split CSVs and images/: nothing to download ({mini_imagenet.form_of(root)} form)")
+        return root
+    if name == "mini-imagenet":
+        print("the seed's mini-ImageNet cells read the full-size ImageNet JPEGs, which need an ImageNet account: "
+              "downloading the 84x84 release instead (data.mini_imagenet_images=84x84, never comparable); the "
+              "full-size steps: docs/datasets.md, \"mini-ImageNet's two forms\"", flush=True)
     for download in SOURCES[name]:
         target = root / download.filename
         if not target.exists():

@@ -4,22 +4,18 @@ Every process (training, DataLoader workers, torchrun ranks) reads the same file
 costs RAM for the pages in use, not for every image in every process, and no image is decoded during training.
 Two kinds per split, built from the published layout by `fsl data cache` or on first use:
 
-    train  the images as the training augmentation needs them, aspect ratio kept: each original is downscaled (never
-           upscaled) by one factor on both axes, to the size at which the protocol's smallest crop (8% of the area,
-           aspect ratio 3/4 or 4/3: sqrt(0.06 x area) pixels on its short side) still covers image_size source
-           pixels on either axis; originals already that small are stored as they are (mini- and tiered-ImageNet:
-           84 x 84). Each image sits at the top left of an S x S canvas (S = the largest stored side of the split),
-           the rest filled by repeating its last row and column, so that sampling at its border clamps to it. Crop
-           parameters are drawn for the original size, as torchvision would, and scaled to the stored one
-           (fsl.data.augment).
+    train  the decoded originals at full resolution, as mmcls crops them (MMFewShot decodes the original file for every
+           crop): image after image, each h x w x 3 bytes, one flat array. A training crop reads only the source pixels
+           cv2's bilinear resize reads for it (`ImageStore.patches`: 2 x image_size rows and columns per crop,
+           fsl.data.transforms.resize_taps), so a large photo costs disk, not transfer. Sizes: docs/datasets.md.
     eval   the deterministic evaluation transform's output, uint8: the reader's `eval_transform` (the protocol's
-           short side to 96/84 x image_size and centre crop; Omniglot's LANCZOS resize of the whole image).
+           short side to 96/84 x image_size and centre crop; Omniglot's resize of the whole image), (N, S, S, 3).
 
-Files under `cache_dir`: <name>.npy (pixels, (N, S, S, 3)), <name>.sizes.npy ((N, 4): original height and width,
-stored height and width) and <name>.json, the stamp (format version, the reader's source fingerprint, count, bytes),
-written last. A store heals itself: a missing, unreadable or foreign stamp, a stamp of another format or source, a
-pixel or sizes file that is missing, truncated or has another header is rebuilt, and temporary files left by an
-interrupted build are removed. Building writes temporary files and renames them into place, under a lock, so an
+Files under `cache_dir`: <name>.npy (pixels), <name>.sizes.npy ((N, 3) int64: original height and width, and the byte
+offset of the image in the pixel file) and <name>.json, the stamp (format version, the reader's source fingerprint,
+count, bytes), written last. A store heals itself: a missing, unreadable or foreign stamp, a stamp of another format or
+source, a pixel or sizes file that is missing, truncated or has another header is rebuilt, and temporary files left by
+an interrupted build are removed. Building writes temporary files and renames them into place, under a lock, so an
 interruption leaves no half store and concurrent processes build it once. An image that cannot be decoded stops
 the build, naming the file.
 """
@@ -28,7 +24,6 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import json
-import math
 import os
 import tempfile
 from contextlib import contextmanager
@@ -39,43 +34,64 @@ from typing import Iterator
 import numpy as np
 from PIL import Image
 
-from fsl.data.augment import RATIO, SCALE
 from fsl.data.base import DatasetError, SplitDataset
 from fsl.data.progress import progress_bar
 
-FORMAT = "fsl-image-store-3"  # 3: the eval kind is mmcls's cv2 resize and centre crop (#35)
+FORMAT = "fsl-image-store-4"  # 3: the eval kind is mmcls's cv2 resize and centre crop; 4: the train kind at full
+                              # resolution (#35)
 KINDS = ("train", "eval")
 
 
 @dataclass
 class ImageStore:
-    """One split's decoded images: pixels (N, S, S, 3) uint8 (memory-mapped), sizes (N, 2) original (height, width),
-    stored_sizes (N, 2) the (height, width) each image occupies at the top left of its canvas."""
+    """One split's decoded images, memory-mapped. eval kind: pixels (N, S, S, 3), the evaluation transform's output.
+    train kind: pixels (total bytes,), the originals at full resolution, image i's (height, width, 3) bytes from
+    offsets[i]. sizes (N, 2): each original's (height, width); offsets (N,) int64."""
     pixels: np.ndarray
     sizes: np.ndarray
-    stored_sizes: np.ndarray
+    offsets: np.ndarray
     kind: str
     path: Path
 
     def __len__(self) -> int:
-        return len(self.pixels)
+        return len(self.sizes)
+
+    def image(self, index: int) -> np.ndarray:
+        """Original `index` of a train-kind store, (height, width, 3) uint8: a view of the memory map."""
+        height, width = self.sizes[index]
+        start = int(self.offsets[index])
+        return self.pixels[start:start + height * width * 3].reshape(height, width, 3)
 
     def gather(self, indices: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
-        """Images `indices` (any shape) as one array (*indices.shape, S, S, 3), read from the page cache; into `out`
-        (e.g. pinned memory) when given."""
+        """Eval kind: images `indices` (any shape) as one array (*indices.shape, S, S, 3), read from the page cache;
+        into `out` (e.g. pinned memory) when given."""
         flat = np.take(self.pixels, np.asarray(indices).reshape(-1), axis=0,
                        out=None if out is None else out.reshape(-1, *self.pixels.shape[1:]))
         return flat.reshape(*np.shape(indices), *self.pixels.shape[1:])
 
+    def patches(self, indices: np.ndarray, rows: np.ndarray, cols: np.ndarray, out: np.ndarray | None = None
+                ) -> np.ndarray:
+        """Train kind: the pixels at rows (B, R) x cols (B, C) of originals `indices` (B,), (B, R, C, 3) uint8: the
+        pixels a crop's resize reads (fsl.data.transforms.resize_taps), not the whole image; into `out` when given."""
+        out = np.empty((len(indices), rows.shape[1], cols.shape[1], 3), np.uint8) if out is None else out
+        for patch, index, row, col in zip(out, np.asarray(indices).tolist(), rows, cols):
+            np.take(self.image(index).take(row, axis=0), col, axis=1, out=patch)
+        return out
 
-SMALLEST_CROP_SIDE = math.sqrt(SCALE[0] * min(RATIO))  # short side of the smallest crop / sqrt(area): sqrt(0.06)
+
+def pack(images: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """Images (height, width, 3) uint8 as a train-kind store holds them: (the flat pixels, (N, 3) int64 height,
+    width and byte offset)."""
+    sizes = np.asarray([image.shape[:2] for image in images], dtype=np.int64).reshape(len(images), 2)
+    offsets = np.concatenate([[0], np.cumsum(sizes.prod(1) * 3)[:-1]]).astype(np.int64)
+    flat = np.concatenate([image.reshape(-1) for image in images]) if images else np.empty(0, np.uint8)
+    return flat, np.concatenate([sizes, offsets[:, None]], axis=1)
 
 
-def stored_size(height: int, width: int, image_size: int) -> tuple[int, int]:
-    """The train kind's (height, width) for an original of height x width: one downscaling factor for both axes, so
-    that the smallest protocol crop still spans image_size pixels on either axis; never upscaled."""
-    factor = min(1.0, image_size / (SMALLEST_CROP_SIDE * math.sqrt(height * width)))
-    return min(height, math.ceil(height * factor)), min(width, math.ceil(width * factor))
+def from_images(images: list[np.ndarray], path: Path = Path("-")) -> ImageStore:
+    """An in-memory train-kind store of `images` (tests, benchmarks)."""
+    flat, table = pack(images)
+    return ImageStore(flat, table[:, :2], table[:, 2], "train", path)
 
 
 def store_name(dataset: SplitDataset, dataset_name: str, split: str, kind: str, image_size: int) -> str:
@@ -124,13 +140,15 @@ def problem(base: Path, stamp: dict) -> str | None:
     pixels, why = read_array(files["pixels"], "pixels")
     if pixels is None:
         return why
-    if pixels.dtype != np.uint8 or pixels.ndim != 4 or len(pixels) != stamp["count"]:
-        return f"{files['pixels'].name} holds {pixels.dtype} {pixels.shape}, not {stamp['count']} uint8 images"
     sizes, why = read_array(files["sizes"], "image sizes")
     if sizes is None:
         return why
-    if sizes.shape != (stamp["count"], 4):
-        return f"{files['sizes'].name} holds {sizes.shape}, not ({stamp['count']}, 4) image sizes"
+    if sizes.shape != (stamp["count"], 3):
+        return f"{files['sizes'].name} holds {sizes.shape}, not ({stamp['count']}, 3) image sizes and offsets"
+    flat = stamp["kind"] == "train"
+    expected = (int((sizes[:, 0] * sizes[:, 1] * 3).sum()),) if flat else (stamp["count"],)
+    if pixels.dtype != np.uint8 or pixels.shape[:1] != expected or pixels.ndim != (1 if flat else 4):
+        return f"{files['pixels'].name} holds {pixels.dtype} {pixels.shape}, not {stamp['count']} uint8 images"
     return None
 
 
@@ -174,8 +192,8 @@ def open_store(dataset: SplitDataset, dataset_name: str, split: str, kind: str, 
                     base.with_suffix(".lock").unlink(missing_ok=True)  # a failed build leaves nothing behind
                     raise
     files = paths(base)
-    sizes = np.load(files["sizes"])
-    return ImageStore(np.load(files["pixels"], mmap_mode="r"), sizes[:, :2], sizes[:, 2:], kind, files["pixels"])
+    table = np.load(files["sizes"])
+    return ImageStore(np.load(files["pixels"], mmap_mode="r"), table[:, :2], table[:, 2], kind, files["pixels"])
 
 
 def unreadable(dataset: SplitDataset, index: int, error: Exception) -> DatasetError:
@@ -211,10 +229,14 @@ def current_umask() -> int:
 
 def build(dataset: SplitDataset, base: Path, stamp: dict, kind: str, image_size: int, progress: bool) -> None:
     """Decode every image of `dataset` into temporary files, then rename them into place, the stamp last."""
-    sizes = read_sizes(dataset)
-    stored = np.asarray([stored_size(h, w, image_size) if kind == "train" else (image_size, image_size)
-                         for h, w in sizes.tolist()], dtype=np.int32).reshape(len(dataset), 2)
-    side = int(stored.max()) if len(stored) else image_size
+    sizes = read_sizes(dataset).astype(np.int64)
+    if kind == "train":  # the originals, one after another
+        offsets = np.concatenate([[0], np.cumsum(sizes.prod(1) * 3)[:-1]]).astype(np.int64)
+        shape, side = (int((sizes.prod(1) * 3).sum()),), None
+    else:
+        side = image_size
+        offsets = np.arange(len(dataset), dtype=np.int64) * side * side * 3
+        shape = (len(dataset), side, side, 3)
     transform = dataset.eval_transform(image_size) if kind == "eval" else None
     final = paths(base)
     base.parent.mkdir(parents=True, exist_ok=True)
@@ -224,24 +246,23 @@ def build(dataset: SplitDataset, base: Path, stamp: dict, kind: str, image_size:
         os.close(handle)
         temporary[key] = Path(name)
     try:
-        pixels = np.lib.format.open_memmap(temporary["pixels"], mode="w+", dtype=np.uint8,
-                                           shape=(len(dataset), side, side, 3))
+        pixels = np.lib.format.open_memmap(temporary["pixels"], mode="w+", dtype=np.uint8, shape=shape)
+        flat = pixels.reshape(-1)
         for index in progress_bar(range(len(dataset)), desc=f"decoding {base.name}", unit="img",
                                   disable=not progress, mininterval=2):
             image = decode(dataset, index)
             if (image.height, image.width) != tuple(sizes[index]):
                 raise DatasetError(f"{dataset.source(index)}: decoded {image.height}x{image.width}, its header says "
                                    f"{sizes[index][0]}x{sizes[index][1]}; fix: replace the file")
-            image = transform(image) if transform else image
-            height, width = stored[index]
-            if image.size != (width, height):
-                image = image.resize((width, height), Image.BILINEAR)  # PIL filters are antialiased when shrinking
-            array = np.asarray(image, dtype=np.uint8)
-            pixels[index] = np.pad(array, ((0, side - height), (0, side - width), (0, 0)), mode="edge")
+            array = np.asarray(transform(image) if transform else image, dtype=np.uint8)
+            if transform and array.shape != (side, side, 3):
+                raise DatasetError(f"{dataset.source(index)}: the evaluation transform gave {array.shape}, not "
+                                   f"({side}, {side}, 3); fix: the reader's eval_transform")
+            flat[offsets[index]:offsets[index] + array.size] = array.reshape(-1)
         pixels.flush()
-        del pixels
+        del pixels, flat
         with open(temporary["sizes"], "wb") as f:
-            np.save(f, np.concatenate([sizes, stored], axis=1))
+            np.save(f, np.concatenate([sizes, offsets[:, None]], axis=1))
         temporary["stamp"].write_text(json.dumps({**stamp, "bytes": temporary["pixels"].stat().st_size,
                                                   "side": side}, indent=1))
         final["stamp"].unlink(missing_ok=True)  # no stamp while the files change: an interruption means "rebuild"

@@ -1,8 +1,10 @@
 """Image transforms: MMFewShot's test pipeline (`eval_resize_crop`, mmcls's cv2-based Resize and CenterCrop), the
-batched crop-and-resize both pipelines use (`crop_resize`), and torchvision's per-image v1 transforms.
+batched crop-and-resize both pipelines use (`crop_resize`: the pixels cv2's bilinear resize reads, `resize_taps`
+and `tap_patches`, and its fixed-point arithmetic on them, `blend_taps`), and torchvision's per-image v1 transforms.
 
 fsl does not run these per image during training: the image store (fsl.data.store) keeps `eval_resize_crop`'s output
-and the source images, and fsl.data.augment applies mmcls's training augmentation to whole batches on the training
+and the source images at full resolution; for each training crop the host reads only the source pixels its resize
+reads (`resize_taps`, fsl.data.store.ImageStore.patches), and fsl.data.augment applies mmcls's training augmentation to whole batches on the training
 device, with parameters drawn as `train_transform` (torchvision's) draws them; `train_transform` is the reference
 for those draws, not for the pixels (tests/test_mmcls_pixels.py compares the pixels with mmcls's own transforms). Outputs of the full transforms are float32 tensors (3, size, size) normalised with
 ImageNet's mean/std on the 0-255 scale, so values lie roughly in [-2.2, 2.7].
@@ -69,32 +71,59 @@ def cv2_taps(start: torch.Tensor, length: torch.Tensor, out: int) -> tuple[torch
     return start + sx, start + torch.minimum(sx + 1, length - 1), w0, w1
 
 
+class Taps(NamedTuple):
+    """cv2 INTER_LINEAR's reads for crops resized to out_height x out_width (`resize_taps`): rows (B, 2 out_height)
+    the source rows [y0 | y1] (long), cols (B, 2 out_width) the source columns [x0 | x1] (long), row_weights (B, 2,
+    out_height) and col_weights (B, 2, out_width) their integer weights (int32, w0 + w1 = 2048). Output pixel (i, j)
+    reads the four source pixels at rows[i], rows[out_height + i] and cols[j], cols[out_width + j]."""
+    rows: torch.Tensor
+    cols: torch.Tensor
+    row_weights: torch.Tensor
+    col_weights: torch.Tensor
+
+
+def resize_taps(boxes: torch.Tensor, out_height: int, out_width: int | None = None) -> Taps:
+    """The taps of boxes (B, 4) = (x1, y1, x2, y2) (x2, y2 exclusive; rounded to whole pixels) cut out of their
+    images and resized to out_height x out_width as mmcv.imcrop then mmcv.imresize do (`cv2_taps` per axis)."""
+    out_width = out_width or out_height
+    boxes = boxes.round().long()
+    y0, y1, b0, b1 = cv2_taps(boxes[:, 1:2], boxes[:, 3:4] - boxes[:, 1:2], out_height)
+    x0, x1, a0, a1 = cv2_taps(boxes[:, 0:1], boxes[:, 2:3] - boxes[:, 0:1], out_width)
+    return Taps(torch.cat([y0, y1], 1), torch.cat([x0, x1], 1), torch.stack([b0, b1], 1), torch.stack([a0, a1], 1))
+
+
+def blend_taps(patches: torch.Tensor, row_weights: torch.Tensor, col_weights: torch.Tensor) -> torch.Tensor:
+    """cv2.resize's INTER_LINEAR on uint8 in its fixed point, from the pixels it reads: patches (B, C, 2 out_height,
+    2 out_width) of integer values 0-255, the source pixels at a crop's `Taps` (rows [y0 | y1] x cols [x0 | x1]),
+    with their weights (B, 2, out_height) and (B, 2, out_width). The horizontal pass S0 w0 + S1 w1, the vertical pass
+    as cv2's SIMD kernel rounds, ((b0 (R0 >> 4)) >> 16 + (b1 (R1 >> 4)) >> 16 + 2) >> 2. Returns float32 (B, C,
+    out_height, out_width) of integer values; equal to cv2's but for about 1 value in 2,000, by 1
+    (tests/test_mmcls_pixels.py). No gather: the taps were read when the patches were."""
+    out_height, out_width = row_weights.shape[-1], col_weights.shape[-1]
+    pixels = patches.int()
+    a0, a1 = col_weights[:, None, None, 0, :], col_weights[:, None, None, 1, :]
+    across = lambda rows: rows[..., :out_width] * a0 + rows[..., out_width:] * a1  # noqa: E731
+    top, bottom = across(pixels[:, :, :out_height]), across(pixels[:, :, out_height:])
+    b0, b1 = row_weights[:, None, 0, :, None], row_weights[:, None, 1, :, None]
+    out = (((b0 * (top >> 4)) >> 16) + ((b1 * (bottom >> 4)) >> 16) + 2) >> 2
+    return out.clamp_(0, 255).float()
+
+
+def tap_patches(images: torch.Tensor, taps: Taps) -> torch.Tensor:
+    """The pixels `taps` read from images (B, C, H, W): (B, C, 2 out_height, 2 out_width), two gathers."""
+    batch, channels, _, width = images.shape
+    rows = images.gather(2, taps.rows[:, None, :, None].expand(batch, channels, -1, width))
+    return rows.gather(3, taps.cols[:, None, None, :].expand(batch, channels, rows.shape[2], -1))
+
+
 def crop_resize(images: torch.Tensor, boxes: torch.Tensor, out_height: int, out_width: int | None = None
                 ) -> torch.Tensor:
     """Cut boxes (B, 4) = (x1, y1, x2, y2) (x2, y2 exclusive; rounded to whole pixels) out of images (B, C, H, W)
     of integer values 0-255 and resize each crop to out_height x out_width as mmcls does (mmcv.imcrop, then
-    mmcv.imresize: cv2.resize with INTER_LINEAR on uint8, in its fixed point: `cv2_taps`, the horizontal pass
-    S0 w0 + S1 w1, the vertical pass as its SIMD kernel rounds, ((b0 (R0 >> 4)) >> 16 + (b1 (R1 >> 4)) >> 16 + 2)
-    >> 2). Returns float32 (B, C, out_height, out_width) of integer values; equal to cv2's but for about 1 value in
-    2,000, by 1 (tests/test_mmcls_pixels.py). Batched: two gathers per axis."""
-    out_width = out_width or out_height
-    boxes = boxes.round().long()
-    batch, channels = images.shape[:2]
-    y0, y1, b0, b1 = cv2_taps(boxes[:, 1:2], boxes[:, 3:4] - boxes[:, 1:2], out_height)
-    x0, x1, a0, a1 = cv2_taps(boxes[:, 0:1], boxes[:, 2:3] - boxes[:, 0:1], out_width)
-    pixels = images.int()
-    width = pixels.shape[-1]
-
-    def rows(index: torch.Tensor) -> torch.Tensor:  # (B, C, out_height, W)
-        return pixels.gather(2, index[:, None, :, None].expand(batch, channels, out_height, width))
-
-    def across(row: torch.Tensor) -> torch.Tensor:  # the horizontal pass, (B, C, out_height, out_width)
-        take = lambda index: row.gather(3, index[:, None, None, :].expand(batch, channels, out_height, out_width))  # noqa: E731
-        return take(x0) * a0[:, None, None, :] + take(x1) * a1[:, None, None, :]
-    top, bottom = across(rows(y0)), across(rows(y1))
-    b0, b1 = b0[:, None, :, None], b1[:, None, :, None]
-    out = (((b0 * (top >> 4)) >> 16) + ((b1 * (bottom >> 4)) >> 16) + 2) >> 2
-    return out.clamp_(0, 255).float()
+    mmcv.imresize: cv2.resize with INTER_LINEAR on uint8): `resize_taps`, `tap_patches`, `blend_taps`. Returns float32
+    (B, C, out_height, out_width) of integer values."""
+    taps = resize_taps(boxes, out_height, out_width)
+    return blend_taps(tap_patches(images, taps), taps.row_weights, taps.col_weights)
 
 
 def eval_resize_crop(image_size: int = 84):

@@ -8,10 +8,16 @@ The adaptation is the checkpoint's own meta-test inner loop (fsl.maml.InnerLoop.
 steps from the meta-learned weights, with its learned rates if any), in its precision (fp32 without TF32, tf32, or
 bf16 autocast: fsl.device.precision), on the images as the test episodes see them (the trained dataset's evaluation
 transform and normalisation: the protocol's resize and centre crop, or Omniglot's LANCZOS resize and inverted
-greyscale). BatchNorm uses the statistics of the batch it is given (as in every fsl meta-test), so the queries
-are classified in batches of ways x test.queries images, the size of a test episode's query set. Writes a CSV (file, predicted class, one
-probability column per class) and prints a short table; where a query sits in a folder named like a support class,
-that is taken as its true class and the accuracy is printed too.
+greyscale). Writes a CSV (file, predicted class, one probability column per class) and prints a short table; where a
+query sits in a folder named like a support class, that is taken as its true class and the accuracy is printed too.
+
+BatchNorm uses the statistics of the batch it is given (MAML's, in training and in every fsl meta-test: the query
+batch, transductive), so what batch a query is in decides its label (#38). `--batch-norm` (`BATCH_NORM`):
+    each      (default) each query is classified in a batch of the support images and itself alone: its label
+              depends on the support set and on that image, never on the other queries;
+    together  the protocol's form: the queries in batches of ways x test.queries images (a test episode's query
+              set), normalised by each other's statistics.
+What each costs in accuracy, measured on test episodes: docs/your-data.md (benchmarks/adapt_batch_norm.py).
 """
 from __future__ import annotations
 
@@ -83,8 +89,27 @@ def query_files(queries: list[str]) -> list[Path]:
     return files
 
 
+BATCH_NORM = {"each": "each query in a batch of the support images and itself (independent of the other queries)",
+              "together": "the queries in batches of ways x test.queries, by each other's statistics (the protocol's "
+                          "transductive test)"}
+
+
+def classify(adapted, support_x: torch.Tensor, query_x: torch.Tensor, batch_norm: str = "each",
+             batch: int = 75) -> torch.Tensor:
+    """Class probabilities (Q, ways) of queries (Q, C, S, S) under the adapted model, BatchNorm as `batch_norm` says
+    (`BATCH_NORM`): `each`, one forward of [support (N, C, S, S); query] per query, the query's row taken; `together`,
+    forwards of `batch` queries at a time."""
+    if batch_norm not in BATCH_NORM:
+        raise ValueError(f"batch_norm={batch_norm!r}; choose one of {sorted(BATCH_NORM)}")
+    if batch_norm == "together":
+        return torch.cat([F.softmax(adapted(query_x[i:i + batch].unsqueeze(0))[0].float(), dim=-1)
+                          for i in range(0, len(query_x), batch)])
+    rows = [adapted(torch.cat([support_x, query[None]]).unsqueeze(0))[0, -1] for query in query_x]
+    return F.softmax(torch.stack(rows).float(), dim=-1)
+
+
 def run(checkpoint: str | Path, support_dir: str | Path, queries: list[str], out: str | Path | None = None,
-        device: str = "auto") -> dict:
+        device: str = "auto", batch_norm: str = "each") -> dict:
     """Adapt `checkpoint` on `support_dir`, classify `queries`; returns {"predictions": rows, "accuracy": % or
     None}."""
     if out is not None:  # before adapting: a path that cannot take the CSV
@@ -107,13 +132,13 @@ def run(checkpoint: str | Path, support_dir: str | Path, queries: list[str], out
     probabilities = []
     with torch.no_grad(), autocast(cfg.precision, device):
         for start in range(0, len(files), batch):
-            x = read_images(files[start:start + batch], size, reader, binary).to(device).unsqueeze(0)
-            probabilities.append(F.softmax(adapted(x)[0].float(), dim=-1).cpu())
+            x = read_images(files[start:start + batch], size, reader, binary).to(device)
+            probabilities.append(classify(adapted, support_x[0], x, batch_norm, batch).cpu())
     probabilities = torch.cat(probabilities)                                      # (Q, ways)
     rows = []
     for path, p in zip(files, probabilities.tolist()):
         rows.append({"file": str(path), "predicted": classes[int(np.argmax(p))],
-                     **{f"p_{name}": round(value, 6) for name, value in zip(classes, p)}})
+                     **{f"p_{name}": round(value, 6) for name, value in zip(classes, p)}, "batch_norm": batch_norm})
     known = [(row, path.parent.name) for row, path in zip(rows, files) if path.parent.name in classes]
     accuracy = 100 * np.mean([row["predicted"] == truth for row, truth in known]) if known else None
     if out is not None:
@@ -124,7 +149,8 @@ def run(checkpoint: str | Path, support_dir: str | Path, queries: list[str], out
                 writer.writerows(rows)
         write_atomic(out, write)
     print(f"adapted {cfg.run_name} ({cfg.maml.test_inner_steps} step(s), lr {cfg.maml.inner_lr}) on "
-          f"{len(support_paths)} support images of {len(classes)} classes; {len(files)} queries")
+          f"{len(support_paths)} support images of {len(classes)} classes; {len(files)} queries; BatchNorm: "
+          f"{BATCH_NORM[batch_norm]} (--batch-norm {batch_norm})")
     for row in rows[:10]:
         print(f"  {Path(row['file']).name:40.40s} -> {row['predicted']} ({row['p_' + row['predicted']]:.2f})")
     if len(rows) > 10:

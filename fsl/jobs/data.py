@@ -24,7 +24,7 @@ def run(args: argparse.Namespace) -> int:
     if args.action == "prepare":
         from fsl.data.prepare import prepare
         prepare(args.dataset, root)
-    from fsl.data.check import check_dataset, summarise
+    from fsl.data.check import check_dataset, images_form, summarise
     if args.dataset == "folder" and not args.json:
         from fsl.data.folder import detect_layout
         try:
@@ -46,6 +46,9 @@ def run(args: argparse.Namespace) -> int:
         if splits:
             sizes = " / ".join(f"{counts[split]['classes']:,}" for split in splits)
             print(f"{args.dataset} split of the classes ({' / '.join(splits)}): {sizes}")
+        form = images_form(args.dataset, root)
+        if form:
+            print(f"{root} holds {form}")
         print(f"{root}: {'OK' if not problems else f'{len(problems)} problem(s)'}")
     return 1 if problems else 0
 
@@ -68,6 +71,7 @@ def cache_command(args: argparse.Namespace, root: Path) -> int:
         kind = "train" if augmented else "eval"
         store = open_store(load_split(args.dataset, root, split), args.dataset, split, kind, args.image_size,
                            args.cache_dir)
-        print(f"{args.dataset} {split:5s} {kind:5s}: {len(store):7d} images {store.pixels.shape[1]}x"
-              f"{store.pixels.shape[2]}, {store.path.stat().st_size / 2**20:8.1f} MB  {store.path}")
+        shape = "full resolution" if kind == "train" else f"{store.pixels.shape[1]}x{store.pixels.shape[2]}"
+        print(f"{args.dataset} {split:5s} {kind:5s}: {len(store):7d} images {shape}, "
+              f"{store.path.stat().st_size / 2**20:8.1f} MB  {store.path}")
     return 0

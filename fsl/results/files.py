@@ -15,6 +15,7 @@ import fcntl
 import hashlib
 import math
 import os
+import shutil
 import subprocess
 import tempfile
 from dataclasses import dataclass
@@ -106,6 +107,8 @@ SUMMARY = _schema(
     Column("cell", str, required=True),           # {dataset}-{arch}-{K}shot
     Column("dataset", str, required=True),
     Column("data_root", str),                     # the name of the dataset folder (data.root) the run read
+    Column("images", str, default=""),            # the form of its images, where a dataset has two (Config.images_form):
+                                                  # mini-ImageNet full | 84x84, Omniglot binary | greyscale
     Column("arch", str, required=True),
     Column("ways", int, required=True),
     Column("shots", int, required=True),
@@ -130,7 +133,10 @@ SUMMARY = _schema(
     Column("peak_memory_mb", float),              # peak GPU memory of meta-training (CUDA only)
     Column("parallel_tasks", int),                # training tasks adapted together (train.parallel_tasks, resolved)
     Column("parallel_episodes", int),             # test episodes adapted together (test.parallel_episodes, resolved)
-    Column("checkpoint", str),
+    Column("checkpoint", str),                    # the tested checkpoint where the test found it (the path column)
+    Column("checkpoint_sha256", str, default=""),  # its sha256
+    Column("published_checkpoint", str, default=""),  # its copy under results/ (relative to it), committed with the
+                                                  # row, for checkpoints up to PUBLISH_LIMIT_MB; empty: larger
     Column("commit", str),                        # code commit of the test (+dirty: uncommitted changes)
     Column("config_commit", str),                 # last commit of the cell's config files
     Column("device", str),
@@ -285,6 +291,38 @@ def upsert_summary(results_dir: str | Path, row: dict) -> Path:
         return write_csv(rows, path, SUMMARY)
 
 
+PUBLISH_LIMIT_MB = 5.0  # checkpoints up to this size are published beside their row (conv4 on Omniglot and glyphs:
+                        # ~1.4 MB with its Adam state); larger ones (ResNet-12, the 84x84 cells) keep the path column
+                        # only (docs/omniglot.md, "Published checkpoints")
+
+
+def sha256_of(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def publish_checkpoint(results_dir: str | Path, row, checkpoint: str | Path) -> dict:
+    """Copy the tested `checkpoint` beside the row's files (results/<cell>/checkpoint<tag>.pth, the run's own file:
+    `row_file`) when it is at most PUBLISH_LIMIT_MB, atomically and readable as the umask allows; returns the row's
+    checkpoint_sha256 and published_checkpoint (relative to `results_dir`, empty when not published)."""
+    checkpoint, digest = Path(checkpoint), sha256_of(checkpoint)
+    if checkpoint.stat().st_size > PUBLISH_LIMIT_MB * 2**20:
+        return {"checkpoint_sha256": digest, "published_checkpoint": ""}
+    target = row_file(results_dir, row, "checkpoint", test=False).with_suffix(".pth")
+    if not (target.exists() and sha256_of(target) == digest):
+        mask = os.umask(0)
+        os.umask(mask)
+
+        def copy(tmp: str) -> None:
+            shutil.copyfile(checkpoint, tmp)
+            os.chmod(tmp, 0o666 & ~mask)  # mkstemp made it 0600: a published file is for everyone
+        write_atomic(target, copy)
+    return {"checkpoint_sha256": digest, "published_checkpoint": str(target.relative_to(results_dir))}
+
+
 def ci95(accuracies: np.ndarray) -> float:
     """95% confidence half-width of the mean: 1.96 * std(ddof=0) / sqrt(n) (MMFewShot's "std" column)."""
     accuracies = np.asarray(accuracies, dtype=np.float64)
@@ -307,6 +345,7 @@ def summary_row(tested: Config, accuracies: np.ndarray, checkpoint: dict, checkp
         "run": trained.cell + tested.run_tag, "train_tag": provenance.train_tag(trained, config_path),
         "test_tag": provenance.test_tag(trained, tested), "episode_streams": EPISODE_STREAMS, "cell": trained.cell,
         "variant": variant_label(tested), "dataset": tested.data.dataset, "data_root": tested.data_root.name,
+        "images": tested.images_form,
         "arch": tested.model.arch, "ways": tested.test.ways, "shots": tested.test.shots,
         "image_size": tested.data.image_size,
         "train_batch": tested.train.ways * (tested.train.shots + tested.train.queries),

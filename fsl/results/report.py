@@ -48,17 +48,38 @@ def optional_int(value) -> str:
     return "" if pd.isna(value) else str(int(value))
 
 
-def dataset_table(rows: pd.DataFrame) -> str:
+def dataset_table(rows: pd.DataFrame, results_dir: Path | None = None) -> str:
     """MMFewShot's README table (Arch | Input Size | Batch Size | way | shot | mean Acc | std, where std is our ci95),
-    with the run, the tasks trained and whether the row is the reference's protocol."""
+    with the run, the tasks trained, whether the row is the reference's protocol, and, as the seed's table has them,
+    its ckpt and log (`artefacts`)."""
     lines = ["| run | variant | Arch | Input Size | Batch Size | way | shot | mean Acc | std | episodes | "
-             "train tasks | comparable |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "train tasks | comparable | ckpt | log |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for row in rows.itertuples():
+        ckpt, log = artefacts(row._asdict(), results_dir)
         lines.append(f"| {row.run} | {row.variant} | {row.arch} | {row.image_size}x{row.image_size} | "
                      f"{optional_int(row.train_batch)} "
                      f"| {row.ways} | {row.shots} | {row.mean_acc:.2f} | {row.ci95:.2f} | {row.episodes} | "
-                     f"{optional_int(row.train_tasks)} | {'yes' if row.comparable else 'no'} |")
+                     f"{optional_int(row.train_tasks)} | {'yes' if row.comparable else 'no'} | {ckpt} | {log} |")
     return "\n".join(lines) + "\n"
+
+
+def artefacts(row: dict, results_dir: Path | None) -> tuple[str, str]:
+    """The row's ckpt and log cells, as links relative to results/tables/: the published checkpoint (with the start
+    of its sha256), or the checkpoint's path where it was too large to publish (or was tested before #36 published
+    any: 'not published'); the training log copied beside the row."""
+    published, digest = row.get("published_checkpoint"), row.get("checkpoint_sha256")
+    if isinstance(published, str) and published:
+        ckpt = f"[ckpt](../{published}) `{str(digest)[:8]}`"
+    elif isinstance(digest, str) and digest:
+        ckpt = f"path: `{row.get('checkpoint')}`"
+    else:
+        ckpt = "not published"
+    log = "-"
+    if results_dir is not None:
+        path = results_io.row_file(results_dir, row, "train_log", test=False)
+        if path.exists():
+            log = f"[log](../{path.relative_to(results_dir)})"
+    return ckpt, log
 
 
 def comparison_table(summary: pd.DataFrame) -> str:
@@ -328,7 +349,7 @@ def tables(summary: pd.DataFrame, results_dir: Path | None = None) -> dict[str, 
                                     "std = 95% confidence half-width (1.96 * std / sqrt(episodes)), as MMFewShot; "
                                     "comparable = the reference's full protocol (see not_comparable.md). One row "
                                     "per run: its config file's training settings and its own test (other runs "
-                                    "and tests: other_tests.md)\n\n" + dataset_table(rows))
+                                    "and tests: other_tests.md)\n\n" + dataset_table(rows, results_dir))
     written["comparison.md"] = ("# fsl vs MMFewShot's MAML README\n\nOnly results of the full protocol (the cell's "
                                 "committed config, all training tasks, 2,000 test episodes) appear here; the rest "
                                 "are listed in not_comparable.md.\n\n" + comparison_table(summary))
@@ -351,14 +372,17 @@ def tables(summary: pd.DataFrame, results_dir: Path | None = None) -> dict[str, 
     return written
 
 
-def other_tests_table(rows: pd.DataFrame) -> str:
+def other_tests_table(rows: pd.DataFrame, results_dir: Path | None = None) -> str:
     """Runs with other training settings than their config file's (fsl train ... train.tasks=2000) and tests with
-    other settings than a run's own (fsl test ... test.episodes=100): listed apart, each with what differs."""
-    lines = ["| run | training settings | test settings | mean ± ci95 | episodes | train tasks |",
-             "|---|---|---|---|---|---|"]
+    other settings than a run's own (fsl test ... test.episodes=100): listed apart, each with what differs, its ckpt
+    and log."""
+    lines = ["| run | training settings | test settings | mean ± ci95 | episodes | train tasks | ckpt | log |",
+             "|---|---|---|---|---|---|---|---|"]
     for row in rows.itertuples():
+        ckpt, log = artefacts(row._asdict(), results_dir)
         lines.append(f"| {row.run} | {row.train_tag or 'its config file'} | {row.test_tag or 'its own'} | "
-                     f"{fmt(row.mean_acc, row.ci95)} | {row.episodes} | {optional_int(row.train_tasks)} |")
+                     f"{fmt(row.mean_acc, row.ci95)} | {row.episodes} | {optional_int(row.train_tasks)} | {ckpt} | "
+                     f"{log} |")
     return "\n".join(lines) + "\n"
 
 
@@ -375,7 +399,7 @@ def run(results_dir: str | Path = "results") -> list[Path]:
         write_text_atomic(results / "tables" / "other_tests.md", "# Other runs and tests\n\n"
                           "Rows of runs trained with other settings than their config file's, and tests with other "
                           "settings than a run's own. The other tables show each run's own row (config file, own "
-                          "test); these never replace it.\n\n" + other_tests_table(others))
+                          "test); these never replace it.\n\n" + other_tests_table(others, Path(results_dir)))
         written.append(results / "tables" / "other_tests.md")
     for name, text in tables(summary, results).items():
         write_text_atomic(results / "tables" / name, text)

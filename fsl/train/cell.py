@@ -30,8 +30,8 @@ from fsl.device import distributed
 def cell_split(cfg: Config, split: str) -> SplitDataset:
     """`split` of the cell's dataset under cfg.data_root, with the reader options the config sets."""
     options = {"bbox_crop": True} if cfg.data.bbox_crop else {}
-    if cfg.data.dataset == "omniglot":
-        options["images"] = cfg.data.omniglot_images
+    if cfg.data.dataset in ("omniglot", "mini-imagenet"):
+        options["images"] = cfg.images_form
     return load_split(cfg.data.dataset, cfg.data_root, split, **options)
 
 
