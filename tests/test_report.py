@@ -223,3 +223,17 @@ def test_fsl_compare_pairs_episodes_and_refuses_other_episodes(tmp_path):
         compare.compare_runs(results, "mini-imagenet-conv4-1shot", "cub-resnet12-5shot")
     with pytest.raises(ResultsError, match="no row of run 'nothing'"):
         compare.compare_runs(results, "nothing", "cub-resnet12-5shot")
+    # a run of its own training settings (name=..., train.tasks=...: the #36 input comparison) is found by its name,
+    # its test being its own; a name holding two trainings is refused
+    tagged = {**base, "run": "mini-imagenet-conv4-1shot-short", "train_tag": "train.tasks=2000",
+              "episode_streams": "per-split"}
+    upsert_summary(results, tagged)
+    pd.DataFrame({"episode": range(2000), "accuracy": a}).to_csv(
+        compare.row_file(results, tagged, "test_episodes"), index=False)
+    upsert_summary(results, {**base, "run": "mini-imagenet-conv4-1shot", "episode_streams": "per-split"})
+    pd.DataFrame({"episode": range(2000), "accuracy": b}).to_csv(cell / "test_episodes.csv", index=False)
+    short = compare.compare_runs(results, "mini-imagenet-conv4-1shot-short", "mini-imagenet-conv4-1shot")
+    assert short["mean"] == pytest.approx(difference.mean(), abs=1e-12)
+    upsert_summary(results, {**tagged, "train_tag": "train.tasks=4000"})
+    with pytest.raises(ResultsError, match="has rows of 2 training settings .*fix: give each its own name="):
+        compare.compare_runs(results, "mini-imagenet-conv4-1shot-short", "mini-imagenet-conv4-1shot")

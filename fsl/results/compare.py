@@ -12,16 +12,27 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from fsl.data.episodes import EPISODE_STREAMS
 from fsl.results.files import ResultsError, ci95, own_tests, read_summary, read_test_episodes, row_file
 
 SAME_EPISODES = ("dataset", "data_root", "ways", "shots", "image_size", "episodes", "episode_streams")
 
 
 def own_row(summary: pd.DataFrame, run: str) -> pd.Series:
+    """The row of `run`'s own test: of its config file's settings, or else of the one set of other training
+    settings the run was trained with (a run of `train.tasks=...`, whose train_tag says so)."""
     rows = own_tests(summary)
     match = rows[rows["run"] == run]
+    if match.empty:  # a run with its own training settings: its own test, on the current episode streams
+        tested = summary[(summary["run"] == run) & (summary["test_tag"].fillna("") == "")
+                         & (summary["episode_streams"].fillna("shared") == EPISODE_STREAMS)]
+        if len(tested) > 1:
+            tags = "; ".join(sorted(tested["train_tag"].fillna("")))
+            raise ResultsError(f"run {run!r} has rows of {len(tested)} training settings ({tags}); fix: give each "
+                               f"its own name= when training, so that a run name names one model")
+        match = tested
     if match.empty:
-        known = ", ".join(sorted(rows["run"]))
+        known = ", ".join(sorted(set(rows["run"]) | set(summary.loc[summary["test_tag"].fillna("") == "", "run"])))
         raise ResultsError(f"no row of run {run!r} (its own test) in summary.csv; fix: one of {known}")
     return match.iloc[-1]
 
