@@ -135,3 +135,24 @@ def test_resume_with_another_inner_lr_is_refused_and_leaves_the_checkpoint(tmp_p
         train.run(changed)
     after = torch.load(first.run_dir / "latest.pth", weights_only=False)
     assert after["tasks_done"] == 2 and all(torch.equal(v, after["model"][k]) for k, v in before["model"].items())
+
+
+def test_a_row_names_a_clean_commit_beside_uncommitted_results(tmp_path, monkeypatch):
+    """Rows written into results/ (or benchmarks/results/) are outputs: a test run after another row was written
+    still names the clean code commit; a change to code makes it '+dirty'."""
+    import subprocess
+
+    from fsl.results.files import git_commit
+    git = lambda *a: subprocess.run(["git", *a], cwd=tmp_path, check=True, capture_output=True)  # noqa: E731
+    git("init", "-q")
+    (tmp_path / "code.py").write_text("x = 1\n")
+    (tmp_path / "results").mkdir()
+    (tmp_path / "results" / "summary.csv").write_text("run\n")
+    git("add", ".")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "-m", "code")
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "results" / "summary.csv").write_text("run\na\n")
+    (tmp_path / "results" / "new.csv").write_text("episode\n")
+    assert not git_commit().endswith("+dirty") and len(git_commit()) == 40
+    (tmp_path / "code.py").write_text("x = 2\n")
+    assert git_commit().endswith("+dirty")

@@ -63,11 +63,15 @@ def write_atomic(path: str | Path, write: Callable[[str], None]) -> None:
 def write_text_atomic(path: str | Path, text: str) -> None:
     write_atomic(path, lambda tmp: Path(tmp).write_text(text))
 
+OUTPUTS = ("results", "benchmarks/results")  # what runs write into the repository: never what produced a number
+
+
 def git_commit(*paths: str | Path) -> str:
-    """Last commit touching `paths` (the whole repository if none), with '+dirty' if they have local changes;
-    'unknown' outside a git checkout."""
+    """Last commit touching `paths` (the whole repository if none), with '+dirty' if they have local changes (for the
+    whole repository: changes outside OUTPUTS, so that a row written beside another uncommitted row still names a
+    clean code commit); 'unknown' outside a git checkout."""
     try:
-        args = ["--", *map(str, paths)] if paths else []
+        args = ["--", *map(str, paths)] if paths else ["--", ".", *(f":(exclude){o}" for o in OUTPUTS)]
         commit = subprocess.run(["git", "log", "-1", "--format=%H", *args], capture_output=True, text=True,
                                 check=True).stdout.strip()
         dirty = subprocess.run(["git", "status", "--porcelain", *args], capture_output=True, text=True,
