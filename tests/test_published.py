@@ -96,17 +96,18 @@ def committed_published_rows() -> list[pd.Series]:
 
 
 @pytest.mark.parametrize("row", committed_published_rows(), ids=lambda row: row.run)
-def test_a_committed_row_retests_from_its_published_checkpoint_to_its_numbers(row, tmp_path):
+def test_a_committed_row_retests_from_its_published_checkpoint_to_its_numbers(row, tmp_path, request):
     """What a fresh clone does: `fsl test` on the committed checkpoint, its sha256 checked, gives the committed
     per-episode accuracies (one CPU thread, the row's own parallel_episodes): bit for bit on the CPU that tested it
     (the first test above checks that on this one); another CPU's float rounding may flip a rare query, so here at
     most 1 % of the episodes may differ and the mean by 0.2 points."""
     published = REPO / "results" / row.published_checkpoint
     assert sha256_of(published) == row.checkpoint_sha256
-    root = fixture_root(row.dataset)
-    fsl("test", CELL if row.dataset == "omniglot" else str(REPO / "experiments" / f"{row.cell}.yaml"),
-        str(published), f"data.root={root}", f"data.cache_dir={tmp_path / 'cache'}", "device=cpu",
-        "data.workers=0", f"test.parallel_episodes={row.parallel_episodes}", f"results_dir={tmp_path}")
+    root = request.getfixturevalue("glyphs_root") if row.dataset == "glyphs" else fixture_root(row.dataset)
+    fsl("test", str(REPO / "experiments" / f"{row.cell}.yaml"), str(published), f"data.root={root}",
+        f"data.cache_dir={tmp_path / 'cache'}", "device=cpu", "data.workers=0",
+        f"test.parallel_episodes={int(float(row.parallel_episodes))}", f"results_dir={tmp_path}",
+        *row.train_tag.split())  # a run of its own training settings is tested with them
     again = own_row(tmp_path)
     committed = pd.read_csv(row_file(REPO / "results", row, "test_episodes")).accuracy.to_numpy()
     ours = pd.read_csv(row_file(tmp_path, again, "test_episodes")).accuracy.to_numpy()
@@ -119,4 +120,5 @@ def test_a_committed_row_retests_from_its_published_checkpoint_to_its_numbers(ro
 def test_committed_rows_with_published_checkpoints_exist():
     """The Omniglot input comparison (#36 item 3) is published: the parametrised re-test above has rows to run."""
     assert {row.run for row in committed_published_rows()} >= {"omniglot-conv4-1shot-inputs-binary",
-                                                               "omniglot-conv4-1shot-inputs-greyscale"}
+                                                               "omniglot-conv4-1shot-inputs-greyscale",
+                                                               "glyphs-conv4-1shot"}
