@@ -234,11 +234,32 @@ CASES = [
     Case("tiered, decoding: the mismatch once, not once per image", lambda w, t: ["data", "check", "tiered-imagenet",
                                                                                    "--root", str(w / "tiered")], 1,
          ["has 313 images"], once=["has 313 images"], setup=lambda w, t: tiered_copy(w, fewer_images_than_labels)),
+    Case("adapt: an image's label whatever else is passed (#38 item 4)",
+         lambda w, t: ["adapt", str(run_dir(t) / "best_accuracy_mean.pth"), str(w / "support"), str(w / "query"),
+                       str(w / "query" / "a.jpg"), "--out", str(w / "p.csv")], 0,
+         ["BatchNorm: each query in a batch of the support images and itself (independent of the other queries) "
+          "(--batch-norm each)"], setup=lambda w, t: support_and_queries(w)),
     Case("a seed's mini-ImageNet cell on the 84x84 release", lambda w, t: ["train", MINI, "train.tasks=4",
                                                                           *[a for a in tiny(w) if a != MINI_84]], 2,
          ["holds mini-ImageNet's the 84x84 release", "data.mini_imagenet_images=full asks for the full-size",
           "fix: pass data.mini_imagenet_images=84x84 (its rows are never comparable"], once=["error:"]),
 ]
+
+
+def support_and_queries(where: Path) -> None:
+    """5 mini-ImageNet-lite test classes, one support image each, and 4 query images (a.jpg is one of them)."""
+    lines = (fixture_root("mini-imagenet") / "test.csv").read_text().splitlines()[1:]
+    by_class: dict[str, list[str]] = {}
+    for line in lines:
+        name, label = line.split(",")
+        by_class.setdefault(label, []).append(name)
+    (where / "query").mkdir(parents=True)
+    for k, (label, names) in enumerate(sorted(by_class.items())[:5]):
+        (where / "support" / label).mkdir(parents=True)
+        shutil.copy(fixture_root("mini-imagenet") / "images" / names[0], where / "support" / label / names[0])
+        if k < 4:
+            shutil.copy(fixture_root("mini-imagenet") / "images" / names[1],
+                        where / "query" / ("a.jpg" if k == 0 else names[1]))
 
 
 def mini_without_a_class(root: Path) -> None:
