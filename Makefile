@@ -70,7 +70,7 @@ $(STAMP): requirements.txt requirements-dev.txt scripts/install_learn2learn.sh p
 	touch $@
 
 test: $(STAMP) lint
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q --durations=25 tests   # the 25 slowest tests listed, to keep CI within its time
 
 test-fast: $(STAMP) lint   # the in-process tests only (no fsl/make/torchrun subprocess): a few minutes
 	$(PY) -m pytest -q -m "not slow" tests
