@@ -79,11 +79,17 @@ class ImageStore:
         return out
 
 
+def flat_offsets(sizes: np.ndarray) -> np.ndarray:
+    """Byte offsets (N,) int64 of images of sizes (N, 2) (height, width) laid out one after another, 3 bytes a
+    pixel: the train kind's layout."""
+    return np.concatenate([[0], np.cumsum(sizes.prod(1) * 3)[:-1]]).astype(np.int64)
+
+
 def pack(images: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
     """Images (height, width, 3) uint8 as a train-kind store holds them: (the flat pixels, (N, 3) int64 height,
     width and byte offset)."""
     sizes = np.asarray([image.shape[:2] for image in images], dtype=np.int64).reshape(len(images), 2)
-    offsets = np.concatenate([[0], np.cumsum(sizes.prod(1) * 3)[:-1]]).astype(np.int64)
+    offsets = flat_offsets(sizes)
     flat = np.concatenate([image.reshape(-1) for image in images]) if images else np.empty(0, np.uint8)
     return flat, np.concatenate([sizes, offsets[:, None]], axis=1)
 
@@ -231,7 +237,7 @@ def build(dataset: SplitDataset, base: Path, stamp: dict, kind: str, image_size:
     """Decode every image of `dataset` into temporary files, then rename them into place, the stamp last."""
     sizes = read_sizes(dataset).astype(np.int64)
     if kind == "train":  # the originals, one after another
-        offsets = np.concatenate([[0], np.cumsum(sizes.prod(1) * 3)[:-1]]).astype(np.int64)
+        offsets = flat_offsets(sizes)
         shape, side = (int((sizes.prod(1) * 3).sum()),), None
     else:
         side = image_size

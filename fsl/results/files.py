@@ -29,6 +29,7 @@ import torch
 
 from fsl.config import Config, ConfigError, config_files, from_dict, variant_label
 from fsl.data.episodes import EPISODE_STREAMS
+from fsl.data.store import current_umask
 from fsl.device.distributed import describe_device
 from fsl.device.precision import describe_precision
 from fsl.results import provenance
@@ -317,12 +318,9 @@ def publish_checkpoint(results_dir: str | Path, row, checkpoint: str | Path) -> 
         return {"checkpoint_sha256": digest, "published_checkpoint": ""}
     target = row_file(results_dir, row, "checkpoint", test=False).with_suffix(".pth")
     if not (target.exists() and sha256_of(target) == digest):
-        mask = os.umask(0)
-        os.umask(mask)
-
         def copy(tmp: str) -> None:
             shutil.copyfile(checkpoint, tmp)
-            os.chmod(tmp, 0o666 & ~mask)  # mkstemp made it 0600: a published file is for everyone
+            os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp made it 0600: a published file is for everyone
         write_atomic(target, copy)
     return {"checkpoint_sha256": digest, "published_checkpoint": str(target.relative_to(results_dir))}
 
