@@ -364,6 +364,7 @@ def test_tiny_omniglot_cell_trains_and_tests_through_make(root, tmp_path):
                           text=True)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "stopped at train.stop_at=64" in done.stdout
+    assert "omniglot-conv4-1shot: 64/64 task (100%)" in done.stderr  # the bar ends where the run stops
     row = pd.read_csv(tmp_path / "results" / "summary.csv").iloc[0]
     assert (row.run, row.ways, row.shots, row.episodes, row.train_tasks, row.planned_tasks) == \
         ("omniglot-conv4-1shot", 5, 1, 20, 64, 1_920_000)

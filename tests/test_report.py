@@ -196,7 +196,29 @@ def test_variants_and_seeds_tables(tmp_path):
            "| 60.5 |  | cpu x2 | abc |" in variants
     seeds = (results / "tables/seeds.md").read_text()
     assert "| glyphs-conv4-1shot-anil | 3 | seed 0: 85.00 ± 1.00, seed 1: 87.00 ± 1.10, seed 2: 86.00 ± 1.20 | " \
-           "86.00 ± 1.00 |" in seeds
+           "1.10 | 86.00 ± 1.00 |" in seeds
+
+
+def test_omniglot_table_sets_the_seed_spread_beside_the_within_run_interval(tmp_path):
+    """#36 item 6: omniglot.md shows, for a cell run under several seeds, each seed's ci95 and the between-seed std;
+    a single-seed run adds no such section."""
+    common = {"cell": "omniglot-conv4-1shot", "dataset": "omniglot", "arch": "conv4", "ways": 5, "shots": 1,
+              "image_size": 28, "episodes": 600, "train_tasks": 64000, "planned_tasks": 1920000, "quick": False,
+              "comparable": False, "variant": "maml", "device": "cpu x1", "test_config_sha": "abc"}
+    rows = [{**common, "run": "omniglot-conv4-1shot", "seed": 0, "mean_acc": 99.0, "ci95": 0.3}]
+    results = tmp_path / "results"
+    results.mkdir()
+    write_csv(rows, results / "summary.csv", SUMMARY)
+    report.run(results)
+    assert "Across training seeds" not in (results / "tables/omniglot.md").read_text()
+    rows += [{**common, "run": f"omniglot-conv4-1shot-short{tag}", "seed": seed, "mean_acc": mean, "ci95": ci95}
+             for tag, seed, mean, ci95 in (("", 0, 85.0, 1.3), ("-seed1", 1, 86.0, 1.2), ("-seed2", 2, 84.0, 1.4))]
+    write_csv(rows, results / "summary.csv", SUMMARY)
+    report.run(results)
+    text = (results / "tables/omniglot.md").read_text()
+    spread = text[text.index("## Across training seeds"):text.index("## Every run")]
+    assert "| omniglot-conv4-1shot-short | 3 | seed 0: 85.00 ± 1.30, seed 1: 86.00 ± 1.20, seed 2: 84.00 ± 1.40 | " \
+           "1.30 | 85.00 ± 1.00 |" in spread and "omniglot-conv4-1shot |" not in spread
 
 
 def test_fsl_compare_pairs_episodes_and_refuses_other_episodes(tmp_path):
@@ -237,3 +259,18 @@ def test_fsl_compare_pairs_episodes_and_refuses_other_episodes(tmp_path):
     upsert_summary(results, {**tagged, "train_tag": "train.tasks=4000"})
     with pytest.raises(ResultsError, match="has rows of 2 training settings .*fix: give each its own name="):
         compare.compare_runs(results, "mini-imagenet-conv4-1shot-short", "mini-imagenet-conv4-1shot")
+
+
+def test_atomic_writes_are_readable_as_the_umask_allows(tmp_path):
+    """summary.csv, logs and checkpoints are written through a temporary file: mkstemp's 0600 must not reach them,
+    or a lab's shared results are its writer's alone."""
+    from fsl.results import write_text_atomic
+    previous = os.umask(0o022)
+    try:
+        write_text_atomic(tmp_path / "shared.csv", "a\n1\n")
+        os.umask(0o077)
+        write_text_atomic(tmp_path / "private.csv", "a\n1\n")
+    finally:
+        os.umask(previous)
+    assert (tmp_path / "shared.csv").stat().st_mode & 0o777 == 0o644
+    assert (tmp_path / "private.csv").stat().st_mode & 0o777 == 0o600

@@ -49,13 +49,16 @@ def check_writable(folder: str | Path, key: str) -> None:
                           f"you can write>") from None
 
 def write_atomic(path: str | Path, write: Callable[[str], None]) -> None:
-    """Call `write(tmp_path)` then rename tmp_path onto `path`, so readers never see a half-written file."""
+    """Call `write(tmp_path)` then rename tmp_path onto `path`, so readers never see a half-written file. The file
+    gets the mode a plain open() would give it (0666 less the umask): mkstemp's 0600 would hide a lab's shared
+    results, logs and checkpoints from everyone but their writer."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, 0o666 & ~current_umask())
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -318,10 +321,7 @@ def publish_checkpoint(results_dir: str | Path, row, checkpoint: str | Path) -> 
         return {"checkpoint_sha256": digest, "published_checkpoint": ""}
     target = row_file(results_dir, row, "checkpoint", test=False).with_suffix(".pth")
     if not (target.exists() and sha256_of(target) == digest):
-        def copy(tmp: str) -> None:
-            shutil.copyfile(checkpoint, tmp)
-            os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp made it 0600: a published file is for everyone
-        write_atomic(target, copy)
+        write_atomic(target, lambda tmp: shutil.copyfile(checkpoint, tmp))
     return {"checkpoint_sha256": digest, "published_checkpoint": str(target.relative_to(results_dir))}
 
 

@@ -240,19 +240,34 @@ def seed_statistics(summary: pd.DataFrame) -> pd.DataFrame:
     (ddof=1) of the mean accuracy."""
     rows = summary[~summary["quick"]].assign(group=lambda f: f["run"].map(run_group))
     stats = rows.groupby("group", sort=True).agg(seeds=("seed", "count"), seed_list=("seed", lambda s: sorted(s)),
-                                                 mean=("mean_acc", "mean"), std=("mean_acc", "std"))
+                                                 mean=("mean_acc", "mean"), std=("mean_acc", "std"),
+                                                 within=("ci95", "mean"))
     return stats[stats["seeds"] >= 2].reset_index()
 
 
 def seeds_table(summary: pd.DataFrame) -> str:
+    """Per experiment under 2+ seeds: each seed's mean ± ci95, the within-run ci95 (test episodes, averaged over
+    the seeds) beside the between-seed standard deviation of the mean (ddof 1), in accuracy points."""
     stats = seed_statistics(summary)
     rows = summary.assign(group=summary["run"].map(run_group))
-    lines = ["| run | seeds | per seed: mean ± ci95 (test episodes) | across seeds: mean ± std |", "|---|---|---|---|"]
+    lines = ["| run | seeds | per seed: mean ± ci95 (test episodes) | within-run ci95 (mean over seeds) | "
+             "across seeds: mean ± std |", "|---|---|---|---|---|"]
     for stat in stats.itertuples():
         per_seed = rows[(rows["group"] == stat.group) & ~rows["quick"]].sort_values("seed")
         listing = ", ".join(f"seed {r.seed}: {fmt(r.mean_acc, r.ci95)}" for r in per_seed.itertuples())
-        lines.append(f"| {stat.group} | {stat.seeds} | {listing} | {fmt(stat.mean, stat.std)} |")
+        lines.append(f"| {stat.group} | {stat.seeds} | {listing} | {stat.within:.2f} | {fmt(stat.mean, stat.std)} |")
     return "\n".join(lines) + "\n"
+
+
+def seed_spread(rows: pd.DataFrame) -> str:
+    """omniglot.md's section on training seeds (#36): the between-seed spread beside the within-run ci95, and what
+    each covers (docs/omniglot.md); empty without a run under 2+ seeds."""
+    if not len(seed_statistics(rows)):
+        return ""
+    return ("\n## Across training seeds\n\nci95: the 95% half-width over one trained model's test episodes (the "
+            "sampling of test tasks). std: the standard deviation of the mean over training seeds (`make <cell> "
+            "SEEDS=3`: initialisation and training episodes; the test episodes are the same for every seed). "
+            "Neither covers which characters fall in the test split (docs/omniglot.md).\n\n" + seeds_table(rows))
 
 
 VARIANT_ORDER = ["maml", "fomaml", "anil", "metasgd", "maml++"]
@@ -343,7 +358,7 @@ def tables(summary: pd.DataFrame, results_dir: Path | None = None) -> dict[str, 
         ways = ", ".join(f"{w}-way" for w in sorted(rows["ways"].unique()))
         paper = ("## Beside the paper\n\nMean ± 95% half-width over the test tasks; trained tasks: of the config's "
                  "train.tasks (runs stopped early with train.stop_at are never comparable). Plot: "
-                 "plots/omniglot_vs_paper.png\n\n" + paper_table(rows) + "\n## Every run\n\n"
+                 "plots/omniglot_vs_paper.png\n\n" + paper_table(rows) + seed_spread(rows) + "\n## Every run\n\n"
                  if dataset == "omniglot" else "")
         written[f"{dataset}.md"] = (f"# {DATASET_TITLES.get(dataset, dataset)}: MAML, {ways}\n\n" + paper +
                                     "std = 95% confidence half-width (1.96 * std / sqrt(episodes)), as MMFewShot; "

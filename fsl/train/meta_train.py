@@ -91,7 +91,8 @@ def meta_train(cfg: Config, device: torch.device) -> Path:
     validation = Validation(cfg, model, rates, device)
     log = RunLog(cfg, resume_at=state.tasks_done) if main else None
     window = StepWindow(*state.window, started=state.train_seconds)
-    progress = progress_bar(total=cfg.train.tasks, initial=state.tasks_done, unit="task", desc=cfg.run_name,
+    last_task = min(cfg.train.stop_at or cfg.train.tasks, cfg.train.tasks)  # the bar's 100% and ETA: where this run stops
+    progress = progress_bar(total=last_task, initial=state.tasks_done, unit="task", desc=cfg.run_name,
                     dynamic_ncols=True, smoothing=0.05, disable=not main)
     clock = time.time()
     with StopRequest() as stop, closing(stream), closing(log) if log is not None else nullcontext():
