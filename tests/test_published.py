@@ -107,7 +107,7 @@ def test_a_committed_row_retests_from_its_published_checkpoint_to_its_numbers(ro
     fsl("test", str(REPO / "experiments" / f"{row.cell}.yaml"), str(published), f"data.root={root}",
         f"data.cache_dir={tmp_path / 'cache'}", "device=cpu", "data.workers=0",
         f"test.parallel_episodes={int(float(row.parallel_episodes))}", f"results_dir={tmp_path}",
-        *row.train_tag.split())  # a run of its own training settings is tested with them
+        f"seed={row.seed}", *row.train_tag.split())  # a run of its own training settings is tested with them
     again = own_row(tmp_path)
     committed = pd.read_csv(row_file(REPO / "results", row, "test_episodes")).accuracy.to_numpy()
     ours = pd.read_csv(row_file(tmp_path, again, "test_episodes")).accuracy.to_numpy()
@@ -118,7 +118,9 @@ def test_a_committed_row_retests_from_its_published_checkpoint_to_its_numbers(ro
 
 
 def test_committed_rows_with_published_checkpoints_exist():
-    """The Omniglot input comparison (#36 item 3) is published: the parametrised re-test above has rows to run."""
+    """The Omniglot input comparison (#36 item 3) and seed spread (item 6) are published: the parametrised re-test
+    above has rows to run."""
     assert {row.run for row in committed_published_rows()} >= {"omniglot-conv4-1shot-inputs-binary",
                                                                "omniglot-conv4-1shot-inputs-greyscale",
-                                                               "glyphs-conv4-1shot"}
+                                                               "glyphs-conv4-1shot", "omniglot-conv4-1shot-2000steps",
+                                                               "omniglot-conv4-1shot-2000steps-seed1", "omniglot-conv4-1shot-2000steps-seed2"}
