@@ -145,6 +145,17 @@ def test_episode_i_of_each_split_comes_from_its_own_stream(root):
     assert cfg.seed == cfg.test.seed == 0  # the same seeds: the streams alone keep them apart
 
 
+def test_a_checkpoint_of_the_shared_streams_is_refused_for_resuming(tmp_path):
+    """A checkpoint written before #36 carries no episode_streams: it was trained on the shared streams, and a resume
+    on today's per-split streams would mix two task sequences. It is refused, naming both and the fix."""
+    from fsl.train.checkpoint import CheckpointError, check_streams
+    check_streams({"episode_streams": "per-split"}, tmp_path / "latest.pth")
+    for old in ({}, {"episode_streams": "shared"}):
+        with pytest.raises(CheckpointError, match=r"trained on the 'shared' episode streams .* this fsl draws "
+                                                  r"'per-split' streams.*Fix: test it as it is"):
+            check_streams(old, tmp_path / "latest.pth")
+
+
 def test_data_check_prints_the_characters_and_the_split(root):
     out = subprocess.run([sys.executable, "-m", "fsl", "data", "check", "omniglot", "--root", str(root), "--no-decode"],
                          capture_output=True, text=True, cwd=REPO, check=True).stdout

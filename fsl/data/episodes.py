@@ -69,7 +69,8 @@ class EpisodeSpec(NamedTuple):
 SEEDED = threading.RLock()  # one seeded draw at a time in this process (`seeded`)
 STREAMS = {"train": 0, "val": 1, "test": 2}  # each split's own random stream, an entropy word of SeedSequence
 EPISODE_STREAMS = "per-split"  # how episode streams are derived, recorded in checkpoints and result rows: "per-split"
-                               # (seed, split, i), since #36; rows and checkpoints without it: "shared" (seed, i)
+                               # (seed, split, i), since #36; rows and checkpoints without it: SHARED_STREAMS
+SHARED_STREAMS = "shared"      # the streams before #36: episode i of every split from (seed, i)
 
 
 @contextmanager

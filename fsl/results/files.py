@@ -28,7 +28,7 @@ import pandas as pd
 import torch
 
 from fsl.config import Config, ConfigError, config_files, from_dict, variant_label
-from fsl.data.episodes import EPISODE_STREAMS
+from fsl.data.episodes import EPISODE_STREAMS, SHARED_STREAMS
 from fsl.data.store import current_umask
 from fsl.device.distributed import describe_device
 from fsl.device.precision import describe_precision
@@ -109,7 +109,7 @@ SUMMARY = _schema(
     Column("test_tag", str, default=""),          # test settings other than the run's own ("test.episodes=100");
                                                   # empty (with train_tag): the run's own test, the row the tables
                                                   # use
-    Column("episode_streams", str, default="shared"),  # how the test episodes were drawn: per-split (seed, split,
+    Column("episode_streams", str, default=SHARED_STREAMS),  # how the test episodes were drawn: per-split (seed, split,
                                                   # i), since #36; shared: (seed, i) for every split, the rows
                                                   # written before (fsl.data.episodes.EPISODE_STREAMS); in the key
     Column("cell", str, required=True),           # {dataset}-{arch}-{K}shot
@@ -417,7 +417,7 @@ def run_file(results_dir: str | Path, cell: str, run: str, stem: str, test_tag: 
     tag = run[len(cell):] if run.startswith(cell) else f"-{run}"
     other = (f"__train-{short_hash(train_tag)}" if train_tag else "") + (f"__test-{short_hash(test_tag)}"
                                                                          if test_tag else "")
-    other += "__shared-streams" if streams == "shared" else ""
+    other += "__shared-streams" if streams == SHARED_STREAMS else ""
     return Path(results_dir) / cell / f"{stem}{tag.replace('-', '_')}{other}.csv"
 
 
@@ -429,7 +429,7 @@ def row_file(results_dir: str | Path, row, stem: str, test: bool = True) -> Path
     """The per-run file `stem` of a summary row (its test's when `test`, else its run's: the training log)."""
     streams = row.get("episode_streams")
     return run_file(results_dir, row["cell"], row["run"], stem, (row["test_tag"] or "") if test else "",
-                    row["train_tag"] or "", streams if isinstance(streams, str) and streams else "shared")
+                    row["train_tag"] or "", streams if isinstance(streams, str) and streams else SHARED_STREAMS)
 
 
 def write_test_episodes(path: str | Path, accuracies: np.ndarray) -> Path:

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from fsl.config import Config, from_dict, to_dict
-from fsl.data.episodes import EPISODE_STREAMS, SEEDED
+from fsl.data.episodes import EPISODE_STREAMS, SEEDED, SHARED_STREAMS
 from fsl.device import distributed
 from fsl.maml import InnerRates, batching, build_learner, make_fused
 from fsl.results import provenance
@@ -126,8 +126,8 @@ def check_data(checkpoint: dict, data: dict, path: Path) -> None:
 
 def check_streams(checkpoint: dict, path: Path) -> None:
     """Refuse to resume a run whose training episodes were drawn from other streams than this fsl draws
-    (fsl.data.episodes.EPISODE_STREAMS; checkpoints written before #36 carry none: 'shared')."""
-    streams = checkpoint.get("episode_streams", "shared")
+    (fsl.data.episodes.EPISODE_STREAMS; checkpoints written before #36 carry none: SHARED_STREAMS)."""
+    streams = checkpoint.get("episode_streams", SHARED_STREAMS)
     if streams != EPISODE_STREAMS:
         raise CheckpointError(f"{path} was trained on the '{streams}' episode streams (before #36: episode i of "
                               f"every split from (seed, i)); this fsl draws '{EPISODE_STREAMS}' streams, so a "
