@@ -12,8 +12,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from fsl.data.episodes import EPISODE_STREAMS
-from fsl.results.files import SUMMARY, ResultsError, ci95, own_tests, read_summary, read_test_episodes, row_file
+from fsl.data.episodes import EPISODE_STREAMS, SHARED_STREAMS
+from fsl.results.files import ResultsError, ci95, own_tests, read_summary, read_test_episodes, row_file
 
 SAME_EPISODES = ("dataset", "data_root", "ways", "shots", "image_size", "episodes", "episode_streams")
 
@@ -25,7 +25,7 @@ def own_row(summary: pd.DataFrame, run: str) -> pd.Series:
     match = rows[rows["run"] == run]
     if match.empty:  # a run with its own training settings: its own test, on the current episode streams
         tested = summary[(summary["run"] == run) & (summary["test_tag"].fillna("") == "")
-                         & (summary["episode_streams"].fillna(SUMMARY["episode_streams"].default) == EPISODE_STREAMS)]
+                         & (summary["episode_streams"].fillna(SHARED_STREAMS) == EPISODE_STREAMS)]
         if len(tested) > 1:
             tags = "; ".join(sorted(tested["train_tag"].fillna("")))
             raise ResultsError(f"run {run!r} has rows of {len(tested)} training settings ({tags}); fix: give each "

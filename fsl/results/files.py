@@ -280,7 +280,7 @@ ROW_KEY = ("run", "train_tag", "test_tag", "episode_streams")  # one row per run
 
 def row_key(row) -> tuple[str, ...]:
     key = tuple("" if pd.isna(row.get(k)) or row.get(k) is None else str(row.get(k)) for k in ROW_KEY)
-    return key[:-1] + (key[-1] or SUMMARY["episode_streams"].default,)
+    return key[:-1] + (key[-1] or SHARED_STREAMS,)
 
 
 def upsert_summary(results_dir: str | Path, row: dict) -> Path:
@@ -375,7 +375,7 @@ def own_tests(summary: pd.DataFrame) -> pd.DataFrame:
     and plots show. A run tested on both episode streams shows its per-split row only (the shared-stream row stays
     in summary.csv)."""
     own = summary[(summary["test_tag"].fillna("") == "") & (summary["train_tag"].fillna("") == "")]
-    streams = own["episode_streams"].fillna(SUMMARY["episode_streams"].default)
+    streams = own["episode_streams"].fillna(SHARED_STREAMS)
     retested = set(own.loc[streams == EPISODE_STREAMS, "run"])
     return own[(streams == EPISODE_STREAMS) | ~own["run"].isin(retested)]
 
@@ -384,7 +384,7 @@ def find_run(summary: pd.DataFrame, run: str, train_tag: str = "") -> pd.Series 
     """The row of `run`'s own test under training settings `train_tag`, or None."""
     match = summary[(summary["run"] == run) & (summary["train_tag"].fillna("") == train_tag)
                     & (summary["test_tag"].fillna("") == "")
-                    & (summary["episode_streams"].fillna(SUMMARY["episode_streams"].default) == EPISODE_STREAMS)]
+                    & (summary["episode_streams"].fillna(SHARED_STREAMS) == EPISODE_STREAMS)]
     return None if match.empty else match.iloc[0]
 
 
