@@ -221,6 +221,39 @@ def test_omniglot_table_sets_the_seed_spread_beside_the_within_run_interval(tmp_
            "1.30 | 85.00 ± 1.00 |" in spread and "omniglot-conv4-1shot |" not in spread
 
 
+def test_beside_the_paper_sets_one_run_per_cell_the_comparable_one_first(tmp_path):
+    """omniglot.md's paper table and plot show one run per cell and variant: the comparable run, else the one trained
+    the most tasks (newest on ties), with the count of the others; a non-comparable row listed first never hides
+    the comparable one."""
+    common = {"cell": "omniglot-conv4-1shot", "dataset": "omniglot", "arch": "conv4", "ways": 5, "shots": 1,
+              "image_size": 28, "episodes": 600, "planned_tasks": 1920000, "quick": False, "variant": "maml",
+              "device": "cpu x1", "test_config_sha": "abc", "seed": 0}
+    rows = [{**common, "run": "omniglot-conv4-1shot", "train_tasks": 1066976, "comparable": False, "mean_acc": 99.5,
+             "ci95": 0.31, "finished_at": "2026-11-30"},
+            {**common, "run": "omniglot-conv4-1shot-short", "train_tasks": 64000, "comparable": False,
+             "mean_acc": 82.0, "ci95": 1.5, "finished_at": "2026-12-03"},
+            {**common, "run": "omniglot-conv4-1shot-full", "train_tasks": 1920000, "comparable": True,
+             "mean_acc": 98.9, "ci95": 0.4, "finished_at": "2026-12-01"},
+            {**common, "run": "omniglot-conv4-1shot-fomaml", "variant": "fomaml", "train_tasks": 32000,
+             "comparable": False, "mean_acc": 70.0, "ci95": 2.0, "finished_at": "2026-12-02"},
+            {**common, "run": "omniglot-conv4-1shot-fomaml-b", "variant": "fomaml", "train_tasks": 32000,
+             "comparable": False, "mean_acc": 71.0, "ci95": 2.0, "finished_at": "2026-12-04"}]
+    results = tmp_path / "results"
+    results.mkdir()
+    write_csv(rows, results / "summary.csv", SUMMARY)
+    report.run(results)
+    text = (results / "tables/omniglot.md").read_text()
+    paper = text[text.index("## Beside the paper"):text.index("## Every run")]
+    assert "| 5-way 1-shot | maml | 98.90 ± 0.40 | 98.70 ± 0.40 | Finn et al. 2017, Table 1 | +0.20 | 1,920,000 | " \
+           "yes | cpu x1 | omniglot-conv4-1shot-full | 2 |" in paper
+    assert "| 5-way 1-shot | fomaml | 71.00 ± 2.00 | 98.30 ± 0.50 | Nichol et al. 2018, Table 1 | -27.30 | " in paper
+    assert "99.50" not in paper and "82.00" not in paper and "70.00" not in paper
+    chosen = report.paper_rows(pd.read_csv(results / "summary.csv").assign(comparable=lambda d: d.comparable.astype(bool)))
+    assert list(chosen.run) == ["omniglot-conv4-1shot-full", "omniglot-conv4-1shot-fomaml-b"]  # what the plot draws
+    every = text[text.index("## Every run"):]
+    assert all(f"| {row['run']} |" in every for row in rows)
+
+
 def test_fsl_compare_pairs_episodes_and_refuses_other_episodes(tmp_path):
     """`fsl compare A B`: the per-episode difference a - b, mean ± 1.96 std / sqrt(n), and who wins how often; runs
     tested on other episodes (here another shot count) are refused with the reason."""
