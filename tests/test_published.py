@@ -124,3 +124,31 @@ def test_committed_rows_with_published_checkpoints_exist():
                                                                "omniglot-conv4-1shot-inputs-greyscale",
                                                                "glyphs-conv4-1shot", "omniglot-conv4-1shot-2000steps",
                                                                "omniglot-conv4-1shot-2000steps-seed1", "omniglot-conv4-1shot-2000steps-seed2"}
+
+
+def committed_run_states() -> list[Path]:
+    """The resumable states of unfinished runs committed between sessions (docs/omniglot.md, "The full-protocol
+    run, across sessions"): results/<cell>/run*/latest.pth."""
+    return sorted((REPO / "results").glob("*/run*/latest.pth"))
+
+
+@pytest.mark.parametrize("latest", committed_run_states(), ids=lambda p: str(p.parent.relative_to(REPO / "results")))
+def test_a_committed_run_state_verifies_and_resumes_under_its_protocol_config(latest):
+    """What the next machine checks before it resumes: the sha256 file matches, the checkpoint is of this fsl's
+    episode streams and of its committed protocol config (`fsl train <that yaml>` would resume it, not refuse), it is
+    unfinished, and its log.csv ends at or before the checkpoint's task."""
+    from fsl.config import from_dict
+    from fsl.results.provenance import check_resume, protocol_config
+    from fsl.train.checkpoint import check_streams
+
+    folder = latest.parent
+    recorded, name = (folder / "latest.pth.sha256").read_text().split()
+    assert name == "latest.pth" and recorded == sha256_of(latest)
+    checkpoint = torch.load(latest, map_location="cpu", weights_only=False)
+    stored = from_dict(checkpoint["config"])
+    check_resume(stored, protocol_config(stored), latest, checkpoint["tasks_done"])
+    check_streams(checkpoint, latest)
+    assert 0 < checkpoint["tasks_done"] < stored.train.tasks
+    log = pd.read_csv(folder / "log.csv")
+    assert set(log.cell) == {stored.cell} and 0 < log.tasks.max() <= checkpoint["tasks_done"]
+    assert (folder / "config.yaml").exists()
