@@ -128,6 +128,19 @@ def test_summary_of_an_older_fsl_is_read_with_defaults(tmp_path):
     assert "cub-conv4-1shot | 61.00 ± 0.50" in (results / "tables/not_comparable.md").read_text()
 
 
+def test_a_comparable_row_keeps_its_empty_reason_when_another_row_is_written(tmp_path):
+    """A comparable row's not_comparable_why is empty; the next test's write (which reads and writes back every row)
+    must not give it the default of files that predate the column ("written before fsl recorded provenance")."""
+    from fsl.results import read_summary, upsert_summary
+    results = write_results(tmp_path / "results")
+    base = read_summary(results).iloc[0].to_dict()
+    upsert_summary(results, {**base, "run": "mini-imagenet-conv4-1shot-anil", "variant": "anil"})
+    summary = read_summary(results).set_index("run")
+    assert summary.loc["mini-imagenet-conv4-1shot", "not_comparable_why"] == ""
+    assert summary.loc["mini-imagenet-conv4-1shot-anil", "not_comparable_why"] == ""
+    assert summary.loc["cub-conv4-5shot", "not_comparable_why"] == "training stopped at 2000 of 100000 tasks"
+
+
 def test_notebook_writes_nothing(tmp_path, monkeypatch):
     results = write_results(tmp_path / "results")
     before = sorted(p.relative_to(results) for p in results.rglob("*"))

@@ -95,6 +95,7 @@ class Column:
     kind: type                 # int | float | bool | str
     required: bool = False     # a file without this column is refused
     default: Any = None        # value for files (or cells) that lack it; None = empty
+    empty_is_value: bool = False  # an empty cell of a file that has the column is the value "" (not a missing one)
 
 
 def _schema(*columns: Column) -> dict[str, Column]:
@@ -131,7 +132,8 @@ SUMMARY = _schema(
     Column("best_val_tasks", int),                # task count of the validation-selected checkpoint
     Column("quick", bool, default=False),
     Column("comparable", bool, default=False),    # the full protocol of a reference cell (see fsl.results.provenance)
-    Column("not_comparable_why", str, default="written before fsl recorded provenance"),
+    Column("not_comparable_why", str, default="written before fsl recorded provenance", empty_is_value=True),
+    # (empty: nothing, the row is comparable; the default is for files written before the column)
     Column("seed", int, default=0),
     Column("precision", str, default="fp32"),     # numeric settings of meta-training (fsl.device.precision)
     Column("test_precision", str, default="fp32"),  # ... and of this meta-test
@@ -204,8 +206,12 @@ def read_csv(path: str | Path, schema: dict[str, Column]) -> pd.DataFrame:
     frame = pd.DataFrame(index=raw.index)
     for column in schema.values():
         values = []
-        texts = raw[column.name] if column.name in raw.columns else [""] * len(raw)
+        present = column.name in raw.columns
+        texts = raw[column.name] if present else [""] * len(raw)
         for line, text in enumerate(texts, start=2):
+            if text.strip() == "" and present and column.empty_is_value:
+                values.append("")
+                continue
             if text.strip() == "":
                 if column.required:
                     raise ResultsError(f"{path}: line {line}, column '{column.name}' is empty but required\n  fix: "
