@@ -6,7 +6,7 @@ import pandas as pd
 import pytest
 from conftest import REPO
 
-from fsl.results import SUMMARY, ResultsError, report, write_csv
+from fsl.results import SUMMARY, ResultsError, report, row_file, write_csv, write_test_episodes
 
 
 def write_results(folder: Path) -> Path:
@@ -210,6 +210,51 @@ def test_variants_and_seeds_tables(tmp_path):
     seeds = (results / "tables/seeds.md").read_text()
     assert "| glyphs-conv4-1shot-anil | 3 | seed 0: 85.00 ± 1.00, seed 1: 87.00 ± 1.10, seed 2: 86.00 ± 1.20 | " \
            "1.10 | 86.00 ± 1.00 |" in seeds
+
+
+def test_variants_of_a_cell_are_the_runs_trained_as_long_as_its_maml_baseline(tmp_path):
+    """variants.md sets a variant against the cell's MAML run of the same schedule: a MAML run stopped at 2,000
+    outer steps beside the 60,000-step one is neither listed nor the baseline of the paired difference."""
+    common = {"cell": "omniglot-conv4-1shot", "dataset": "omniglot", "arch": "conv4", "ways": 5, "shots": 1,
+              "image_size": 28, "episodes": 4, "planned_tasks": 1920000, "quick": False, "seed": 0,
+              "device": "cpu x1", "test_config_sha": "abc", "episode_streams": "per-split", "train_tag": "",
+              "test_tag": ""}
+    runs = {"omniglot-conv4-1shot-2000steps": ("maml", 64000, False, [60.0, 80.0, 100.0, 80.0]),
+            "omniglot-conv4-1shot": ("maml", 1920000, True, [100.0, 100.0, 100.0, 80.0]),
+            "omniglot-conv4-1shot-fomaml": ("fomaml", 1920000, True, [100.0, 80.0, 100.0, 100.0])}
+    results = tmp_path / "results"
+    results.mkdir()
+    rows = [{**common, "run": run, "variant": variant, "train_tasks": tasks, "comparable": comparable,
+             "mean_acc": sum(accuracies) / 4, "ci95": 1.0} for run, (variant, tasks, comparable, accuracies)
+            in runs.items()]
+    write_csv(rows, results / "summary.csv", SUMMARY)
+    for row in rows:
+        write_test_episodes(row_file(results, row, "test_episodes"), runs[row["run"]][3])
+    report.run(results)
+    lines = [line for line in (results / "tables/variants.md").read_text().splitlines()
+             if line.startswith("| omniglot")]
+    assert [line.split(" | ")[2] for line in lines] == ["omniglot-conv4-1shot", "omniglot-conv4-1shot-fomaml"]
+    assert "| 95.00 ± 1.00 | +0.00 ± 13.86 (1/1) |" in lines[1]  # against the 60,000-step run, not the short one
+
+
+def test_a_run_retested_on_the_per_split_streams_lists_its_shared_stream_row_apart_saying_so(tmp_path):
+    """A run of before #36 tested again on the per-split streams: the tables show the new row; other_tests.md lists
+    the old one and says which streams it was tested on, as its settings are otherwise the config file's."""
+    common = {"run": "omniglot-conv4-1shot", "cell": "omniglot-conv4-1shot", "dataset": "omniglot", "arch": "conv4",
+              "ways": 5, "shots": 1, "image_size": 28, "episodes": 600, "planned_tasks": 1920000, "quick": False,
+              "variant": "maml", "seed": 0}
+    rows = [{**common, "episode_streams": "shared", "train_tasks": 1066976, "mean_acc": 99.50, "ci95": 0.31,
+             "comparable": False, "not_comparable_why": "training stopped at 1066976 of 1920000 tasks"},
+            {**common, "episode_streams": "per-split", "train_tasks": 1920000, "mean_acc": 99.53, "ci95": 0.26,
+             "comparable": True}]
+    results = tmp_path / "results"
+    results.mkdir()
+    write_csv(rows, results / "summary.csv", SUMMARY)
+    report.run(results)
+    others = (results / "tables/other_tests.md").read_text()
+    assert "| omniglot-conv4-1shot | its config file; shared episode streams (before #36) | its own | 99.50 ± 0.31 " \
+           "| 600 | 1066976 |" in others and "99.53" not in others
+    assert "| 99.53 ± 0.26 | 98.70 ± 0.40 |" in (results / "tables/omniglot.md").read_text()
 
 
 def test_omniglot_table_sets_the_seed_spread_beside_the_within_run_interval(tmp_path):

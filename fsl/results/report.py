@@ -24,6 +24,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from fsl import results as results_io  # noqa: E402
+from fsl.data.episodes import EPISODE_STREAMS  # noqa: E402
 from fsl.results.files import (
     ResultsError,  # noqa: E402, F401  (raised by the readers; re-exported for callers)
     write_text_atomic,  # noqa: E402
@@ -287,33 +288,51 @@ def seed_spread(rows: pd.DataFrame) -> str:
 VARIANT_ORDER = ["maml", "fomaml", "anil", "metasgd", "maml++"]
 
 
+def maml_baseline(of_cell: pd.DataFrame) -> pd.Series | None:
+    """The run a cell's variants are set against: its variant file `<cell>-maml`, else its plain MAML run of seed
+    0 (not the zeroing trick's); of several, the comparable one, else the one trained the most tasks. None if the
+    cell has no such run."""
+    plain = of_cell[of_cell["run"] == f"{of_cell['cell'].iloc[0]}-maml"]
+    if plain.empty:
+        plain = of_cell[(of_cell["variant"].str.split("+").str[0] == "maml") & (of_cell["seed"] == 0)
+                        & ~of_cell["variant"].str.contains("zero_head")]
+    plain = plain.sort_values(["comparable", "train_tasks"], ascending=False, na_position="last", kind="stable")
+    return None if plain.empty else plain.iloc[0]
+
+
 def variant_rows(summary: pd.DataFrame) -> pd.DataFrame:
-    """Non-quick rows of the cells run under two or more inner-loop variants, cell by cell, MAML first."""
+    """Non-quick rows of the cells run under two or more inner-loop variants on one schedule, cell by cell, MAML
+    first. Where the cell has a MAML baseline (`maml_baseline`), only the runs that trained as many tasks as it are
+    kept: a run stopped at another budget (the 2,000-step seeds beside a 60,000-step run) differs in more than its
+    inner loop, and its own dataset table lists it."""
     rows = summary[~summary["quick"]]
-    counts = rows.groupby("cell")["variant"].nunique()
-    rows = rows[rows["cell"].isin(counts[counts >= 2].index)]
+    kept = []
+    for _, of_cell in rows.groupby("cell", sort=False):
+        baseline = maml_baseline(of_cell)
+        if baseline is not None:
+            of_cell = of_cell[of_cell["train_tasks"] == baseline["train_tasks"]]
+        if of_cell["variant"].nunique() >= 2:
+            kept.append(of_cell)
+    rows = pd.concat(kept) if kept else rows.iloc[:0]
     base = rows["variant"].map(lambda v: "maml++" if v.startswith("maml++") else v.split("+")[0])
     order = base.map(lambda v: VARIANT_ORDER.index(v) if v in VARIANT_ORDER else len(VARIANT_ORDER))
     return rows.assign(order=order).sort_values(["cell", "order", "variant", "seed"], kind="stable")
 
 
 def paired_against_maml(summary: pd.DataFrame, results_dir: Path | None) -> dict[str, str]:
-    """run -> its paired per-episode difference against its cell's plain MAML run (fsl.results.compare), where
-    both were tested on the same episodes and their per-episode files are there."""
+    """run -> its paired per-episode difference against its cell's MAML baseline (`maml_baseline`;
+    fsl.results.compare), where both were tested on the same episodes and their per-episode files are there."""
     from fsl.results import compare
     if results_dir is None:
         return {}
-    rows, paired = variant_rows(summary), {}
-    for cell, of_cell in rows.groupby("cell"):
-        plain = of_cell[of_cell["run"] == f"{cell}-maml"]  # the variant file maml, else a plain MAML run
-        if plain.empty:
-            plain = of_cell[(of_cell["variant"].str.split("+").str[0] == "maml") & (of_cell["seed"] == 0)
-                            & ~of_cell["variant"].str.contains("zero_head")]
-        for row in of_cell.itertuples() if len(plain) else ():
-            if row.run == plain.iloc[0]["run"]:
+    paired = {}
+    for _, of_cell in variant_rows(summary).groupby("cell"):
+        baseline = maml_baseline(of_cell)
+        for row in of_cell.itertuples() if baseline is not None else ():
+            if row.run == baseline["run"]:
                 continue
             try:
-                d = compare.compare_runs(results_dir, row.run, plain.iloc[0]["run"])
+                d = compare.compare_runs(results_dir, row.run, baseline["run"])
             except (ResultsError, OSError):
                 continue
             paired[row.run] = f"{d['mean']:+.2f} ± {d['ci95']:.2f} ({d['a_better']}/{d['b_better']})"
@@ -411,7 +430,10 @@ def other_tests_table(rows: pd.DataFrame, results_dir: Path | None = None) -> st
              "|---|---|---|---|---|---|---|---|"]
     for row in rows.itertuples():
         ckpt, log = artefacts(row._asdict(), results_dir)
-        lines.append(f"| {row.run} | {row.train_tag or 'its config file'} | {row.test_tag or 'its own'} | "
+        training = row.train_tag or "its config file"
+        if row.episode_streams != EPISODE_STREAMS:  # a run of before #36, retested since on the per-split streams
+            training += f"; {row.episode_streams} episode streams (before #36)"
+        lines.append(f"| {row.run} | {training} | {row.test_tag or 'its own'} | "
                      f"{fmt(row.mean_acc, row.ci95)} | {row.episodes} | {optional_int(row.train_tasks)} | {ckpt} | "
                      f"{log} |")
     return "\n".join(lines) + "\n"
