@@ -312,6 +312,15 @@ def test_beside_the_paper_sets_one_run_per_cell_the_comparable_one_first(tmp_pat
     assert all(f"| {row['run']} |" in every for row in rows)
 
 
+def test_the_share_of_the_protocol_trained_reads_as_a_percentage_never_rounded_up_to_done():
+    """The paper plot's bar labels and the tables' trained tasks: '100%' for a finished run (not '1e+02%'), an
+    unfinished one rounded down, small shares with two digits."""
+    assert [report.trained_share(t, 1_920_000) for t in (1_920_000, 1_919_999, 1_066_976, 133_568, 64)] == \
+        ["100%", "99%", "55%", "7%", "0.0033%"]
+    row = pd.Series({"train_tasks": 1_919_000, "planned_tasks": 1_920_000})
+    assert report.budget(row) == "1,919,000 of 1,920,000 (99%)"
+
+
 def test_fsl_compare_pairs_episodes_and_refuses_other_episodes(tmp_path):
     """`fsl compare A B`: the per-episode difference a - b, mean ± 1.96 std / sqrt(n), and who wins how often; runs
     tested on other episodes (here another shot count) are refused with the reason."""

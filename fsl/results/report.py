@@ -101,13 +101,20 @@ def comparison_table(summary: pd.DataFrame) -> str:
     return "\n".join(lines) + "\n"
 
 
+def trained_share(train_tasks: float, planned_tasks: float) -> str:
+    """The share of its config's tasks a run trained, in percent: whole from 10 % up, rounded down so that an
+    unfinished run never reads 100 % ('56%', '100%'), two significant digits below ('7%', '0.0033%')."""
+    share = 100 * train_tasks / planned_tasks
+    return f"{int(share)}%" if share >= 10 else f"{share:.2g}%"
+
+
 def budget(row) -> str:
     """'64,000 of 1,920,000 (3.3%)': the tasks the run trained, of its config's."""
     if pd.isna(row.train_tasks):
         return ""
     if pd.isna(row.planned_tasks) or row.planned_tasks == row.train_tasks:
         return f"{int(row.train_tasks):,}"
-    return f"{int(row.train_tasks):,} of {int(row.planned_tasks):,} ({100 * row.train_tasks / row.planned_tasks:.2g}%)"
+    return f"{int(row.train_tasks):,} of {int(row.planned_tasks):,} ({trained_share(row.train_tasks, row.planned_tasks)})"
 
 
 def paper_rows(rows: pd.DataFrame) -> pd.DataFrame:
@@ -167,7 +174,7 @@ def plot_omniglot(rows: pd.DataFrame, path: Path) -> None:
             position = x[i] + (2 * k - 0.5) * 0.2
             ax.bar(position, row.mean_acc, 0.2, yerr=row.ci95, capsize=2, color=f"C{2 * k + 1}",
                    label=f"fsl, {label}" if f"fsl, {label}" not in ax.get_legend_handles_labels()[1] else None)
-            share = "" if pd.isna(row.planned_tasks) else f"{100 * row.train_tasks / row.planned_tasks:.2g}%"
+            share = "" if pd.isna(row.planned_tasks) else trained_share(row.train_tasks, row.planned_tasks)
             ax.text(position, 1, share, ha="center", va="bottom", fontsize=7, rotation=90)
     ax.set_xticks(x, [f"{w}-way {s}-shot" for w, s in cells])
     ax.set_ylabel("test accuracy (%) ± 95% CI")
