@@ -101,10 +101,15 @@ def test_a_committed_row_retests_from_its_published_checkpoint_to_its_numbers(ro
     per-episode accuracies (one CPU thread, the row's own parallel_episodes): bit for bit on the CPU that tested it
     (the first test above checks that on this one); another CPU's float rounding may flip a rare query, so here at
     most 1 % of the episodes may differ and the mean by 0.2 points."""
+    from fsl.config import from_dict
+    from fsl.results.provenance import protocol_file
+
     published = REPO / "results" / row.published_checkpoint
     assert sha256_of(published) == row.checkpoint_sha256
     root = request.getfixturevalue("glyphs_root") if row.dataset == "glyphs" else fixture_root(row.dataset)
-    fsl("test", str(REPO / "experiments" / f"{row.cell}.yaml"), str(published), f"data.root={root}",
+    trained = from_dict(torch.load(published, map_location="cpu", weights_only=False)["config"])
+    config = protocol_file(trained)  # the cell's file, or a variant's own (experiments/variants/<cell>-fomaml.yaml)
+    fsl("test", str(config), str(published), f"data.root={root}",
         f"data.cache_dir={tmp_path / 'cache'}", "device=cpu", "data.workers=0",
         f"test.parallel_episodes={int(float(row.parallel_episodes))}", f"results_dir={tmp_path}",
         f"seed={row.seed}", *row.train_tag.split())  # a run of its own training settings is tested with them
@@ -118,9 +123,10 @@ def test_a_committed_row_retests_from_its_published_checkpoint_to_its_numbers(ro
 
 
 def test_committed_rows_with_published_checkpoints_exist():
-    """The Omniglot input comparison (#36 item 3) and seed spread (item 6) are published: the parametrised re-test
-    above has rows to run."""
-    assert {row.run for row in committed_published_rows()} >= {"omniglot-conv4-1shot-inputs-binary",
+    """The Omniglot full-protocol rows (#36 item 4), input comparison (item 3) and seed spread (item 6) are
+    published: the parametrised re-test above has rows to run."""
+    assert {row.run for row in committed_published_rows()} >= {"omniglot-conv4-1shot", "omniglot-conv4-1shot-fomaml",
+                                                               "omniglot-conv4-1shot-inputs-binary",
                                                                "omniglot-conv4-1shot-inputs-greyscale",
                                                                "glyphs-conv4-1shot", "omniglot-conv4-1shot-2000steps",
                                                                "omniglot-conv4-1shot-2000steps-seed1", "omniglot-conv4-1shot-2000steps-seed2"}
