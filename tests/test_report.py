@@ -306,6 +306,10 @@ def test_beside_the_paper_sets_one_run_per_cell_the_comparable_one_first(tmp_pat
            "yes | cpu x1 | omniglot-conv4-1shot-full | 2 |" in paper
     assert "| 5-way 1-shot | fomaml | 71.00 ± 2.00 | 98.30 ± 0.50 | Nichol et al. 2018, Table 1 | -27.30 | " in paper
     assert "99.50" not in paper and "82.00" not in paper and "70.00" not in paper
+    cells = [line.split(" | ")[:2] for line in paper.splitlines() if line.startswith("| 5-way") or
+             line.startswith("| 20-way")]
+    assert cells == [[f"| {cell}", variant] for variant in ("maml", "fomaml") for cell in
+                     ("5-way 1-shot", "5-way 5-shot", "20-way 1-shot", "20-way 5-shot")]  # the paper's order, run or not
     chosen = report.paper_rows(pd.read_csv(results / "summary.csv").assign(comparable=lambda d: d.comparable.astype(bool)))
     assert list(chosen.run) == ["omniglot-conv4-1shot-full", "omniglot-conv4-1shot-fomaml-b"]  # what the plot draws
     every = text[text.index("## Every run"):]

@@ -136,22 +136,22 @@ def paper_table(rows: pd.DataFrame) -> str:
     tasks it trained of its config's, whether it is the full protocol) beside the published number for its ways, shots
     and variant (fsl.results.reference.OMNIGLOT), and how many other runs of it "Every run" lists; the paper's cells
     without a run are listed as such."""
-    lines = ["| cell | variant | fsl (mean ± ci95) | paper | source | difference | trained tasks | comparable | "
-             "device | run | other runs |", "|---|---|---|---|---|---|---|---|---|---|---|"]
-    seen = set()
+    header = ["| cell | variant | fsl (mean ± ci95) | paper | source | difference | trained tasks | comparable | "
+              "device | run | other runs |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = {}  # (variant family, ways, shots) -> its line: the paper's cells first, in the paper's order
     for row in paper_rows(rows).itertuples():
         published = reference(row.dataset, row.arch, row.ways, row.shots, row.family)
         paper = fmt(*published) if published else "none"
         difference = f"{row.mean_acc - published[0]:+.2f}" if published else ""
-        seen.add((row.ways, row.shots, row.family))
-        lines.append(f"| {row.ways}-way {row.shots}-shot | {row.variant} | {fmt(row.mean_acc, row.ci95)} | {paper} | "
-                     f"{OMNIGLOT_SOURCE.get(row.family, '')} | {difference} | {budget(row)} | "
-                     f"{'yes' if row.comparable else 'no'} | {row.device} | {row.run} | {row.others or ''} |")
+        lines[(row.family, row.ways, row.shots)] = (
+            f"| {row.ways}-way {row.shots}-shot | {row.variant} | {fmt(row.mean_acc, row.ci95)} | {paper} | "
+            f"{OMNIGLOT_SOURCE.get(row.family, '')} | {difference} | {budget(row)} | "
+            f"{'yes' if row.comparable else 'no'} | {row.device} | {row.run} | {row.others or ''} |")
     for (ways, shots, variant), published in OMNIGLOT.items():
-        if (ways, shots, variant) not in seen:
-            lines.append(f"| {ways}-way {shots}-shot | {variant} | not run | {fmt(*published)} | "
-                         f"{OMNIGLOT_SOURCE[variant]} | | | | | | |")
-    return "\n".join(lines) + "\n"
+        lines.setdefault((variant, ways, shots), f"| {ways}-way {shots}-shot | {variant} | not run | "
+                                                 f"{fmt(*published)} | {OMNIGLOT_SOURCE[variant]} | | | | | | |")
+    order = {cell: k for k, cell in enumerate((v, w, s) for (w, s, v) in OMNIGLOT)}
+    return "\n".join(header + [lines[cell] for cell in sorted(lines, key=lambda c: order.get(c, len(order)))]) + "\n"
 
 
 def plot_omniglot(rows: pd.DataFrame, path: Path) -> None:
