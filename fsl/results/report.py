@@ -322,7 +322,7 @@ def variant_rows(summary: pd.DataFrame) -> pd.DataFrame:
     kept = []
     for _, of_cell in rows.groupby("cell", sort=False):
         baseline = maml_baseline(of_cell)
-        if baseline is not None:
+        if baseline is not None and pd.notna(baseline["train_tasks"]):
             of_cell = of_cell[of_cell["train_tasks"] == baseline["train_tasks"]]
         if of_cell["variant"].nunique() >= 2:
             kept.append(of_cell)
