@@ -317,7 +317,7 @@ def test_beside_the_paper_sets_one_run_per_cell_the_comparable_one_first(tmp_pat
 
 
 def test_the_share_of_the_protocol_trained_reads_as_a_percentage_never_rounded_up_to_done():
-    """The paper plot's bar labels and the tables' trained tasks: '100%' for a finished run (not '1e+02%'), an
+    """The paper plot's point labels and the tables' trained tasks: '100%' for a finished run (not '1e+02%'), an
     unfinished one rounded down, small shares with two digits."""
     assert [report.trained_share(t, 1_920_000) for t in (1_920_000, 1_919_999, 1_066_976, 133_568, 64)] == \
         ["100%", "99%", "55%", "7%", "0.0033%"]
