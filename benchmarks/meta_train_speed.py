@@ -141,9 +141,11 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def peak_memory_mb(device: torch.device) -> float:
+def peak_memory_mb(device: torch.device, before: int = 0) -> float:
+    """The step's own peak on a GPU: max_memory_allocated since the reset, less what was allocated before the step
+    (every row's model, gradient and Adam state stay allocated between rows: about 2.2 GiB for ResNet-12, #47.5)."""
     if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
+        return (torch.cuda.max_memory_allocated(device) - before) / 2**20
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith("VmHWM:"):  # the process's peak RSS (not reset per row on the CPU)
             return int(line.split()[1]) / 1024
@@ -186,16 +188,18 @@ def time_training(arch: str, device: torch.device, meta_batch: int, rounds: int,
                 continue
             key = (row["implementation"], row["precision"])
             apply_precision(row["precision"], device)
+            sync(device)
+            before = 0
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
-            sync(device)
+                before = torch.cuda.memory_allocated(device)
             start = time.perf_counter()
             with autocast(row["precision"], device):
                 IMPLEMENTATIONS[row["implementation"]](models[key], optimizers[key], batch, first_order)
             sync(device)
             if round_index:
                 row["seconds"].append(time.perf_counter() - start)
-                row["peak_mb"] = max(row["peak_mb"], peak_memory_mb(device))
+                row["peak_mb"] = max(row["peak_mb"], peak_memory_mb(device, before))
     apply_precision("fp32", device)
     for row in rows:
         seconds = row.pop("seconds") or [float("nan")]
@@ -275,14 +279,16 @@ def main() -> None:
     precisions = args.precisions or honoured_precisions(device)
     print(machine(device))
     start = time.time()
-    exact = [row for arch in archs for row in check_float64(arch, device)]
-    rows = [row for arch in archs for first_order in (False, True)
-            for row in time_training(arch, device, meta_batch, rounds, first_order, precisions)]
-    test_rows = [{"arch": arch, "parallel_episodes": parallel,
-                  "s_per_100_test_episodes": time_meta_test(arch, device, 4 if args.quick else 40, parallel)}
-                 for arch in archs for parallel in (1, 8)]
-    write_results(device, rows, exact, test_rows, cell_hours(rows, test_rows), args.quick, Path(args.out),
-                  time.time() - start)
+    exact, rows, test_rows = [], [], []
+    for arch in archs:  # the files are rewritten after each arch: a timeout keeps the archs done (#47.4)
+        exact += check_float64(arch, device)
+        rows += [row for first_order in (False, True)
+                 for row in time_training(arch, device, meta_batch, rounds, first_order, precisions)]
+        test_rows += [{"arch": arch, "parallel_episodes": parallel,
+                       "s_per_100_test_episodes": time_meta_test(arch, device, 4 if args.quick else 40, parallel)}
+                      for parallel in (1, 8)]
+        write_results(device, rows, exact, test_rows, cell_hours(rows, test_rows), args.quick, Path(args.out),
+                      time.time() - start)
 
 
 def write_results(device, rows, exact, test_rows, hours, quick, out: Path, seconds: float) -> None:
@@ -292,10 +298,12 @@ def write_results(device, rows, exact, test_rows, hours, quick, out: Path, secon
     out.mkdir(parents=True, exist_ok=True)
     columns = ["arch", "order", "implementation", "tasks_per_s", "speedup_vs_l2l", "peak_mb", "grad_rel_diff",
                "precision", "meta_batch", "median_s", "min_s", "max_s", "note"]
-    pd.DataFrame(rows)[columns].to_csv(out / f"{name}.csv", index=False)
+    pd.DataFrame(rows)[columns].to_csv(out / f"{name}.csv.tmp", index=False)
+    os.replace(out / f"{name}.csv.tmp", out / f"{name}.csv")
     lines = [f"# Meta-training speed: {name}", "", machine(device), "",
              f"5-way, 105-image episodes at 84x84, {STEPS} inner steps, Gaussian-noise images; median of timed rounds;"
-             f" peak memory is the GPU's max_memory_allocated per row (on a CPU: the process's peak RSS so far). "
+             f" peak memory is the step's own on a GPU (max_memory_allocated less what was allocated before the step; "
+             f"on a CPU: the process's peak RSS so far). "
              f"`python benchmarks/meta_train_speed.py{' --quick' if quick else ''}` ({seconds:.0f} s).", "",
              "| arch | order | precision | implementation | meta-batch | s / meta-iteration (min-max) | tasks/s | "
              "vs learn2learn | peak MB | meta-grad vs fsl loop fp32 |", "|---|---|---|---|---|---|---|---|---|---|"]
@@ -312,7 +320,8 @@ def write_results(device, rows, exact, test_rows, hours, quick, out: Path, secon
               "| arch | setting | hours per cell | hours for the 6 cells of this arch |", "|---|---|---|---|"]
     lines += [f"| {h['arch']} | {h['setting']} ({h['kind']}) | {h['hours_per_cell']:.2f} | "
               f"{6 * h['hours_per_cell']:.1f} |" for h in hours]
-    (out / f"{name}.md").write_text("\n".join(lines) + "\n")
+    (out / f"{name}.md.tmp").write_text("\n".join(lines) + "\n")
+    os.replace(out / f"{name}.md.tmp", out / f"{name}.md")
     print("\n".join(lines))
     print(f"\nwritten: {out / (name + '.csv')}, {out / (name + '.md')}")
 

@@ -73,14 +73,16 @@ class TaskBatchNorm2d(nn.BatchNorm2d):
             weight, bias = None if weight is None else weight[..., step, :], bias[..., step, :]
         if bias.dim() == 1 and tasks > 1:
             weight, bias = None if weight is None else weight.repeat(tasks), bias.repeat(tasks)
-        return F.batch_norm(x, None, None, self.unit_scale(x) if weight is None else weight.flatten(), bias.flatten(),
+        return F.batch_norm(x, None, None, self.unit_scale(x, bias) if weight is None else weight.flatten(), bias.flatten(),
                             True, 0.0, self.eps)
 
-    def unit_scale(self, x: torch.Tensor) -> torch.Tensor:
-        """Ones (x's channels,), kept between calls: the scale of a BatchNorm without one."""
-        if self.unit is None or self.unit.shape[0] != x.shape[1] or self.unit.dtype != x.dtype \
-                or self.unit.device != x.device:
-            self.unit = torch.ones(x.shape[1], dtype=x.dtype, device=x.device)
+    def unit_scale(self, x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        """Ones (x's channels,) in the bias's dtype, kept between calls: the scale of a BatchNorm without one. The
+        bias's dtype, not x's: under bf16 autocast x is bfloat16 while the parameters stay float32, and batch_norm
+        takes a weight and a bias of one dtype."""
+        if self.unit is None or self.unit.shape[0] != x.shape[1] or self.unit.dtype != bias.dtype \
+                or self.unit.device != bias.device:
+            self.unit = torch.ones(x.shape[1], dtype=bias.dtype, device=bias.device)
         return self.unit
 
 

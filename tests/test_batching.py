@@ -3,6 +3,7 @@ CUDA memory probe's bookkeeping (simulated on a CPU), and running out of memory.
 import pytest
 import torch
 
+from fsl.device.rehearsal import FakeGPU, rehearsal
 from fsl.maml import batching
 
 CPU = torch.device("cpu")
@@ -68,50 +69,30 @@ def test_counts_are_taken_as_set_and_groups_are_balanced():
     assert batching.candidate_groups(12) == [1, 2, 4, 6, 12]  # 8 would run as 6 + 6
 
 
-class FakeCuda:
-    """torch.cuda's memory counters, simulated: `allocate(n)` raises the allocation and its peak."""
-
-    def __init__(self):
-        self.allocated, self.peak = 0, 0
-
-    def allocate(self, n: int) -> None:
-        self.allocated += n
-        self.peak = max(self.peak, self.allocated)
-        self.allocated -= n
-
-    def install(self, monkeypatch):
-        monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
-        monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: self.allocated)
-        monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: self.peak)
-        monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: 0)
-        monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (10_000, 20_000))
-        monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "FakeGPU")
-
-        def reset(device=None):
-            self.peak = self.allocated
-        monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", reset)
+def allocate(nbytes: int) -> None:
+    """A task's graph of `nbytes` on the (rehearsed) GPU, freed when it returns."""
+    torch.empty(nbytes, dtype=torch.uint8, device="cuda")
 
 
 def test_the_memory_probe_keeps_the_runs_peak(monkeypatch):
     """#30: the probe resets torch's peak counter to measure one task; the peak the run had reached before (its
-    training steps) must still reach the checkpoint (fsl.train.checkpoint reads run_peak_bytes)."""
-    cuda = FakeCuda()
-    cuda.install(monkeypatch)
+    training steps) must still reach the checkpoint (fsl.train.checkpoint reads run_peak_bytes). On a rehearsed GPU
+    (fsl.device.rehearsal: torch.cuda's own memory functions, the driver faked) of 20,000 bytes, 10,000 of them
+    held by other processes."""
     gpu = torch.device("cuda", 0)
     monkeypatch.setattr(batching, "_RUN_PEAK", {})
-    cuda.allocate(7_000)  # training steps so far
-    group, why = batching.resolve("auto", 16, gpu, lambda group: cuda.allocate(1_000), cap=16)
-    assert group == 8 and "1000 fit" not in why  # 0.8 x 10,000 free / 1,000 per episode
-    assert batching.run_peak_bytes(gpu) == 7_000  # not the probe's 1,000
+    with rehearsal(gpu=FakeGPU(name="FakeGPU", total_memory=20_000)) as driver:
+        driver.used_elsewhere = 10_000
+        allocate(7_000)  # training steps so far
+        group, why = batching.resolve("auto", 16, gpu, lambda group: allocate(1_000), cap=16)
+        assert group == 8 and "1000 fit" not in why  # 0.8 x 10,000 free / 1,000 per episode
+        assert batching.run_peak_bytes(gpu) == 7_000  # not the probe's 1,000
 
 
-def test_a_task_that_does_not_fit_stops_the_memory_probe_with_the_fixes(monkeypatch):
-    FakeCuda().install(monkeypatch)
-
-    def too_big(group):
-        raise torch.cuda.OutOfMemoryError("injected")
-    with pytest.raises(batching.OutOfMemory, match="even one task's graph does not fit. Fix: precision=bf16"):
-        batching.resolve("auto", 8, torch.device("cuda", 0), too_big)
+def test_a_task_that_does_not_fit_stops_the_memory_probe_with_the_fixes():
+    with rehearsal(gpu=FakeGPU(total_memory=20_000)), \
+            pytest.raises(batching.OutOfMemory, match="even one task's graph does not fit. Fix: precision=bf16"):
+        batching.resolve("auto", 8, torch.device("cuda", 0), lambda group: allocate(30_000))
 
 
 def test_halved_group_says_so(capsys):

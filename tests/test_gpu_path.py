@@ -3,10 +3,10 @@ optimizer's skip flag, bf16 on emulating GPUs, fsl adapt's precision, out-of-mem
 What only a GPU can check is in tests/test_gpu.py."""
 from __future__ import annotations
 
-import queue
 import sys
 import threading
 import time
+import warnings
 
 import numpy as np
 import pandas as pd
@@ -19,6 +19,7 @@ from fsl.config import ConfigError, load_config
 from fsl.data import load_split
 from fsl.data.episodes import EpisodeDataset, EpisodeMaker, EpisodeStream, episode_loader
 from fsl.device.precision import check_precision
+from fsl.device.rehearsal import FakeGPU, rehearsal
 from fsl.maml import InnerLoop, batching, meta_optimizer, meta_train_step
 from fsl.models import build_model
 from fsl.train import meta_train as train
@@ -78,12 +79,12 @@ class Failing:
         raise ValueError("injected: the loader failed")
 
 
-def stream_of(tmp_path, loader, prefetch="thread", **kwargs) -> EpisodeStream:
+def stream_of(tmp_path, loader, prefetch="thread", device=torch.device("cpu"), **kwargs) -> EpisodeStream:
     cfg = load_config(CONFIG, tiny(tmp_path))
     dataset = load_split("mini-imagenet", cfg.data_root, "val")
     from fsl.data.store import open_store
     store = open_store(dataset, "mini-imagenet", "val", "eval", 28, STORE_CACHE, progress=False)
-    return EpisodeStream(loader, EpisodeMaker(store, 5, 1, 2, 28, torch.device("cpu")), prefetch, **kwargs)
+    return EpisodeStream(loader, EpisodeMaker(store, 5, 1, 2, 28, device), prefetch, **kwargs)
 
 
 def specs(tmp_path, count):
@@ -131,33 +132,19 @@ def test_the_stream_ends_and_closes_cleanly_holding_or_not(tmp_path):
     assert inline.thread is None and len(list(inline)) == 4
 
 
-def test_the_producer_thread_sets_its_cuda_device_first(tmp_path, monkeypatch):
+def test_the_producer_thread_sets_its_cuda_device_first(tmp_path):
     """#30.2: a new thread's current CUDA device is 0; without set_device, leaving torch.cuda.stream() initialised
-    a context on GPU 0 from every rank. Simulated on a CPU: the calls the producer makes, in order."""
-    calls = []
-    monkeypatch.setattr(torch.cuda, "set_device", lambda device: calls.append(("set_device", str(device))))
-
-    class Side:
-        def record_event(self):
-            calls.append(("record_event",))
-
-    class Entered:
-        def __init__(self, stream):
-            pass
-
-        def __enter__(self):
-            calls.append(("enter side stream",))
-
-        def __exit__(self, *exc):
-            return False
-    monkeypatch.setattr(torch.cuda, "stream", Entered)
-    stream = stream_of(tmp_path, specs(tmp_path, 2), prefetch="inline")  # no thread: _produce is called below
-    stream.device, stream.side = torch.device("cuda", 1), Side()
-    stream.make.build = lambda gathered: "episode"  # the thread's CUDA calls only; the pixels stay on the CPU
-    stream.ready, stream.stopping, stream.released = queue.Queue(), threading.Event(), threading.Event()
-    stream.released.set()
-    stream._produce(iter(specs(tmp_path, 2)))
-    assert calls[:3] == [("set_device", "cuda:1"), ("enter side stream",), ("record_event",)]
+    a context on GPU 0 from every rank. In a rehearsal of 2 GPUs (fsl.device.rehearsal: torch's own set_device and
+    stream functions, the driver faked), a stream for cuda:1: the producer thread selects GPU 1 before it builds on
+    its side stream, and the consumer waits for the thread's event. (#47.1: a stub of set_device hid that torch
+    refuses torch.device('cuda') without an index.)"""
+    with rehearsal(devices=2) as driver:
+        stream = stream_of(tmp_path, specs(tmp_path, 4), device=torch.device("cuda", 1))
+        with stream:
+            assert len(list(stream)) == 2
+    producer = [name for name, thread in driver.calls if thread == "fsl-episode-stream"]
+    assert producer[0] == "cudaSetDevice(1)" and producer.count("cudaEventRecord") == 2
+    assert [name for name, thread in driver.calls if thread == "MainThread"].count("cudaStreamWaitEvent") == 2
 
 
 def test_the_skip_flag_is_removed_after_the_step():
@@ -176,17 +163,17 @@ def test_the_skip_flag_is_removed_after_the_step():
     assert all(not torch.equal(a, p) for a, p in zip(before, model.parameters()))
 
 
-def test_bf16_is_refused_on_gpus_that_only_emulate_it_and_for_the_runs_device(monkeypatch):
-    """#30.5: torch.cuda.is_bf16_supported() counts emulation (V100, T4) and reads the current device."""
-    capability = {0: (8, 0), 1: (7, 0)}
-    monkeypatch.setattr(torch.cuda, "get_device_capability",
-                        lambda device=None: capability[torch.device(device).index or 0])
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)
-    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Tesla V100")
-    check_precision("bf16", torch.device("cuda", 0))
-    with pytest.raises(ConfigError, match="bfloat16 arithmetic in hardware .* Tesla V100 is 7.x and would only "
-                                          "emulate it"):
-        check_precision("bf16", torch.device("cuda", 1))
+def test_bf16_is_refused_on_gpus_that_only_emulate_it_and_for_the_runs_device():
+    """#30.5: torch.cuda.is_bf16_supported() counts emulation (V100, T4) and reads the current device. A rehearsal
+    of an A100 (8.0) as GPU 0 and a V100 (7.0) as GPU 1: torch's own capability functions read the faked driver."""
+    gpus = (FakeGPU(name="NVIDIA A100", major=8), FakeGPU(name="Tesla V100", major=7))
+    with rehearsal(devices=2, gpu=gpus), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch's note that this build does not support a 7.0 GPU
+        assert torch.cuda.is_bf16_supported()  # for the current device, 0, and counting emulation anyway
+        check_precision("bf16", torch.device("cuda", 0))
+        with pytest.raises(ConfigError, match="bfloat16 arithmetic in hardware .* Tesla V100 is 7.x and would only "
+                                              "emulate it"):
+            check_precision("bf16", torch.device("cuda", 1))
 
 
 def test_adapt_runs_in_the_checkpoints_precision(tmp_path, monkeypatch):
@@ -322,3 +309,18 @@ def test_evaluation_reads_the_device_once_and_a_thread_builds_its_input(tmp_path
     threaded = evaluate(model, episodes, loop, torch.device("cpu"), parallel=2, prefetch="thread")
     assert np.array_equal(inline, threaded)
     assert not [t for t in threading.enumerate() if t.name == "fsl-episode-stream"]  # each stream was closed
+
+
+def test_the_train_log_says_how_long_the_steps_waited_for_their_input(tmp_path):
+    """#48.5: a run whose steps wait for their input says so: log.csv's input_s (of each window's seconds, the time
+    spent in the episode stream's next()), and a log of an older fsl, without the column, gets it when resumed."""
+    cfg = load_config(CONFIG, tiny(tmp_path, "train.tasks=4"))
+    train.run(cfg)
+    log = pd.read_csv(cfg.run_dir / "log.csv")
+    rows = log[log.split == "train"]
+    assert len(rows) == 2 and (rows.input_s > 0).all() and (rows.input_s <= rows.seconds + 0.05).all()
+    log.drop(columns=["input_s"]).to_csv(cfg.run_dir / "log.csv", index=False)  # as written before #48
+    train.run(load_config(CONFIG, tiny(tmp_path, "train.tasks=8")))
+    resumed = pd.read_csv(cfg.run_dir / "log.csv")
+    assert list(resumed.columns)[-1] == "input_s" and resumed[resumed.split == "train"].tasks.tolist() == [2, 4, 6, 8]
+    assert resumed[(resumed.tasks > 4) & (resumed.split == "train")].input_s.notna().all()

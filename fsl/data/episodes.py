@@ -39,6 +39,7 @@ from fsl.data.augment import AugmentPlan, augment, draw_params, normalise, plan_
 from fsl.data.base import DatasetError, SplitDataset
 from fsl.data.store import ImageStore
 from fsl.data.transforms import IMAGENET, Normalisation
+from fsl.device.distributed import indexed
 
 
 class Episode(NamedTuple):
@@ -282,7 +283,7 @@ class EpisodeMaker:
 
     def __init__(self, store: ImageStore, ways: int, shots: int, queries: int, image_size: int,
                  device: torch.device, chunk: int | None = None, normalisation: Normalisation = IMAGENET):
-        self.store, self.image_size, self.device = store, image_size, torch.device(device)
+        self.store, self.image_size, self.device = store, image_size, indexed(device)
         self.ways, self.shots, self.queries = ways, shots, queries
         self.chunk = chunk or (64 if self.device.type == "cpu" else None)  # images augmented at a time; None: all
         self.normalisation = normalisation
@@ -407,7 +408,7 @@ class EpisodeStream:
 
     def _produce(self, specs: Iterator[EpisodeSpec]) -> None:
         try:
-            if self.side is not None:
+            if self.side is not None:  # cuda-only
                 # a new thread's current device is 0: leaving torch.cuda.stream() would restore device 0's stream
                 # and start a CUDA context there, in every process of a torchrun job
                 torch.cuda.set_device(self.device)
@@ -452,7 +453,7 @@ class EpisodeStream:
                     raise StopIteration
                 raise item.error
             episode, event = item
-            if event is not None:
+            if event is not None:  # cuda-only
                 consumer = torch.cuda.current_stream(self.device)
                 consumer.wait_event(event)
                 for tensor in episode:

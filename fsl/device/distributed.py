@@ -25,17 +25,36 @@ from fsl.config import DEVICE, DEVICE_CHOICES, ConfigError
 
 
 def resolve_device(name: str, key: str = "device") -> torch.device:
-    """'auto' -> cuda if available else cpu; 'cuda...' without a GPU is an error that says so. `key`: how the
+    """'auto' -> cuda if available else cpu; 'cuda' -> the current GPU with its index (cuda:0 unless a process chose
+    another), as every torch.cuda function that takes a device accepts it; 'cuda...' without a GPU, or an index past
+    the GPUs there are, is an error that says so. `key`: how the
     caller's user wrote the setting ('device' for a config key, '--device' for a command-line flag), for the
     messages."""
     setting = (lambda value: f"{key} {value}") if key.startswith("--") else (lambda value: f"{key}={value}")
     if not DEVICE.fullmatch(str(name)):
         raise ConfigError(f"{setting(repr(name))}: choose {DEVICE_CHOICES}")
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
+    if device.type != "cuda":
+        return device
+    if not torch.cuda.is_available():
         raise ConfigError(f"{setting(name)} but torch sees no CUDA GPU; use {setting('cpu')} or {setting('auto')}")
+    if device.index is None:
+        return indexed(device)
+    if device.index >= torch.cuda.device_count():
+        raise ConfigError(f"{setting(name)} but torch sees {torch.cuda.device_count()} CUDA GPU(s) (indices 0.."
+                          f"{torch.cuda.device_count() - 1}); fix: {setting('cuda')} or an index below "
+                          f"{torch.cuda.device_count()}")
+    return device
+
+
+def indexed(device: torch.device | str) -> torch.device:
+    """`device` with its index: 'cuda' is the current GPU (cuda:0 unless the process chose another), which
+    torch.cuda.set_device, and with it a new thread's device, requires; other devices as they are."""
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        return torch.device("cuda", torch.cuda.current_device())
     return device
 
 

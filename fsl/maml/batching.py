@@ -7,7 +7,9 @@ and holds T tasks' graphs at once, which costs memory. `auto` chooses:
           (benchmarks/omniglot_peers.py: Omniglot's tiny tasks run fastest several at a time). Tasks slower than
           SLOW_TASK_S each are compute-bound (conv4 at 84x84: ~4 s): 1, without timing more;
     CUDA  the largest group that fits the device's free memory, from one probe: the peak memory of one task (one
-          episode at test), measured on the run's own model and episodes.
+          episode at test), measured on the run's own model and episodes (its second run: the first may hold
+          cuDNN's autotuning workspaces). With `deterministic=true`, the device's total memory instead of its free
+          memory, which other processes change.
 Groups are balanced (8 tasks that fit 5 at a time run as 4 + 4, not 5 + 3). The group size changes a result only by
 float rounding (tests/test_variant_reference.py); the resolved size is recorded in the checkpoint, reused on resume
 and written in the summary row. Timing depends on the machine's load, so with `deterministic=true` a CPU's `auto` is 1
@@ -60,8 +62,10 @@ def run_peak_bytes(device: torch.device) -> int:
 
 
 def peak_bytes(run_one: Callable[[], None], device: torch.device) -> int:
-    """Peak CUDA memory `run_one()` allocates beyond what was allocated before it (the run's peak so far is kept:
-    `run_peak_bytes`)."""
+    """Peak CUDA memory `run_one()` allocates beyond what was allocated before it, measured on its second call: the
+    first runs the kernels for the first time, and with cudnn_benchmark cuDNN's autotuner then allocates workspaces
+    for the algorithms it tries, which a step does not hold (the run's peak so far is kept: `run_peak_bytes`)."""
+    run_one()
     torch.cuda.synchronize(device)
     _RUN_PEAK[device] = run_peak_bytes(device)
     torch.cuda.reset_peak_memory_stats(device)
@@ -71,9 +75,13 @@ def peak_bytes(run_one: Callable[[], None], device: torch.device) -> int:
     return torch.cuda.max_memory_allocated(device) - before
 
 
-def free_bytes(device: torch.device) -> int:
-    """Memory the run can still take on `device`: free on the device plus what PyTorch's cache holds unused."""
-    free, _ = torch.cuda.mem_get_info(device)
+def free_bytes(device: torch.device, deterministic: bool = False) -> int:
+    """Memory the run can still take on `device`: free on the device plus what PyTorch's cache holds unused. With
+    `deterministic`, the device's total memory less what this process has allocated: the free memory depends on
+    other processes, and two equal commands must choose the same group (the same bits)."""
+    free, total = torch.cuda.mem_get_info(device)
+    if deterministic:
+        return total - torch.cuda.memory_allocated(device)
     return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
 
 
@@ -116,8 +124,8 @@ def resolve(setting: int | str, total: int, device: torch.device, run: Callable[
             cap: int | None = None, deterministic: bool = False) -> tuple[int, str]:
     """(the group size for `setting`, why): a count is taken as it is (at most `total`); `auto` (at most `total`
     and `cap`) is on a CPU the fastest `p` for `run(p)`, the work of the `total` tasks p at a time (1, untimed, when
-    `deterministic`), and on CUDA what MEMORY_SHARE of the free memory holds of `run(1)`'s peak (one task's graph at a
-    time)."""
+    `deterministic`), and on CUDA what MEMORY_SHARE of the free memory (the total, if `deterministic`) holds of
+    `run(1)`'s peak (one task's graph at a time)."""
     if setting != "auto":
         return min(int(setting), total), "set in the config"
     total = min(total, cap or total)
@@ -131,7 +139,8 @@ def resolve(setting: int | str, total: int, device: torch.device, run: Callable[
         raise OutOfMemory(f"out of memory on {device_name(device)} probing one task ({error}); even one task's "
                           f"graph does not fit. Fix: precision=bf16 (about half the memory), fewer queries or "
                           f"shots, maml.first_order=true (changes results), or a GPU with more memory") from error
-    fits = int(MEMORY_SHARE * free_bytes(device) // per_task)
+    fits = int(MEMORY_SHARE * free_bytes(device, deterministic) // per_task)
     group = balanced_group(total, fits)
-    return group, (f"auto: {per_task / 2**20:.0f} MiB per task, {fits} fit in {MEMORY_SHARE:.0%} of the free "
-                   f"memory of {device_name(device)}")
+    memory = "the total memory (deterministic=true)" if deterministic else "the free memory"
+    return group, (f"auto: {per_task / 2**20:.0f} MiB per task, {fits} fit in {MEMORY_SHARE:.0%} of {memory} of "
+                   f"{device_name(device)}")

@@ -160,6 +160,7 @@ TRAIN_LOG = _schema(
     Column("cell", str), Column("seed", int, default=0), Column("tasks", int, required=True),
     Column("split", str, required=True), Column("loss", float), Column("accuracy", float, required=True),
     Column("ci95", float), Column("tasks_per_s", float), Column("seconds", float),
+    Column("input_s", float),  # train rows: of `seconds`, the time the steps waited for their episodes (since #48)
 )
 SCHEMAS = {"summary": SUMMARY, "episodes": EPISODES, "train_log": TRAIN_LOG}
 PANDAS_TYPES = {int: "Int64", float: "float64", bool: "boolean", str: "object"}

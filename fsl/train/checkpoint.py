@@ -61,7 +61,7 @@ class Checkpoints:
         main = distributed.is_main()
         restart = ("move it away to start this run afresh (best_accuracy_mean.pth beside it is not used for "
                    "resuming), or restore it from a copy")
-        checkpoint = load_checkpoint(self.latest, "cpu", fix=restart) if main and self.latest.exists() else None
+        checkpoint = load_checkpoint(self.latest, fix=restart) if main and self.latest.exists() else None
         checkpoint = distributed.broadcast_from_main(checkpoint)
         if checkpoint is None:
             if distributed.world_size() > 1:
@@ -164,17 +164,17 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 def rng_states() -> dict:
-    states = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        states["cuda"] = torch.cuda.get_rng_state_all()
-    return states
+    """The host's random states. Not CUDA's: fsl draws every random number on the host (episodes, augmentation
+    parameters), so a GPU's generators hold nothing a resume needs, and a checkpoint written where more GPUs were
+    visible would not restore where fewer are."""
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+
 
 def set_rng_states(states: dict) -> None:
+    """Restore `rng_states()`; a checkpoint's "cuda" entry (written before #47) is ignored."""
     random.setstate(states["python"])
     np.random.set_state(states["numpy"])
     torch.set_rng_state(states["torch"])
-    if "cuda" in states and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(states["cuda"])
 
 
 class CheckpointError(ValueError):
@@ -188,8 +188,10 @@ class CheckpointWriteError(RuntimeError):
 CHECKPOINT_FIX = "pass a checkpoint `fsl train` wrote: <work_dir>/<run>/best_accuracy_mean.pth or latest.pth"
 
 
-def load_checkpoint(path: str | Path, device: torch.device | str, fix: str = CHECKPOINT_FIX) -> dict:
-    """The checkpoint dict at `path`; FileNotFoundError or CheckpointError naming the file, the problem and `fix`."""
+def load_checkpoint(path: str | Path, fix: str = CHECKPOINT_FIX) -> dict:
+    """The checkpoint dict at `path`, its tensors on the CPU (the model's load_state_dict copies them to its device;
+    the RNG states must stay CPU tensors; a checkpoint from a GPU loads where there is none); FileNotFoundError or
+    CheckpointError naming the file, the problem and `fix`."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"checkpoint not found: {path}\n  fix: train first with "
@@ -197,7 +199,7 @@ def load_checkpoint(path: str | Path, device: torch.device | str, fix: str = CHE
     if path.is_dir():
         raise CheckpointError(f"{path} is a folder, not a checkpoint; fix: {fix}")
     try:
-        checkpoint = torch.load(path, map_location=device, weights_only=False)
+        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as error:  # truncated, garbage, text, CSV: torch and pickle raise many types for them
         raise CheckpointError(f"{path} cannot be read as a checkpoint ({type(error).__name__}: "
                               f"{str(error).splitlines()[0][:200]}): truncated, or not a file fsl wrote; fix: {fix}"
@@ -213,7 +215,7 @@ def load_checkpoint_model(path: str | Path, requested: Config | None,
     """The model and learned rates of a checkpoint written by `fsl train`, its checkpoint dict, and the config to
     test it with: the checkpoint's own settings plus the test-time and run settings of `requested`
     (fsl.results.provenance.meta_test_config), or the checkpoint's own config alone if `requested` is None."""
-    checkpoint = load_checkpoint(path, device)
+    checkpoint = load_checkpoint(path)
     trained = from_dict(checkpoint["config"])
     cfg = trained if requested is None else provenance.meta_test_config(trained, requested, path)
     model, rates = build_learner(cfg, device)

@@ -111,7 +111,7 @@ def meta_train(cfg: Config, device: torch.device) -> Path:
                 window.read(checkpoints.latest)  # the step's only sync, and only at these boundaries
             state.train_seconds, clock = state.train_seconds + time.time() - clock, time.time()
             if due.log and main and window.tasks:
-                window.log(log, progress, state)
+                window.log(log, progress, state, stream.input_seconds)
             state.window = [window.loss, window.accuracy, window.tasks]
             if due.validate:
                 checkpoints.save(state)  # first: a validation that fails loses no training
@@ -264,6 +264,7 @@ class StepWindow:
     def __init__(self, loss: float = 0.0, accuracy: float = 0.0, tasks: int = 0, started: float = 0.0):
         self.steps: list[tuple[torch.Tensor, int, int]] = []  # (stats (3,), first task, last task)
         self.loss, self.accuracy, self.tasks, self.started = loss, accuracy, tasks, started
+        self.input_started = 0.0  # the stream's input seconds when the window opened (in this process)
 
     def add(self, stats: torch.Tensor, first: int, last: int) -> None:
         self.steps.append((stats, first, last))
@@ -285,13 +286,18 @@ class StepWindow:
             self.tasks += last - first + 1
         self.steps = []
 
-    def log(self, log: RunLog, progress: tqdm, state: TrainState) -> None:
-        """Write the window's means as a log row, then open the next window."""
+    def log(self, log: RunLog, progress: tqdm, state: TrainState, input_seconds: float) -> None:
+        """Write the window's means as a log row, then open the next window. `input_seconds`: the episode stream's
+        total so far (fsl.data.episodes.EpisodeStream.input_seconds): the window's share is the time its steps waited
+        for their input, logged as input_s and shown as the progress line's `input` percentage: a run whose steps
+        wait on the host (a GPU the input cannot keep busy) says so."""
         seconds = state.train_seconds - self.started
+        waited = input_seconds - self.input_started
         loss, accuracy = self.loss / self.tasks, self.accuracy / self.tasks
-        log.training(state.tasks_done, loss, accuracy, self.tasks, seconds)
-        progress.set_postfix(loss=f"{loss:.3f}", acc=f"{accuracy:.1f}")
+        log.training(state.tasks_done, loss, accuracy, self.tasks, seconds, waited)
+        progress.set_postfix(loss=f"{loss:.3f}", acc=f"{accuracy:.1f}", input=f"{100 * waited / max(seconds, 1e-9):.0f}%")
         self.loss, self.accuracy, self.tasks, self.started = 0.0, 0.0, 0, state.train_seconds
+        self.input_started = input_seconds
 
 
 class Validation:

@@ -32,11 +32,14 @@ class RunLog:
             from torch.utils.tensorboard import SummaryWriter  # imported here: tensorboard is only needed for it
             self.writer = SummaryWriter(str(cfg.run_dir / "tb"), purge_step=resume_at + 1 if resume_at else None)
 
-    def training(self, tasks: int, loss: float, accuracy: float, window_tasks: int, seconds: float) -> None:
-        """The mean query loss and accuracy (%) of the `window_tasks` tasks up to `tasks`, trained in `seconds`."""
+    def training(self, tasks: int, loss: float, accuracy: float, window_tasks: int, seconds: float,
+                 input_seconds: float | None = None) -> None:
+        """The mean query loss and accuracy (%) of the `window_tasks` tasks up to `tasks`, trained in `seconds`, of
+        which the steps waited `input_seconds` for their episodes."""
         self.write({"cell": self.cfg.cell, "seed": self.cfg.seed, "tasks": tasks, "split": "train", "loss": loss,
                     "accuracy": accuracy, "ci95": "", "tasks_per_s": round(window_tasks / seconds, 3),
-                    "seconds": round(seconds, 2)})
+                    "seconds": round(seconds, 2),
+                    "input_s": "" if input_seconds is None else round(input_seconds, 3)})
 
     def validation(self, tasks: int, accuracies: np.ndarray, seconds: float) -> None:
         """The validation at `tasks` (per-episode accuracies, %, measured in `seconds`)."""
@@ -45,6 +48,8 @@ class RunLog:
                     "seconds": round(seconds, 2)})
 
     def write(self, row: dict) -> None:
+        if self.path.exists() and self.header() != LOG_COLUMNS:
+            self.truncate(10**18)  # a log of an older fsl: rewritten with today's columns (the new ones empty)
         new = not self.path.exists()
         with open(self.path, "a", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=LOG_COLUMNS)
@@ -55,6 +60,10 @@ class RunLog:
             for name in self.SCALARS[row["split"]]:
                 self.writer.add_scalar(f"{row['split']}/{name}", row[name], row["tasks"])
             self.writer.flush()
+
+    def header(self) -> list[str]:
+        with open(self.path, newline="") as f:
+            return next(csv.reader(f), [])
 
     def truncate(self, tasks_done: int) -> None:
         if not self.path.exists():
