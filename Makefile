@@ -67,6 +67,7 @@ $(STAMP): requirements.txt requirements-dev.txt scripts/install_learn2learn.sh p
 	$(PY) -m pip install -q -r requirements.txt -r requirements-dev.txt
 	bash scripts/install_learn2learn.sh $(PY)
 	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
+	$(PY) -c "from fsl.data import native; native.load()"   # the native crop gather (fsl/data/native.py), built once
 	touch $@
 
 test: $(STAMP) lint

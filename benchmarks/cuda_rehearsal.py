@@ -141,6 +141,8 @@ def scenarios(root: Path, data: Path, omniglot: Path | None) -> list[tuple[str, 
     runs = [
         ("train, auto groups, producer thread", ["train", cell, *tiny, f"work_dir={root / 'a'}", "train.tasks=8"], {}),
         ("test of that run", ["test", cell, *tiny, f"work_dir={root / 'a'}", "train.tasks=8"], {}),
+        ("train, 84x84 sources sent whole (data.image_size=42: taps of 84 x 84)",
+         ["train", cell, *tiny, f"work_dir={root / 'h'}", "train.tasks=4", "data.image_size=42"], {}),
         ("train tf32 with cuDNN's autotuner", ["train", cell, *tiny, f"work_dir={root / 'b'}", "train.tasks=4",
                                                     "precision=tf32", "cudnn_benchmark=true"], {}),
         ("train, deterministic", ["train", cell, *tiny, f"work_dir={root / 'c'}", "train.tasks=4",

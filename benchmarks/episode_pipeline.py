@@ -1,4 +1,15 @@
-"""Episode pipeline: training episodes per second, bytes in flight, and memory at tiered-ImageNet scale (#15).
+"""Episode pipeline: the host's work per meta-batch (#48), training episodes per second, bytes in flight, and memory
+at tiered-ImageNet scale (#15).
+
+Part 0, host work (#48): a protocol training meta-batch (8 tasks x 105 crops) as the product makes it for a GPU,
+the trainer's side only (`EpisodeMaker.gather`: the augmentation plan, the pixels each crop reads, the buffer; the
+episode descriptions from the loader), in wall time per meta-batch at steady state, on one core (describing in the
+trainer, the gather on 1 thread) and on two (one loader worker describes, the gather on 2 threads); for photo-sized
+sources (a made root of 500x375 JPEGs, as benchmarks/full_size_store.py makes it) and 84x84 sources (the
+mini-ImageNet fixture, travelling whole). Then the bytes each meta-batch carries to the device, the input rate the
+host sustains, and how much a consumer thread issuing small torch ops at a steady rate (as the step's launching
+thread does) is slowed while the producer thread gathers. The gather is fsl's own code; the part fails if the product
+takes another path than the one timed (the native kernel not built, 84x84 sources not whole).
 
 Part 1, throughput (mini-ImageNet-lite, protocol training episodes: 5-way, 5 shots + 16 queries, 84x84, augmented):
     v1   the pipeline before #15: DataLoader workers decode each image with PIL and apply torchvision's per-image
@@ -10,8 +21,8 @@ random small PNGs): build the store, then draw 2,000 augmented training episodes
 resident memory of the main process and of each worker (private "anon" memory and shared file pages) at the start
 and the end, for this split and for one a tenth of its size.
 
-    python benchmarks/episode_pipeline.py [--episodes 400] [--images 100000] [--skip-memory] [--device cuda]
-        [--workers 0 1 2] [--out DIR]
+    python benchmarks/episode_pipeline.py [--episodes 400] [--images 100000] [--skip-memory] [--skip-host-work]
+        [--device cuda] [--workers 0 1 2] [--out DIR]
 
 Writes benchmarks/results/episode-pipeline-<machine>.md (and prints it).
 """
@@ -36,7 +47,13 @@ from meta_train_speed import sync  # noqa: E402  (this folder: the script's own 
 from torch.utils.data import DataLoader  # noqa: E402
 
 from fsl.data import load_split  # noqa: E402
-from fsl.data.episodes import EpisodeDataset, EpisodeMaker, episode_loader, seeded  # noqa: E402
+from fsl.data.episodes import (  # noqa: E402
+    EpisodeDataset,
+    EpisodeMaker,
+    episode_loader,
+    seeded,
+    travels_whole,
+)
 from fsl.data.store import open_store  # noqa: E402
 from fsl.data.transforms import train_transform  # noqa: E402
 from fsl.device.distributed import describe_device, device_slug  # noqa: E402
@@ -97,7 +114,8 @@ def rate_fsl(root: Path, cache: Path, episodes: int, workers: int,
     parts["describe 8 episodes (one process)"] = time.perf_counter() - t
     t = time.perf_counter()
     make.gather(specs)
-    parts["gather the pixels 840 crops read"] = time.perf_counter() - t
+    parts[f"gather the pixels of 840 crops (on {device.type}: {'the sources whole' if make.whole else 'their taps'})"] = \
+        time.perf_counter() - t
     t = time.perf_counter()
     make(specs)
     sync(device)
@@ -259,6 +277,158 @@ def memory_lines(args: argparse.Namespace, work: Path) -> list[str]:
     return lines
 
 
+def host_work_child(queue, root: str, images: str, cache: str, cores: list[int], batches: int,
+                    consumer: float = 0.0) -> None:
+    """In a process pinned to `cores`: the steady-state wall time per meta-batch of the trainer's host work, or (with
+    `consumer`, an input rate in tasks/s) a consumer thread's rate of small torch ops alone and beside a producer
+    thread that gathers meta-batches at that rate (as a GPU's step consumes them; the queue of EpisodeStream holds
+    the producer back), on one gather thread."""
+    import threading
+
+    os.sched_setaffinity(0, cores)
+    torch.set_num_threads(1)
+    dataset = load_split("mini-imagenet", Path(root), "train", images=images)
+    store = open_store(dataset, "mini-imagenet", "train", "train", SIZE, Path(cache), progress=False)
+    threads = 1 if consumer else len(cores)
+    make = EpisodeMaker(store, WAYS, SHOTS, QUERIES, SIZE, torch.device("cpu"), threads=threads)
+    make.whole = travels_whole(store, SIZE)  # as for a GPU (this machine has none: its buffers are not pinned)
+    episodes = EpisodeDataset(dataset, WAYS, SHOTS, QUERIES, seed=0, count=META_BATCH * (batches + 2),
+                              image_sizes=store.sizes)
+    workers = 0 if threads == 1 else 1
+
+    def produce(stop=None, interval: float = 0.0, core: int | None = None) -> tuple[float, int, int]:
+        """Gather every meta-batch of the loader, the first two untimed, one every `interval` seconds at most, this
+        thread (and the loader worker it forks) on `core` if given; (seconds per meta-batch, bytes, count)."""
+        if core is not None:
+            os.sched_setaffinity(0, [core])  # 0: the calling thread
+        loader = iter(episode_loader(episodes, META_BATCH, workers))
+        for _ in range(2):  # warm-up: the loader's worker starts, the buffer is allocated
+            warm = make.gather(next(loader))
+            make.free[tuple(warm.pixels.shape)] = warm.pixels
+        start, count, nbytes = time.perf_counter(), 0, 0
+        for specs in loader:
+            gathered = make.gather(specs)
+            make.free[tuple(gathered.pixels.shape)] = gathered.pixels  # consumed, as build would
+            nbytes, count = gathered.pixels.nbytes, count + 1
+            if stop is not None and stop.is_set():
+                break
+            time.sleep(max(0.0, start + count * interval - time.perf_counter()))
+        return (time.perf_counter() - start) / max(count, 1), nbytes, count
+
+    if not consumer:
+        seconds, nbytes, _ = produce()
+        queue.put({"seconds": seconds, "bytes": nbytes, "whole": make.whole,
+                   "native": __import__("fsl.data.native", fromlist=["load"]).load() is not None})
+        return
+    x, w = torch.randn(8, 32, 10, 10), torch.randn(32, 32, 3, 3)
+
+    os.sched_setaffinity(0, [cores[0]])  # the consumer (this thread) keeps a core, as the launching thread would
+
+    def ops_per_second(seconds: float) -> float:
+        count, start = 0, time.perf_counter()
+        while time.perf_counter() - start < seconds:
+            torch.relu(torch.nn.functional.conv2d(x, w, padding=1)).sum()
+            count += 1
+        return count / (time.perf_counter() - start)
+    ops_per_second(0.5)
+    alone = ops_per_second(3.0)
+    stop, result = threading.Event(), {}
+    producer = threading.Thread(target=lambda: result.update(zip(("seconds", "bytes", "count"),
+                                                                 produce(stop, META_BATCH / consumer, cores[1]))))
+    producer.start()
+    time.sleep(0.5)
+    beside = ops_per_second(3.0)
+    stop.set()
+    producer.join()
+    # the control: the same producer in a process of its own (no interpreter lock shared), on the same core
+    import multiprocessing
+    gate = multiprocessing.get_context("fork").Event()
+    other = multiprocessing.get_context("fork").Process(target=lambda: produce(gate, META_BATCH / consumer, cores[1]))
+    other.start()
+    time.sleep(0.5)
+    apart = ops_per_second(3.0)
+    gate.set()
+    other.join()
+    again = ops_per_second(3.0)
+    queue.put({"alone": (alone + again) / 2, "beside": beside, "apart": apart, "batches": result.get("count", 0)})
+
+
+def in_child(*args) -> dict:
+    import multiprocessing
+    context = multiprocessing.get_context("fork")  # the parent has started no thread
+    queue = context.Queue()
+    process = context.Process(target=host_work_child, args=(queue, *args))
+    process.start()
+    result = queue.get(timeout=1800)
+    process.join()
+    return result
+
+
+def host_work_lines(args: argparse.Namespace, root: Path, work: Path) -> list[str]:
+    """Part 0 (#48): host work per meta-batch, bytes, input rate, and the consumer's slowdown."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from full_size_store import made_root
+    photos = made_root(work / "photos", args.photo_classes, 40)
+    cores = sorted(os.sched_getaffinity(0))[:2]
+    sources = {"photos, 500x375 (a made root of JPEGs)": (photos, "full"),
+               "84x84 (mini-ImageNet fixture)": (root, "84x84")}
+    lines = ["## Host work per protocol meta-batch (#48)", "",
+             f"8 tasks x 105 crops, the trainer's side as for a GPU (`EpisodeMaker.gather`: pixels into a buffer; "
+             f"descriptions from the loader; buffers reused, not pinned: this machine has no GPU), wall "
+             f"time per meta-batch over {args.host_batches} meta-batches after "
+             f"2 untimed, each in a process pinned to its cores (torch 1 thread):", "",
+             "| sources | cores (loader workers, gather threads) | ms per meta-batch, median (range) of "
+             f"{args.repeats} runs | input rate, tasks/s | "
+             "MB per meta-batch to the device | bytes per crop / source image |", "|---|---|---|---|---|---|"]
+    failures = []
+    for name, (folder, form) in sources.items():
+        dataset = load_split("mini-imagenet", folder, "train", images=form)
+        made = open_store(dataset, "mini-imagenet", "train", "train", SIZE, work / "cache", progress=False)
+        source_bytes = int(made.sizes[0].prod()) * 3
+        for used in ([cores[0]], cores) if len(cores) > 1 else ([cores[0]],):
+            runs = [in_child(str(folder), form, str(work / "cache"), used, args.host_batches)
+                    for _ in range(args.repeats)]
+            result = runs[0]
+            ms = sorted(r["seconds"] * 1e3 for r in runs)
+            median = float(np.median(ms))
+            per_crop = result["bytes"] / (META_BATCH * (SHOTS + QUERIES) * WAYS)
+            lines.append(f"| {name} | {len(used)} ({0 if len(used) == 1 else 1}, {len(used)}) | "
+                         f"**{median:.1f}** ({ms[0]:.1f}-{ms[-1]:.1f}) | {META_BATCH / median * 1e3:.0f} | "
+                         f"{result['bytes'] / 1e6:.1f} | {per_crop / source_bytes:.2f} (first image) |")
+            print(lines[-1], flush=True)
+            if not result["native"]:
+                failures.append("the native gather (fsl.data.native) could not be built: the product would take "
+                                "numpy's path, not the one timed")
+            if form == "84x84" and not result["whole"]:
+                failures.append("84x84 sources did not travel whole (EpisodeMaker.whole)")
+    if len(cores) > 1:
+        lines += ["", "A consumer thread issuing small torch ops at its steady rate (conv 3x3 + ReLU + sum on "
+                  "8x32x10x10, 1 torch thread; the step's launching thread) on one core, alone and while a producer "
+                  "thread of the same process gathers photo meta-batches at a given input rate on the other core "
+                  "(with its loader worker; the gather on 1 thread); and, as the control, beside the same producer in "
+                  "a process of its own (no interpreter lock shared, the same cores): the difference is what sharing "
+                  "the interpreter lock costs, the rest is the machine's (its two cores share caches and memory, and "
+                  "may be one physical core's two threads):", "",
+                  f"| input rate, tasks/s | meta-batches gathered in 3 s | consumer alone, iterations/s | beside the "
+                  f"producer thread | slowdown, median (range) of {args.repeats} runs | beside the producer in a "
+                  "process of its own | slowdown |",
+                  "|---|---|---|---|---|---|---|"]
+        for rate in args.consumer_rates:
+            runs = [in_child(str(photos), "full", str(work / "cache"), cores, 10**6, rate)
+                    for _ in range(args.repeats)]
+            slowdowns = sorted(100 * (1 - r["beside"] / r["alone"]) for r in runs)
+            aparts = sorted(100 * (1 - r["apart"] / r["alone"]) for r in runs)
+            consumer = runs[0]
+            lines.append(f"| {rate:.0f} | {consumer['batches']} | {consumer['alone']:.0f} | "
+                         f"{consumer['beside']:.0f} | **{np.median(slowdowns):.1f} %** ({slowdowns[0]:.1f} to "
+                         f"{slowdowns[-1]:.1f}) | {consumer['apart']:.0f} | {np.median(aparts):.1f} % "
+                         f"({aparts[0]:.1f} to {aparts[-1]:.1f}) |")
+            print(lines[-1], flush=True)
+    if failures:
+        raise SystemExit("episode_pipeline: " + "; ".join(dict.fromkeys(failures)))
+    return lines
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--episodes", type=int, default=400, help="part 1: training episodes per measurement")
@@ -270,6 +440,12 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
     parser.add_argument("--skip-memory", action="store_true")
     parser.add_argument("--skip-throughput", action="store_true")
+    parser.add_argument("--skip-host-work", action="store_true")
+    parser.add_argument("--host-batches", type=int, default=20, help="part 0: timed meta-batches per measurement")
+    parser.add_argument("--photo-classes", type=int, default=16, help="part 0: classes of 40 made photos")
+    parser.add_argument("--repeats", type=int, default=3, help="part 0: runs of each measurement (median, range)")
+    parser.add_argument("--consumer-rates", type=float, nargs="+", default=[40, 100],
+                        help="part 0: input rates (tasks/s) at which the producer feeds the consumer")
     parser.add_argument("--sizes-only", action="store_true", help="only the full-scale store sizes, computed: "
                         "written to <out>/store-sizes.md")
     parser.add_argument("--data-root",
@@ -292,6 +468,7 @@ def main() -> None:
              f"{os.cpu_count()} CPU cores, torch {torch.__version__}; training episodes 5-way, 5 + 16 images per "
              f"class, 84x84, augmented, meta-batch 8; fsl's augmentation on {device.type}"
              f" ({describe_device(device)}).", "",
+             *(host_work_lines(args, root, work) + [""] if not args.skip_host_work else []),
              "## Throughput", "",
              "Training episodes/s, v1 (before #15: DataLoader workers decode with PIL and apply torchvision's "
              "per-image transforms) and fsl (workers describe episodes; the trainer gathers uint8 pixels from the "

@@ -397,3 +397,50 @@ def test_crops_of_photo_sized_originals_from_the_store_are_the_originals_crops(t
     originals = [torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1)[None] for image in images]
     expected = torch.cat([crop_resize(originals[i], boxes[j:j + 1], 84) for j, i in enumerate(indices.tolist())])
     assert torch.equal(ours, normalise(expected))
+
+
+def numpy_patches(made, indices, rows, cols):
+    """The reference of ImageStore.patches: two np.take per crop (the code before #48's native gather)."""
+    out = np.empty((len(indices), rows.shape[1], cols.shape[1], 3), np.uint8)
+    for patch, index, row, col in zip(out, indices.tolist(), rows, cols):
+        np.take(made.image(index).take(row, axis=0), col, axis=1, out=patch)
+    return out
+
+
+def test_the_native_gather_reads_the_bytes_numpy_reads(tmp_path):
+    """#48: fsl.data.native's C loop (outside the interpreter lock, the crops split over threads) gives the bytes of
+    the numpy loop, for photo-sized originals of both orientations, crops touching every edge, on 1 and 3 threads."""
+    from fsl.data import native
+    if native.load() is None:
+        pytest.skip("no C compiler here: ImageStore.patches uses numpy (the reference itself)")
+    made = store.from_images([np.asarray(textured(*size, seed)) for seed, size in enumerate([(500, 375), (375, 500), (7, 5)])])
+    rng = np.random.default_rng(0)
+    indices = rng.integers(0, 3, 64)
+    rows = np.stack([np.sort(rng.integers(0, made.sizes[i, 0], 168)) for i in indices])
+    cols = np.stack([np.sort(rng.integers(0, made.sizes[i, 1], 168)) for i in indices])
+    rows[:, -1], cols[:, -1] = made.sizes[indices, 0] - 1, made.sizes[indices, 1] - 1  # the last row and column
+    expected = numpy_patches(made, indices, rows, cols)
+    for threads in (1, 3):
+        out = np.zeros_like(expected)
+        made.patches(indices, rows, cols, out=out, threads=threads)
+        assert np.array_equal(out, expected)
+
+
+def test_84x84_sources_travel_whole_and_give_the_same_episodes(mini_train):
+    """#48.3: a crop of an 84x84 source reads 168x168 taps, four times the image; such sources go to a GPU whole
+    (tap_patches takes the crops' pixels there) and the episodes are the same bits as from the patches."""
+    dataset, made = mini_train
+    maker = EpisodeMaker(made, 5, 5, 16, 84, torch.device("cpu"))
+    assert not maker.whole  # on a CPU nothing travels: the host reads the patches
+    maker.whole = True  # as for a GPU (fsl.device.rehearsal runs the same with device=cuda)
+    batch = collate_specs([EpisodeDataset(dataset, 5, 5, 16, seed=0, count=3, image_sizes=made.sizes)[i]
+                           for i in range(3)])
+    gathered = maker.gather(batch)
+    assert gathered.pixels.shape == (315, 84, 84, 3) and gathered.taps is not None
+    whole = maker.build(gathered)
+    maker.whole = False
+    patched = maker.gather(batch)
+    assert patched.pixels.shape == (315, 168, 168, 3)
+    assert all(torch.equal(a, b) for a, b in zip(whole, maker.build(patched)))
+    again = maker(batch)  # a consumed buffer is reused: the same episode
+    assert all(torch.equal(a, b) for a, b in zip(whole, again))

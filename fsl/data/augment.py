@@ -174,8 +174,10 @@ class AugmentPlan(NamedTuple):
 
     def to(self, device: torch.device) -> "AugmentPlan":
         """The plan's tensors on `device` (non-blocking from pinned memory where the device is a GPU)."""
-        return self._replace(**{key: to_device(getattr(self, key), device)
-                                for key in ("row_weights", "col_weights", "values", "positions")})
+        return self._replace(**{key: to_device(getattr(self, key), device) for key in TENSORS})
+
+
+TENSORS = ("row_weights", "col_weights", "values", "positions")  # AugmentPlan's fields that go to the device
 
 
 def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:

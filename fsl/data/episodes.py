@@ -38,7 +38,7 @@ from torch.utils.data import DataLoader, Dataset
 from fsl.data.augment import AugmentPlan, augment, draw_params, normalise, plan_augmentation, to_device
 from fsl.data.base import DatasetError, SplitDataset
 from fsl.data.store import ImageStore
-from fsl.data.transforms import IMAGENET, Normalisation
+from fsl.data.transforms import IMAGENET, Normalisation, Taps, tap_patches
 from fsl.device.distributed import indexed
 
 
@@ -231,6 +231,29 @@ def collate_specs(batch: list[EpisodeSpec]) -> EpisodeSpec:
     return EpisodeSpec(*(np.stack(field) for field in zip(*batch)))
 
 
+class Planned(NamedTuple):
+    """An augmented training meta-batch, planned before any pixel is read (`plan_specs`): indices (n,) the stored
+    originals in the plan's processing order; labels (n,) int64 in the batch's order (every task's supports, then
+    every task's queries); tasks; plan: its AugmentPlan."""
+    indices: np.ndarray
+    labels: np.ndarray
+    tasks: int
+    plan: AugmentPlan
+
+
+def plan_specs(specs: EpisodeSpec, ways: int, shots: int, queries: int, image_size: int) -> Planned:
+    """The order and augmentation plan of an augmented meta-batch `specs`: every task's support images, then every
+    task's queries (both come out of the batch as views, no copy of the 70 MB meta-batch), read in the plan's
+    processing order (fsl.data.augment.plan_augmentation)."""
+    tasks, per_task = specs.indices.shape
+    assert not specs.turns.size, "class rotations turn whole stored images: eval-kind (un-augmented) episodes only"
+    position = np.arange(tasks * per_task).reshape(tasks, ways, shots + queries)
+    order = np.concatenate([position[:, :, :shots].ravel(), position[:, :, shots:].ravel()])
+    indices, labels = specs.indices.reshape(-1)[order], specs.labels.reshape(-1)[order]
+    plan = plan_augmentation(specs.params.reshape(tasks * per_task, -1)[order], image_size)
+    return Planned(indices[plan.order], np.ascontiguousarray(labels, dtype=np.int64), tasks, plan)
+
+
 def collate_episodes(batch: list[Episode]) -> Episode:
     """Stack episodes field by field: (tasks, ...) on every field."""
     return Episode(*(torch.stack(field) for field in zip(*batch)))
@@ -263,13 +286,24 @@ def episode_loader(episodes: Dataset, meta_batch: int = 1, workers: int = 0) -> 
 
 class Gathered(NamedTuple):
     """A meta-batch on the host, ready for its device (`EpisodeMaker.gather`): pixels uint8, pinned where the device
-    is a GPU, in the order the device processes them: (n, S, S, 3) eval-kind images, or (n, 2 S, 2 S, 3) the source
-    pixels of each training crop (`EpisodeMaker.host_patches`); labels (n,) int64; tasks; plan: the
-    augmentation plan (fsl.data.augment.AugmentPlan), or None for evaluation-kind images."""
+    is a GPU, in the order the device processes them: (n, S, S, 3) eval-kind images, (n, 2 S, 2 S, 3) the source
+    pixels of each training crop (`EpisodeMaker.host_patches`), or, for sources no larger than that (84x84), the
+    (n, h, w, 3) sources themselves, whose crops' pixels the device takes (`taps`); labels (n,) int64; tasks; plan:
+    the augmentation plan (fsl.data.augment.AugmentPlan), or None for evaluation-kind images; taps: (rows (n, 2 S),
+    cols (n, 2 S)) int64 tensors for whole sources, else None."""
     pixels: torch.Tensor
     labels: torch.Tensor
     tasks: int
     plan: AugmentPlan | None
+    taps: tuple[torch.Tensor, torch.Tensor] | None = None
+
+
+def travels_whole(store: ImageStore, image_size: int) -> bool:
+    """Whether a train-kind store's originals go to a GPU whole rather than as each crop's 2 image_size x 2 image_size
+    taps: all of one size, and no larger than the taps (the 84x84 releases: 84 x 84 < 168 x 168)."""
+    sizes = store.sizes
+    return (store.kind == "train" and len(sizes) > 0 and bool((sizes == sizes[0]).all())
+            and int(sizes[0].prod()) <= (2 * image_size) ** 2)
 
 
 class EpisodeMaker:
@@ -279,23 +313,41 @@ class EpisodeMaker:
     no host sync, so it can run ahead of the training step (`EpisodeStream`).
 
     images: from the store (T*n, S, S, 3) uint8 (evaluation kind), or the (T*n, 2 S, 2 S, 3) pixels the crops read
-    (training) -> device -> (T, n, C, image_size, image_size) float32, C the channels of `normalisation` (the dataset's: ImageNet's RGB, or Omniglot's inverted greyscale, C = 1)."""
+    (training) -> device -> (T, n, C, image_size, image_size) float32, C the channels of `normalisation` (the dataset's:
+    ImageNet's RGB, or Omniglot's inverted greyscale, C = 1). Training sources of one size no larger than a crop's
+    reads (the 84x84 releases: 84 x 84 < 168 x 168) travel to a GPU whole, 4x fewer bytes, and the GPU takes each
+    crop's pixels from them: the same pixels. The host side reads the crops in native code on `threads` threads
+    (fsl.data.native) into buffers that are reused once `build` has consumed them (a fresh 70 MB buffer costs its
+    page faults: ~60 ms); on a GPU the pinned buffers come from torch's caching host allocator, which reuses them
+    once their copies are done."""
 
     def __init__(self, store: ImageStore, ways: int, shots: int, queries: int, image_size: int,
-                 device: torch.device, chunk: int | None = None, normalisation: Normalisation = IMAGENET):
+                 device: torch.device, chunk: int | None = None, normalisation: Normalisation = IMAGENET,
+                 threads: int | None = None):
         self.store, self.image_size, self.device = store, image_size, indexed(device)
         self.ways, self.shots, self.queries = ways, shots, queries
         self.chunk = chunk or (64 if self.device.type == "cpu" else None)  # images augmented at a time; None: all
         self.normalisation = normalisation
+        self.threads = threads or min(2, os.cpu_count() or 1)
+        # sources travel whole to a GPU (class docstring); on a CPU nothing travels, and the host reads the patches
+        self.whole = self.device.type == "cuda" and travels_whole(store, image_size)
+        self.free: dict[tuple, torch.Tensor] = {}  # host buffers `build` has consumed (not on a GPU)
 
     def __call__(self, specs: EpisodeSpec) -> Episode:
         return self.build(self.gather(specs))
 
+    def buffer(self, shape: tuple[int, ...]) -> torch.Tensor:
+        """A uint8 host buffer of `shape`: pinned (torch's caching host allocator) for a GPU, else one `build` has
+        consumed, or new."""
+        if self.device.type == "cuda":
+            return torch.empty(shape, dtype=torch.uint8, pin_memory=True)
+        reused = self.free.pop(shape, None)
+        return reused if reused is not None else torch.empty(shape, dtype=torch.uint8)
+
     def host_images(self, indices: np.ndarray, turns: np.ndarray | None = None) -> torch.Tensor:
         """The stored eval-kind uint8 images `indices` (N,) as (N, S, S, 3), read into pinned memory for a GPU;
         each turned counter-clockwise by its `turns` (N,) quarter turns, if given."""
-        pixels = torch.empty((len(indices), *self.store.pixels.shape[1:]), dtype=torch.uint8,
-                             pin_memory=self.device.type == "cuda")
+        pixels = self.buffer((len(indices), *self.store.pixels.shape[1:]))
         array = self.store.gather(indices, out=pixels.numpy())
         for k in (1, 2, 3) if turns is not None and turns.size else ():
             turned = turns == k
@@ -306,33 +358,47 @@ class EpisodeMaker:
     def host_patches(self, indices: np.ndarray, plan: AugmentPlan) -> torch.Tensor:
         """The source pixels each crop's resize reads from the stored originals `indices` (N,) (in the plan's
         order): (N, 2 image_size, 2 image_size, 3) uint8, pinned for a GPU."""
-        pixels = torch.empty((len(indices), plan.rows.shape[1], plan.cols.shape[1], 3), dtype=torch.uint8,
-                             pin_memory=self.device.type == "cuda")
-        self.store.patches(indices, plan.rows, plan.cols, out=pixels.numpy())
+        pixels = self.buffer((len(indices), plan.rows.shape[1], plan.cols.shape[1], 3))
+        self.store.patches(indices, plan.rows, plan.cols, out=pixels.numpy(), threads=self.threads)
+        return pixels
+
+    def host_sources(self, indices: np.ndarray) -> torch.Tensor:
+        """The stored originals `indices` (N,) of a store of one image size, whole: (N, h, w, 3) uint8, pinned for a
+        GPU."""
+        height, width = (int(v) for v in self.store.sizes[0])
+        pixels = self.buffer((len(indices), height, width, 3))
+        images = self.store.pixels[:len(self.store) * height * width * 3].reshape(-1, height, width, 3)
+        np.take(images, indices, axis=0, out=pixels.numpy())
         return pixels
 
     def gather(self, specs: EpisodeSpec) -> Gathered:
-        """Host side: pixels, labels and (training) the augmentation plan. Augmented batches hold every task's support
-        images, then every task's queries, so that both sets come out of the batch as views (no copy of the 70 MB
-        meta-batch); the images are read in the plan's processing order."""
-        tasks, per_task = specs.indices.shape
-        indices, labels, plan = specs.indices.reshape(-1), specs.labels.reshape(-1), None
-        turns = specs.turns.reshape(-1) if specs.turns.size else None
+        """Host side: pixels, labels and (training) the augmentation plan of a meta-batch (`plan_specs`)."""
         if specs.params.size:
-            assert turns is None, "class rotations turn whole stored images: eval-kind (un-augmented) episodes only"
-            position = np.arange(tasks * per_task).reshape(tasks, self.ways, self.shots + self.queries)
-            k = self.shots
-            order = np.concatenate([position[:, :, :k].ravel(), position[:, :, k:].ravel()])
-            indices, labels = indices[order], labels[order]
-            plan = plan_augmentation(specs.params.reshape(tasks * per_task, -1)[order], self.image_size)
-            pixels = self.host_patches(indices[plan.order], plan)
+            specs = plan_specs(specs, self.ways, self.shots, self.queries, self.image_size)
+            plan, taps = specs.plan, None
+            if self.whole:  # cuda-only
+                pixels = self.host_sources(specs.indices)
+                pin = self.device.type == "cuda"
+                taps = tuple(torch.from_numpy(a).pin_memory() if pin else torch.from_numpy(a)
+                             for a in (plan.rows, plan.cols))
+            else:
+                pixels = self.host_patches(specs.indices, plan)
+            labels, tasks = torch.from_numpy(specs.labels), specs.tasks
         else:
-            pixels = self.host_images(indices, turns)
-        labels = torch.from_numpy(np.ascontiguousarray(labels, dtype=np.int64))
-        return Gathered(pixels, labels.pin_memory() if self.device.type == "cuda" else labels, tasks, plan)
+            turns = specs.turns.reshape(-1) if specs.turns.size else None
+            pixels, plan, taps = self.host_images(specs.indices.reshape(-1), turns), None, None
+            labels = torch.from_numpy(np.ascontiguousarray(specs.labels.reshape(-1), dtype=np.int64))
+            tasks = len(specs.indices)
+        return Gathered(pixels, labels.pin_memory() if self.device.type == "cuda" else labels, tasks, plan, taps)
 
     def build(self, gathered: Gathered) -> Episode:
         """Device side: the Episode batch of a gathered meta-batch, without a host sync."""
+        episode = self._build(gathered)
+        if self.device.type != "cuda":  # consumed: the episode holds none of it (on a GPU it holds a copy)
+            self.free[tuple(gathered.pixels.shape)] = gathered.pixels
+        return episode
+
+    def _build(self, gathered: Gathered) -> Episode:
         channels = len(self.normalisation.mean)
         images = to_device(gathered.pixels, self.device).permute(0, 3, 1, 2)[:, :channels]  # (N, C, S, S), a view
         y = to_device(gathered.labels, self.device)
@@ -346,6 +412,9 @@ class EpisodeMaker:
             # and convolutions round differently on them): changing it moves e.g. the demo's accuracy by ~0.4 points
             return Episode(support_x=x[:, :, :k].flatten(1, 2), support_y=y[:, :, :k].flatten(1),
                            query_x=x[:, :, k:].flatten(1, 2), query_y=y[:, :, k:].flatten(1))
+        if gathered.taps is not None:  # cuda-only: whole sources, the crops' pixels taken on the device
+            rows, cols = (to_device(t, self.device) for t in gathered.taps)
+            images = tap_patches(images, Taps(rows, cols, None, None))
         x = augment(images, gathered.plan.to(self.device), self.image_size, self.chunk)
         support = tasks * self.ways * k
         return Episode(support_x=x[:support].view(tasks, self.ways * k, *x.shape[1:]),

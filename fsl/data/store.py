@@ -34,6 +34,7 @@ from typing import Iterator
 import numpy as np
 from PIL import Image
 
+from fsl.data import native
 from fsl.data.base import DatasetError, SplitDataset
 from fsl.data.progress import progress_bar
 
@@ -69,12 +70,16 @@ class ImageStore:
                        out=None if out is None else out.reshape(-1, *self.pixels.shape[1:]))
         return flat.reshape(*np.shape(indices), *self.pixels.shape[1:])
 
-    def patches(self, indices: np.ndarray, rows: np.ndarray, cols: np.ndarray, out: np.ndarray | None = None
-                ) -> np.ndarray:
+    def patches(self, indices: np.ndarray, rows: np.ndarray, cols: np.ndarray, out: np.ndarray | None = None,
+                threads: int = 1) -> np.ndarray:
         """Train kind: the pixels at rows (B, R) x cols (B, C) of originals `indices` (B,), (B, R, C, 3) uint8: the
-        pixels a crop's resize reads (fsl.data.transforms.resize_taps), not the whole image; into `out` when given."""
+        pixels a crop's resize reads (fsl.data.transforms.resize_taps), not the whole image; into `out` when given.
+        Read by native code outside the interpreter lock, on `threads` threads (fsl.data.native), else by numpy."""
         out = np.empty((len(indices), rows.shape[1], cols.shape[1], 3), np.uint8) if out is None else out
-        for patch, index, row, col in zip(out, np.asarray(indices).tolist(), rows, cols):
+        indices = np.asarray(indices, dtype=np.int64)
+        if native.patches(self.pixels, self.offsets[indices], self.sizes[indices, 1], rows, cols, out, threads):
+            return out
+        for patch, index, row, col in zip(out, indices.tolist(), rows, cols):
             np.take(self.image(index).take(row, axis=0), col, axis=1, out=patch)
         return out
 
