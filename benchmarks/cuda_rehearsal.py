@@ -30,6 +30,9 @@ import time
 import warnings
 from pathlib import Path
 
+import numpy as np
+import torch
+
 REPO = Path(__file__).resolve().parents[1]
 FSL = REPO / "fsl"
 SKIP = {FSL / "device" / "rehearsal.py", FSL / "device" / "memory_count.py"}  # the rehearsal itself
@@ -181,6 +184,8 @@ def support_folder(root: Path, data: Path) -> Path:
 def rehearse(root: Path, data: Path, omniglot: Path | None, tracer: LineTracer) -> list[dict]:
     """Run every scenario in a rehearsal under `tracer`; one result row each."""
     from fsl.__main__ import main as fsl_main
+    from fsl.data.episodes import EpisodeMaker
+    from fsl.data.store import from_images
     from fsl.device.precision import check_precision, honoured_precisions
     from fsl.device.rehearsal import FakeGPU, rehearsal
     from fsl.jobs import sweep
@@ -215,8 +220,11 @@ def rehearse(root: Path, data: Path, omniglot: Path | None, tracer: LineTracer) 
             with rehearsal(2, FakeGPU(name="Tesla V100" if major == 7 else FakeGPU.name, major=major)):
                 for precision in ("tf32", "bf16"):
                     with contextlib.suppress(Exception):
-                        check_precision(precision, __import__("torch").device("cuda", 0))
-                honoured_precisions(__import__("torch").device("cuda", 1))
+                        check_precision(precision, torch.device("cuda", 0))
+                honoured_precisions(torch.device("cuda", 1))
+                # a maker given 'cuda' without an index (benchmarks, a user's script) takes the current GPU's
+                made = EpisodeMaker(from_images([np.zeros((4, 4, 3), np.uint8)]), 1, 1, 1, 2, torch.device("cuda"))
+                assert made.device == torch.device("cuda", 0), made.device
                 saved = os.environ.pop("CUDA_VISIBLE_DEVICES", None)
                 try:
                     gpus = sweep.visible_gpus()
@@ -269,7 +277,6 @@ def main() -> int:
         print(f"cuda_rehearsal: --data-root {data} not found; fix: the mini-ImageNet fixture (../shared/data)",
               file=sys.stderr)
         return 2
-    import torch
     torch.set_num_threads(min(2, os.cpu_count() or 1))
     tracer, start = LineTracer(), time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="fsl-rehearsal-") as root:

@@ -126,18 +126,6 @@ def test_the_memory_probe_measures_a_warm_run():
     assert len(calls) == 2 and peak == 4 * 2**20
 
 
-def test_the_rehearsal_runs_from_the_command_line(tmp_path):
-    """`python -m fsl.device.rehearsal COMMAND ...` runs an fsl command in a rehearsal (benchmarks/cuda_rehearsal.py
-    measures what it executes)."""
-    import subprocess
-    import sys
-    done = subprocess.run([sys.executable, "-m", "fsl.device.rehearsal", "train", str(CONFIG),
-                           *on_cuda(tmp_path, "train.tasks=4")], cwd=REPO, capture_output=True, text=True,
-                          timeout=300)
-    assert done.returncode == 0, done.stderr[-2000:]
-    assert "faked driver calls" in done.stderr and "finished: 4 tasks" in done.stdout + done.stderr
-
-
 def test_every_cuda_only_line_runs_in_the_rehearsal_or_says_why_not(tmp_path):
     """#47 Deliver 2: benchmarks/cuda_rehearsal.py runs fsl's commands with device=cuda in a rehearsal and lists every
     CUDA-only line of fsl/ (found in the source) with whether it ran: a new CUDA-only line that no scenario reaches,
@@ -205,3 +193,33 @@ def test_live_tensors_count_storages_once_and_free_them():
     assert counter.current() == 0
     with pytest.raises(torch.cuda.OutOfMemoryError, match="faked"), LiveTensors(limit=1000):
         torch.ones(1000)
+
+
+def test_the_gpu_session_refuses_to_run_without_its_fixture(tmp_path):
+    """#47.3: benchmarks/gpu_session.sh ran tests/test_gpu.py without the fixtures (../shared/data does not travel
+    to the GPU machine): the real-data tests skipped and the session passed. Now the fixture must be in .device/data,
+    or the session stops at once, saying how to bundle it."""
+    import os
+    import subprocess
+    environment = {k: v for k, v in os.environ.items() if k != "GPU_SESSION_DRY"}
+    done = subprocess.run(["bash", str(REPO / "benchmarks/gpu_session.sh"), "1"], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=60, env={**environment, "OUT": str(tmp_path / "out")})
+    assert done.returncode == 1 and ".device/data/mini-imagenet-lite not found" in done.stderr
+    assert "bundle.sh mini-imagenet-lite" in done.stderr and not (tmp_path / "out" / "test_gpu.txt").exists()
+
+
+def test_the_speed_benchmarks_peak_is_the_steps_own():
+    """#47.5: benchmarks/meta_train_speed.py's peak_mb was max_memory_allocated, which counts every row's model,
+    gradient and Adam state kept between rows (about 2.2 GiB for ResNet-12); it is now the step's peak above what
+    was allocated before it, on a rehearsed GPU here."""
+    import sys
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from meta_train_speed import peak_memory_mb
+    with rehearsal():
+        device = torch.device("cuda", 0)
+        torch.cuda.synchronize(device)  # as the benchmark does first (it initialises CUDA)
+        kept = torch.empty(3 * 2**20, dtype=torch.uint8, device="cuda")  # noqa: F841  (the other rows' state)
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+        torch.empty(2**20, dtype=torch.uint8, device="cuda")  # the step: 1 MiB, freed
+        assert peak_memory_mb(device, before) == 1.0 and torch.cuda.max_memory_allocated(device) == 4 * 2**20

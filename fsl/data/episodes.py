@@ -39,7 +39,6 @@ from fsl.data.augment import AugmentPlan, augment, draw_params, normalise, plan_
 from fsl.data.base import DatasetError, SplitDataset
 from fsl.data.store import ImageStore
 from fsl.data.transforms import IMAGENET, Normalisation, Taps, tap_patches
-from fsl.device.distributed import indexed
 
 
 class Episode(NamedTuple):
@@ -324,7 +323,9 @@ class EpisodeMaker:
     def __init__(self, store: ImageStore, ways: int, shots: int, queries: int, image_size: int,
                  device: torch.device, chunk: int | None = None, normalisation: Normalisation = IMAGENET,
                  threads: int | None = None):
-        self.store, self.image_size, self.device = store, image_size, indexed(device)
+        self.store, self.image_size, self.device = store, image_size, torch.device(device)
+        if self.device.type == "cuda" and self.device.index is None:  # set_device (the producer thread) needs it
+            self.device = torch.device("cuda", torch.cuda.current_device())
         self.ways, self.shots, self.queries = ways, shots, queries
         self.chunk = chunk or (64 if self.device.type == "cpu" else None)  # images augmented at a time; None: all
         self.normalisation = normalisation

@@ -23,7 +23,7 @@ tensors in float32): it checks that the CUDA path runs and what it calls, not it
     with rehearsal(devices=1):
         fsl.train.meta_train.run(load_config(path, ["device=cuda", ...]))
 
-`python -m fsl.device.rehearsal train CONFIG key=value ...` runs an fsl command (train, test, adapt) in it.
+benchmarks/cuda_rehearsal.py runs fsl's commands (train, test, adapt) in it, as a user types them.
 """
 from __future__ import annotations
 
@@ -278,16 +278,24 @@ def _entry_points(driver: Driver) -> dict[str, Any]:
         "_cuda_memoryStats": _memory_stats(driver),
         "_cuda_resetPeakMemoryStats": reset_peak,
         "_CudaStreamBase": _StreamBase,
-        # torch.accelerator, the device-generic API (torch.optim's graph-capture check reads the current stream)
+        "_CudaEventBase": _EventBase,
+        **_accelerator_entry_points(driver, set_device, exchange, current_stream, set_stream),
+    }
+
+
+def _accelerator_entry_points(driver: Driver, set_device: Callable, exchange: Callable, current_stream: Callable,
+                              set_stream: Callable) -> dict[str, Any]:
+    """torch.accelerator's entry points, the device-generic API, on the same faked driver (torch.optim's
+    graph-capture check reads the current stream through it)."""
+    return {
         "_accelerator_getDeviceIndex": driver.current,
         "_accelerator_setDeviceIndex": set_device,
         "_accelerator_exchangeDevice": exchange,
         "_accelerator_maybeExchangeDevice": exchange,
-        "_accelerator_getStream": lambda index: torch.cuda.Stream(*(), **dict(zip(
+        "_accelerator_getStream": lambda index: torch.cuda.Stream(**dict(zip(
             ("stream_id", "device_index", "device_type"), current_stream(index)))),
         "_accelerator_setStream": lambda stream: set_stream(stream.stream_id, stream.device_index, 1),
         "_accelerator_synchronizeDevice": lambda index: driver.call("cudaDeviceSynchronize"),
-        "_CudaEventBase": _EventBase,
     }
 
 
@@ -304,31 +312,10 @@ class _Cudart:
         return total - self.driver.used_elsewhere - self.driver.memory.current(), total
 
 
-@contextlib.contextmanager
-def rehearsal(devices: int = 1, gpu: FakeGPU | tuple[FakeGPU, ...] = FakeGPU(),
-              trace: Callable | None = None) -> Iterator[Driver]:
-    """Within the block torch sees `devices` CUDA GPUs whose driver is faked (module docstring), each a `gpu` (or
-    gpu[i], one per device); every thread started inside it (fsl's producer thread) runs with the same faked device
-    memory. `trace`: a sys.settrace function for the threads started inside (line coverage). Restores torch as it
-    was. The faked memory is one pool for all devices (fsl uses one GPU per process), limited to the first GPU's."""
-    gpus = gpu if isinstance(gpu, tuple) else (gpu,) * devices
-    assert len(gpus) == devices, (len(gpus), devices)
-    memory = LiveTensors(limit=gpus[0].total_memory)
-    driver = Driver(devices, gpus, memory)
-    _StreamBase.driver = _EventBase.driver = driver
-    entry_points = _entry_points(driver)
-    saved_c = {name: getattr(torch._C, name) for name in entry_points}
-    cuda = torch.cuda
-    saved_cuda = {name: getattr(cuda, name, None) for name in (
-        "_cudart", "_exchange_device", "_maybe_exchange_device", "Stream", "Event", "ExternalStream",
-        "default_generators", "_initialized", "_cached_device_count", "_get_device_properties")}
-    streams_module = sys.modules["torch.cuda.streams"]
-    saved_streams = dict(vars(streams_module))
-    modes = (memory, HostAsDevice(driver))
-
-    def thread_start(frame, event, arg):
-        """A new thread's first event (threading.settrace; the frame is its run()): the modes are thread-local, so
-        enter them here, and leave them when run() returns (a thread's mode stack must be empty when it ends)."""
+def _thread_start(modes: tuple, trace: Callable | None) -> Callable:
+    """A threading.settrace hook for a new thread's first event (its run() frame): the modes are thread-local, so
+    it enters them there, and leaves them when run() returns (a thread's mode stack must be empty when it ends)."""
+    def hook(frame, event, arg):
         for mode in modes:
             mode.__enter__()
         inner = trace(frame, event, arg) if trace is not None else None
@@ -343,18 +330,60 @@ def rehearsal(devices: int = 1, gpu: FakeGPU | tuple[FakeGPU, ...] = FakeGPU(),
                     mode.__exit__(None, None, None)
             return at_return
         return at_return
+    return hook
 
+
+CUDA_ATTRIBUTES = ("_cudart", "_exchange_device", "_maybe_exchange_device", "Stream", "Event", "ExternalStream",
+                   "default_generators", "_initialized", "_cached_device_count", "_get_device_properties")
+
+
+def _install(driver: Driver, entry_points: dict[str, Any]) -> dict[str, Any]:
+    """Put the faked driver under torch: torch._C's entry points, torch.cuda.streams re-executed on the faked bases,
+    torch.cuda's own aliases of torch._C (bound when it was imported). Returns what `_restore` puts back."""
+    streams = sys.modules["torch.cuda.streams"]
+    saved = {"_C": {name: getattr(torch._C, name) for name in entry_points}, "streams": dict(vars(streams)),
+             "cuda": {name: getattr(torch.cuda, name, None) for name in CUDA_ATTRIBUTES}}
+    for name, value in entry_points.items():
+        setattr(torch._C, name, value)
+    importlib.reload(streams)  # torch's Stream and Event classes, on the faked bases
+    torch.cuda.Stream, torch.cuda.Event, torch.cuda.ExternalStream = streams.Stream, streams.Event, streams.ExternalStream
+    torch.cuda._cudart = _Cudart(driver)
+    torch.cuda._exchange_device = torch.cuda._maybe_exchange_device = entry_points["_cuda_exchangeDevice"]
+    torch.cuda._initialized, torch.cuda._cached_device_count = False, None
+    return saved
+
+
+def _restore(saved: dict[str, Any]) -> None:
+    for name, value in saved["_C"].items():
+        setattr(torch._C, name, value)
+    streams = vars(sys.modules["torch.cuda.streams"])
+    streams.clear()
+    streams.update(saved["streams"])
+    for name, value in saved["cuda"].items():
+        if value is None and name == "_get_device_properties":
+            if hasattr(torch.cuda, name):
+                delattr(torch.cuda, name)
+        else:
+            setattr(torch.cuda, name, value)
+
+
+@contextlib.contextmanager
+def rehearsal(devices: int = 1, gpu: FakeGPU | tuple[FakeGPU, ...] = FakeGPU(),
+              trace: Callable | None = None) -> Iterator[Driver]:
+    """Within the block torch sees `devices` CUDA GPUs whose driver is faked (module docstring), each a `gpu` (or
+    gpu[i], one per device); every thread started inside it (fsl's producer thread) runs with the same faked device
+    memory. `trace`: a sys.settrace function for the threads started inside (line coverage). Restores torch as it
+    was. The faked memory is one pool for all devices (fsl uses one GPU per process), limited to the first GPU's."""
+    gpus = gpu if isinstance(gpu, tuple) else (gpu,) * devices
+    assert len(gpus) == devices, (len(gpus), devices)
+    memory = LiveTensors(limit=gpus[0].total_memory)
+    driver = Driver(devices, gpus, memory)
+    _StreamBase.driver = _EventBase.driver = driver
+    modes = (memory, HostAsDevice(driver))
     previous_thread_trace, monitor_interval = threading.gettrace(), tqdm.monitor_interval
+    saved = _install(driver, _entry_points(driver))
     try:
-        for name, value in entry_points.items():
-            setattr(torch._C, name, value)
-        importlib.reload(streams_module)  # torch's Stream and Event classes, on the faked bases
-        cuda.Stream, cuda.Event, cuda.ExternalStream = (streams_module.Stream, streams_module.Event,
-                                                        streams_module.ExternalStream)
-        cuda._cudart = _Cudart(driver)
-        cuda._exchange_device = cuda._maybe_exchange_device = entry_points["_cuda_exchangeDevice"]
-        cuda._initialized, cuda._cached_device_count = False, None
-        threading.settrace(thread_start)
+        threading.settrace(_thread_start(modes, trace))
         tqdm.monitor_interval = 0  # no progress-bar monitor thread: it would outlive the block with the modes entered
         with contextlib.ExitStack() as stack:
             for mode in modes:
@@ -363,29 +392,4 @@ def rehearsal(devices: int = 1, gpu: FakeGPU | tuple[FakeGPU, ...] = FakeGPU(),
     finally:
         tqdm.monitor_interval = monitor_interval
         threading.settrace(previous_thread_trace)
-        for name, value in saved_c.items():
-            setattr(torch._C, name, value)
-        vars(streams_module).clear()
-        vars(streams_module).update(saved_streams)
-        for name, value in saved_cuda.items():
-            if value is None and name == "_get_device_properties":
-                if hasattr(cuda, name):
-                    delattr(cuda, name)
-            else:
-                setattr(cuda, name, value)
-
-
-def main(argv: list[str]) -> int:
-    """`python -m fsl.device.rehearsal [--devices N] COMMAND ARGS...`: the fsl command in a rehearsal."""
-    devices = 1
-    if argv[:1] == ["--devices"]:
-        devices, argv = int(argv[1]), argv[2:]
-    from fsl.__main__ import main as fsl_main
-    with rehearsal(devices) as driver:
-        code = fsl_main(argv)
-    print(f"rehearsal: {len(driver.calls)} faked driver calls", file=sys.stderr)
-    return code or 0
-
-
-if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+        _restore(saved)
