@@ -294,7 +294,11 @@ def host_work_child(queue, root: str, images: str, cache: str, cores: list[int],
     make.whole = travels_whole(store, SIZE)  # as for a GPU (this machine has none: its buffers are not pinned)
     episodes = EpisodeDataset(dataset, WAYS, SHOTS, QUERIES, seed=0, count=META_BATCH * (batches + 2),
                               image_sizes=store.sizes)
-    workers = 0 if threads == 1 else 1
+    # the product's loader describes episodes in worker processes wherever there is a core for one
+    # (fsl.data.episodes.default_workers); on one core, in the trainer's process. The consumer's producer has its
+    # loader worker beside it on its own core: describing in the producer thread (17 ms of Python a meta-batch)
+    # would time a path the product does not take on a GPU machine
+    workers = 1 if consumer or len(cores) > 1 else 0
 
     def produce(stop=None, interval: float = 0.0, core: int | None = None) -> tuple[float, int, int]:
         """Gather every meta-batch of the loader, the first two untimed, one every `interval` seconds at most, this
