@@ -198,3 +198,68 @@ def test_a_16_bit_greyscale_png_reads_as_its_grey_levels_not_white(tmp_path):
     image = np.asarray(open_rgb(tmp_path / "gray16.png"))
     assert image.shape == (48, 48, 3) and (image[..., 0] == image[..., 2]).all()
     assert np.array_equal(image[..., 0], np.rint(values.astype(np.float64) * 255 / 65535).astype(np.uint8))
+
+
+def test_a_transparent_image_is_laid_over_white_and_a_phone_photo_stands_upright(tmp_path):
+    """#49 WRONG 5: RGBA -> RGB dropped the alpha channel, so black strokes on a transparent background (stored as
+    black, alpha 0) became all black. UNCLEAR: EXIF orientation was ignored, so a phone photo reached the model
+    sideways; MMFewShot's reader (cv2.imread) applies it, and so does open_rgb now, for every dataset."""
+    import numpy as np
+    from PIL import Image
+
+    from fsl.data.base import open_rgb
+    rgba = np.zeros((20, 30, 4), np.uint8)       # transparent black ...
+    rgba[8:12, 5:25] = (0, 0, 0, 255)            # ... but one opaque black stroke
+    rgba[0, 0] = (200, 100, 50, 128)             # and one half-transparent pixel
+    Image.fromarray(rgba, "RGBA").save(tmp_path / "stroke.png")
+    image = np.asarray(open_rgb(tmp_path / "stroke.png"))
+    assert (image[8:12, 5:25] == 0).all() and (image[15:, :] == 255).all()
+    assert image[0, 0].tolist() == [227, 177, 152]  # 200 * 128/255 + 255 * 127/255, as alpha_composite rounds
+    grey = Image.fromarray(rgba[..., 3], "L").convert("LA")
+    grey.putalpha(Image.fromarray(rgba[..., 3]))
+    grey.save(tmp_path / "grey.png")
+    assert (np.asarray(open_rgb(tmp_path / "grey.png"))[15:] == 255).all()
+    pixels = np.zeros((10, 40, 3), np.uint8)  # stored landscape, shown portrait (orientation 6: turn 90 cw)
+    pixels[:, :5] = 255                        # the stored left edge: the shown top
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(pixels).save(tmp_path / "phone.jpg", exif=exif, quality=95)
+    upright = np.asarray(open_rgb(tmp_path / "phone.jpg"))
+    assert upright.shape == (40, 10, 3) and upright[:4].mean() > 200 and upright[-10:].mean() < 30
+
+
+def test_a_class_folder_with_images_and_a_subfolder_of_more_is_refused(tmp_path):
+    """#49 UNCLEAR: a class with images of its own and a nested subfolder silently dropped the nested images."""
+    from fsl.data import DatasetError
+    from fsl.data.folder import class_folder_images
+    root = class_folders(tmp_path / "mine", per_class=4)
+    klass = sorted((root / "train").iterdir())[0]
+    (klass / "more").mkdir()
+    shutil.copy(sorted(klass.glob("*.*"))[0], klass / "more" / "extra.png")
+    with pytest.raises(DatasetError, match=rf"class folder {klass} holds images of its own and more in a subfolder "
+                                           rf"\(e.g. {klass / 'more' / 'extra.png'}\)"):
+        class_folder_images(root / "train")
+
+
+def test_adapt_leaves_support_images_out_of_its_accuracy_and_says_what_a_support_path_is(trained_folder_cell,
+                                                                                         tmp_path):
+    """#49 WRONG 6: queries that are the support images reported 'accuracy on the 10 queries: 100.00 %'. UNCLEAR: an
+    empty support folder suggested train.ways=0; a support path that is a file said 'not found'."""
+    tmp, root = trained_folder_cell
+    checkpoint = tmp / "work/folder-conv4-5shot/best_accuracy_mean.pth"
+    support = tmp_path / "support"
+    for folder in sorted((root / "test").iterdir()):
+        (support / folder.name).mkdir(parents=True)
+        for image in sorted(folder.iterdir())[:2]:
+            shutil.copy(image, support / folder.name / image.name)
+    same = adapt(checkpoint, support, support)
+    assert same.returncode == 0, same.stderr
+    assert "10 of the 10 queries are support images (the same file contents): left out of the accuracy" in \
+        same.stdout and "accuracy on the" not in same.stdout
+    (tmp_path / "empty").mkdir()
+    empty = adapt(checkpoint, tmp_path / "empty", support)
+    assert empty.returncode == 2 and "holds no class folder of images" in empty.stderr and "ways=0" not in \
+        empty.stderr
+    a_file = sorted(sorted(support.iterdir())[0].iterdir())[0]
+    wrong = adapt(checkpoint, a_file, support)
+    assert wrong.returncode == 2 and f"support folder {a_file} is a file, not a folder" in wrong.stderr

@@ -115,3 +115,39 @@ def test_a_run_on_the_full_size_form_records_it_and_one_on_the_release_is_not_co
     assert "data.mini_imagenet_images=84x84 (protocol full)" in rows["84x84"]["not_comparable_why"]
     assert "mini_imagenet_images" not in rows["full"]["not_comparable_why"]
     assert MINI_84 == "data.mini_imagenet_images=84x84"
+
+
+def test_a_split_csv_naming_an_image_twice_is_refused_and_a_bom_or_blank_line_is_read_past(tmp_path):
+    """#49 WRONG 4: a test split with duplicated rows was tested (27.27 % over 20 episodes, 9 of which held the same
+    image twice). UNCLEAR: a UTF-8 byte order mark or a trailing blank line was refused with no fix."""
+    root = full_size_root(tmp_path / "mini", {"train": 1, "val": 1, "test": 1})
+    text = (root / "test.csv").read_text()
+    lines = text.splitlines()
+    (root / "test.csv").write_text("\n".join(lines + [lines[3]]) + "\n")
+    with pytest.raises(DatasetError, match=rf"test.csv: line 12 names {lines[3].split(',')[0]} again \(as line 4\); "
+                                           r"fix: delete one of the two lines"):
+        load_split("mini-imagenet", root, "test")
+    (root / "test.csv").write_bytes(b"\xef\xbb\xbf" + text.encode() + b"\n\n")
+    assert len(load_split("mini-imagenet", root, "test")) == 10
+
+
+def test_a_root_holding_both_forms_is_read_in_the_form_asked_for(tmp_path):
+    """#49 UNCLEAR: the form was read from the first CSV row alone, so a root holding the release's images beside
+    ImageNet's class folders was told to point at a full-form root."""
+    root = full_size_root(tmp_path / "mini", {"train": 1, "val": 1, "test": 1})
+    for line in (root / "test.csv").read_text().splitlines()[1:]:
+        name, label = line.split(",")
+        Image.new("RGB", (84, 84)).save(root / "images" / name)
+    assert load_split("mini-imagenet", root, "test", images="84x84").form == "84x84"
+    assert load_split("mini-imagenet", root, "test", images="full").form == "full"
+    assert load_split("mini-imagenet", root, "test").form == "full"
+
+
+def test_data_check_says_an_image_twice_in_one_split_so(tmp_path):
+    """#49 UNCLEAR: a duplicate within one split read "in both the test and test splits"."""
+    from fsl.data.check import split_problems
+    split = load_split("mini-imagenet", fixture_root("mini-imagenet"), "test")
+    split.paths = split.paths + split.paths[:1]
+    split.labels = split.labels + split.labels[:1]
+    problems = split_problems({"test": split}, {"test": 1})
+    assert any(p.endswith("is twice in the test split; fix: each image in one split, once") for p in problems), problems

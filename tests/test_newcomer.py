@@ -6,6 +6,7 @@ check found problems or the run failed, 0: handled) and words its output must ho
 needs in its own folder; cases that need a trained run share one tiny mini-ImageNet-lite run."""
 from __future__ import annotations
 
+import os
 import pickle
 import shutil
 import subprocess
@@ -188,6 +189,10 @@ CASES = [
                                                                       str(w / "mine"), "--shots", "5", "--queries",
                                                                       "10", "--no-decode"], 1,
          ["has 12 images, fewer than the 15 an episode takes"], setup=lambda w, t: folder_with(w, lambda root: None)),
+    Case("data check --config: the root holds another form than the cell reads (#49)",
+         lambda w, t: ["data", "check", "mini-imagenet", "--root", str(fixture_root("mini-imagenet")), "--config",
+                       MINI, "--no-decode"], 1,
+         ["data.mini_imagenet_images=full asks for", "fix: pass data.mini_imagenet_images=84x84", "1 problem(s)"]),
     Case("tiered --no-decode: a truncated images pickle", lambda w, t: ["data", "check", "tiered-imagenet", "--root",
                                                                          str(w / "tiered"), "--no-decode"], 1,
          ["val_images_png.pkl cannot be read as a pickle", "truncated"],
@@ -401,3 +406,77 @@ def test_a_full_disk_names_the_checkpoint_and_keeps_the_last_one(tmp_path, monke
                                                               r"fail.*is its disk full or read-only\?.*rerun to resume"):
         checkpoint.save_checkpoint(path, model, None, meta_optimizer(list(model.parameters()), 1e-3), cfg, {})
     assert path.read_bytes() == b"the previous checkpoint" and [p.name for p in tmp_path.iterdir()] == [path.name]
+
+
+def committed_files(results: Path) -> dict[Path, bytes]:
+    return {p: p.read_bytes() for p in results.rglob("*") if p.is_file() and p.name != "summary.csv"}
+
+
+BUDGET_CELLS = [  # (cell, data folder, its own row's mean, its planned tasks); the glyphs cell (in make test) runs
+    # the budget command only, its edited checkpoint's test is tests/test_result_identity.py's, in process
+    pytest.param("glyphs-conv4-1shot", "glyphs", 91.6756, 9600, id="glyphs"),
+    pytest.param("omniglot-conv4-1shot", "omniglot", 99.5333, 1920000, id="omniglot", marks=pytest.mark.skipif(
+        not os.environ.get("FSL_LONG_TESTS"), reason="6 minutes on 2 cores (a 600-episode test, twice): "
+        "FSL_LONG_TESTS=1 runs it; the glyphs cell runs the same mechanism in make test")),
+]
+
+
+@pytest.mark.parametrize("cell, data, mean, planned", BUDGET_CELLS)
+def test_the_docs_budget_command_and_an_edited_checkpoint_leave_the_published_result_as_it_is(
+        tmp_path, glyphs_root, cell, data, mean, planned):
+    """#49 WRONG 1: docs/omniglot.md's budget command, `make omniglot-conv4-1shot ARGS="train.stop_at=..."`, on a
+    fresh clone, and a test of an edited copy of the published checkpoint (weights x 1.5): each replaced the
+    cell's finished row (Omniglot: the comparable 99.53 %), its published checkpoint, its test episodes and its
+    training log. Now each test's row goes beside it under its checkpoint's tag, with files of its own, not
+    comparable; the committed files stay byte for byte and the tables still show the finished row."""
+    results = tmp_path / "results"
+    shutil.copytree(REPO / "results", results)
+    before = committed_files(results)
+    root = glyphs_root if data == "glyphs" else fixture_root(data)
+    settings = [f"data.root={root}", f"data.cache_dir={STORE_CACHE}", "device=cpu", "data.workers=0",
+                f"work_dir={tmp_path / 'work'}", f"results_dir={results}"]
+    stop = 32 if data == "omniglot" else 2
+    out = subprocess.run(["make", "--no-print-directory", cell, f"ARGS=train.stop_at={stop} {' '.join(settings)}"],
+                         cwd=REPO, check=True, capture_output=True, text=True).stdout
+    assert "beside the run's own row" in out
+    edit = data == "omniglot"
+    if edit:
+        edited = torch.load(results / cell / "checkpoint.pth", weights_only=False)
+        edited["model"] = {k: v * 1.5 if v.is_floating_point() else v for k, v in edited["model"].items()}
+        torch.save(edited, tmp_path / "edited.pth")
+        out = subprocess.run([sys.executable, "-m", "fsl", "test", str(REPO / f"experiments/{cell}.yaml"),
+                              str(tmp_path / "edited.pth"), *settings], cwd=REPO, check=True, capture_output=True,
+                             text=True).stdout
+        assert "beside the run's own row" in out
+    assert committed_files(results).items() >= before.items()
+    summary = pd.read_csv(results / "summary.csv", keep_default_na=False)
+    runs = summary[(summary.run == cell) & (summary.test_tag == "") & (summary.episode_streams == "per-split")]
+    own = runs[runs.checkpoint_tag == ""]
+    assert list(own.mean_acc) == [mean] and list(own.train_tasks) == [planned]
+    assert list(own.comparable) == [data == "omniglot"]
+    beside = runs[runs.checkpoint_tag != ""]
+    assert len(beside) == 1 + edit and not beside.comparable.any()
+    assert beside.not_comparable_why.str.contains(f"another checkpoint than the one behind the run's finished row "
+                                                  f"({mean} %", regex=False).all()
+    assert beside.not_comparable_why.str.contains(rf"training stopped at \d+ of {planned} tasks").sum() == 1
+    new = sorted(p.name for p in (results / cell).iterdir() if p not in before)
+    assert len(new) == 3 + 2 * edit and all("__ckpt-" in name for name in new)  # episodes, checkpoint (each test),
+    # the budget run's training log
+    subprocess.run([sys.executable, "-m", "fsl", "tables", "--results", str(results)], cwd=REPO, check=True,
+                   capture_output=True)
+    table = "omniglot.md" if data == "omniglot" else "glyphs.md"
+    assert f"{mean:.2f}" in (results / "tables" / table).read_text()
+
+
+def test_a_refused_resume_changes_no_file(trained, tmp_path):
+    """#49 WRONG 3: resuming with another maml.inner_lr is refused, but the refused settings had already been written
+    into the run's config.yaml (which docs/omniglot.md publishes beside latest.pth)."""
+    where = copy_run(trained, tmp_path)
+
+    def files() -> dict[Path, bytes]:  # but train.lock, which records the process holding the run folder
+        return {p: p.read_bytes() for p in (where / "work").rglob("*") if p.is_file() and p.name != "train.lock"}
+    kept = files()
+    done = subprocess.run([sys.executable, "-m", "fsl", "train", MINI, "train.tasks=8", "train.val_every=2",
+                           "maml.inner_lr=0.3", *tiny(where)], cwd=REPO, capture_output=True, text=True)
+    assert done.returncode == 2 and "holds a run of another experiment" in done.stdout + done.stderr
+    assert files() == kept

@@ -385,3 +385,27 @@ def test_atomic_writes_are_readable_as_the_umask_allows(tmp_path):
         os.umask(previous)
     assert (tmp_path / "shared.csv").stat().st_mode & 0o777 == 0o644
     assert (tmp_path / "private.csv").stat().st_mode & 0o777 == 0o600
+
+
+def test_tables_on_a_read_only_results_folder_is_one_line_and_an_unknown_stream_is_not_called_old(tmp_path):
+    """#49 UNCLEAR: `fsl tables` on a read-only results folder ended in a traceback; any episode_streams value but
+    per-split was labelled "(before #36)", also one of a newer fsl."""
+    import shutil
+    import subprocess
+    import sys
+
+    from fsl.results import read_summary, upsert_summary
+    results = write_results(tmp_path / "results")
+    base = read_summary(results).iloc[0].to_dict()
+    upsert_summary(results, {**base, "run": "mini-imagenet-conv4-1shot-x", "train_tag": "train.tasks=8",
+                             "episode_streams": "per-task"})
+    report.run(results)
+    other = (results / "tables" / "other_tests.md").read_text()
+    assert "episode streams 'per-task' (unknown to this fsl: written by a newer one?)" in other
+    assert "(before #36)" not in other
+    shutil.rmtree(results / "tables")  # a tables folder no one can write into, root included: a file in its place
+    (results / "tables").write_text("")
+    result = subprocess.run([sys.executable, "-m", "fsl", "tables", "--results", str(results)], cwd=REPO,
+                            capture_output=True, text=True)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    assert "--results: cannot write into" in result.stderr and "fix: --results=" in result.stderr

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Callable, Iterable
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 from torch.utils.data import Dataset
 
 from fsl.data.transforms import IMAGENET, Normalisation, eval_resize_crop
@@ -127,13 +127,23 @@ def header_size(path_or_bytes: Path | bytes) -> tuple[int, int]:
 
 def open_rgb(path_or_bytes: Path | bytes) -> Image.Image:
     """Decode an image file (or encoded bytes) fully into an RGB PIL image; errors name the source. Every reader
-    and `fsl adapt` decode through here. Images of more than 8 bits per channel (16-bit greyscale PNGs of scientific
-    cameras and microscopes: PIL's "I;16" modes, and 32-bit "I" / float "F") are scaled to 0-255 by their type's
-    range: PIL's own convert("RGB") clips them, so every pixel above 255 becomes white (#38)."""
+    and `fsl adapt` decode through here.
+    - Turned upright by its EXIF orientation, as MMFewShot's reader (mmcv.imread -> cv2.imread, which applies it)
+      reads the seed's datasets: a phone photo reaches the model as it is shown, not sideways (#49).
+    - Transparency (RGBA, LA, PA, or a palette or grey image with a transparent colour) is laid over white, as a
+      viewer shows it: dropping the alpha channel, as cv2.imread does, turns black strokes on a transparent
+      background all black (the seed's datasets are JPEGs, which have none).
+    - Images of more than 8 bits per channel (16-bit greyscale PNGs of scientific cameras and microscopes: PIL's
+      "I;16" modes, and 32-bit "I" / float "F") are scaled to 0-255 by their type's range: PIL's own convert("RGB")
+      clips them, so every pixel above 255 becomes white (#38)."""
     source = io.BytesIO(path_or_bytes) if isinstance(path_or_bytes, bytes) else path_or_bytes
-    with Image.open(source) as image:
+    with Image.open(source) as opened:
+        image = ImageOps.exif_transpose(opened)  # a copy, turned, or the same pixels where there is no orientation
         if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
             return wide_to_rgb(image)
+        if image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info:
+            rgba = image.convert("RGBA")
+            return Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
         return image.convert("RGB")  # convert() forces the full decode, so truncated files fail here
 
 

@@ -36,7 +36,9 @@ def split_problems(datasets: dict[str, SplitDataset], needed: dict[str, int],
         for index in range(len(dataset)):
             source = dataset.source(index)
             if source in source_owner and "[" not in source:  # array items are per-split by construction
-                problems.append(f"image {source} is in both the {source_owner[source]} and {split} splits")
+                where = (f"twice in the {split} split" if source_owner[source] == split else
+                         f"in both the {source_owner[source]} and {split} splits")
+                problems.append(f"image {source} is {where}; fix: each image in one split, once")
             source_owner.setdefault(source, split)
     return problems
 

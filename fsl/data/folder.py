@@ -40,7 +40,8 @@ def is_image(path: Path) -> bool:
 def class_folder_images(folder: Path) -> tuple[list[str], list[Path], list[int]]:
     """(class names, image paths, labels) of a folder of class folders, classes and files in sorted order. A class
     folder without images of its own is an error that names it (and where its images are, if they sit a folder
-    deeper): it would count as a class that no episode can draw."""
+    deeper): it would count as a class that no episode can draw; so is one with images of its own and more a folder
+    deeper, which would be left out."""
     classes = sorted(p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
     paths, labels, empty = [], [], []
     for label, name in enumerate(classes):
@@ -49,6 +50,13 @@ def class_folder_images(folder: Path) -> tuple[list[str], list[Path], list[int]]
             deeper = next((p for p in sorted((folder / name).rglob("*")) if is_image(p)), None)
             empty.append(f"{folder / name}" + (f" (its images are a folder deeper, e.g. {deeper}; fix: move them "
                                                f"up into {folder / name})" if deeper else " (no image)"))
+        else:  # images a folder deeper than a class's own would be left out without a word
+            nested = next((p for p in sorted((folder / name).rglob("*")) if is_image(p) and p.parent != folder / name),
+                          None)
+            if nested is not None:
+                raise DatasetError(f"class folder {folder / name} holds images of its own and more in a subfolder "
+                                   f"(e.g. {nested}), which would be left out\n  fix: move them up into "
+                                   f"{folder / name}, or out of it")
         paths += files
         labels += [label] * len(files)
     if empty:

@@ -39,19 +39,29 @@ L2L_SPLIT_NAMES = {"train": "train", "val": "validation", "test": "test"}
 
 
 def read_split_csv(path: Path) -> list[tuple[str, str]]:
-    """(filename, label) rows of a Ravi & Larochelle CSV; errors name the file and line."""
-    with open(path, newline="") as f:
+    """(filename, label) rows of a Ravi & Larochelle CSV; errors name the file and line. A UTF-8 byte order mark
+    (spreadsheet exports) and blank lines are read past; a file named twice is refused (its image would stand twice
+    in an episode's draw: an episode could hold the same image as two of its images)."""
+    with open(path, newline="", encoding="utf-8-sig") as f:
         reader = csv.reader(f)
         header = next(reader, None)
         if header != ["filename", "label"]:
-            raise DatasetError(f"{path}: line 1 should be the header 'filename,label', found {header}")
-        rows = []
+            raise DatasetError(f"{path}: line 1 should be the header 'filename,label', found {header}; fix: the "
+                               f"Ravi & Larochelle split CSVs (`fsl data prepare mini-imagenet`)")
+        rows, first = [], {}
         for line_number, row in enumerate(reader, start=2):
+            if not row or not "".join(row).strip():
+                continue
             if len(row) != 2 or not row[0] or not row[1]:
-                raise DatasetError(f"{path}: line {line_number} is not 'filename,label': {row}")
+                raise DatasetError(f"{path}: line {line_number} is not 'filename,label': {row}; fix: correct or "
+                                   f"delete the line")
+            if row[0] in first:
+                raise DatasetError(f"{path}: line {line_number} names {row[0]} again (as line {first[row[0]]}); "
+                                   f"fix: delete one of the two lines")
+            first[row[0]] = line_number
             rows.append((row[0], row[1]))
     if not rows:
-        raise DatasetError(f"{path} lists no images")
+        raise DatasetError(f"{path} lists no images; fix: the Ravi & Larochelle split CSVs")
     return rows
 
 
@@ -76,7 +86,7 @@ class MiniImageNet(SplitDataset):
         csv_path = root / f"{split}.csv"
         cache_path = root / f"mini-imagenet-cache-{L2L_SPLIT_NAMES[split]}.pkl"
         if csv_path.exists():
-            self._read_csv_layout(root, csv_path)
+            self._read_csv_layout(root, csv_path, images)
         elif cache_path.exists():
             self._read_l2l_cache(cache_path)
         else:
@@ -90,11 +100,13 @@ class MiniImageNet(SplitDataset):
                 + (" (its rows are never comparable to the seed's)" if self.form == "84x84" else "")
                 + f", or point data.root at a root of the {other} form (docs/datasets.md)")
 
-    def _read_csv_layout(self, root: Path, csv_path: Path) -> None:
+    def _read_csv_layout(self, root: Path, csv_path: Path, wanted: str | None = None) -> None:
         rows = read_split_csv(csv_path)
         images = require(root / "images", "mini-ImageNet image folder", LAYOUT)
         first_file, first_label = rows[0]
-        self.form = "84x84" if (images / first_file).exists() or not (images / first_label).is_dir() else "full"
+        flat, nested = (images / first_file).exists(), (images / first_label).is_dir()
+        # a root may hold both forms (the release's images beside ImageNet's class folders): the one asked for
+        self.form = (wanted or "full") if flat and nested else ("84x84" if flat or not nested else "full")
         self.class_names = sorted({label for _, label in rows})
         class_index = {name: i for i, name in enumerate(self.class_names)}
         self.labels = [class_index[label] for _, label in rows]

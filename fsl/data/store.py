@@ -38,8 +38,9 @@ from fsl.data import native
 from fsl.data.base import DatasetError, SplitDataset
 from fsl.data.progress import progress_bar
 
-FORMAT = "fsl-image-store-4"  # 3: the eval kind is mmcls's cv2 resize and centre crop; 4: the train kind at full
-                              # resolution (#35)
+FORMAT = "fsl-image-store-5"  # 3: the eval kind is mmcls's cv2 resize and centre crop; 4: the train kind at full
+                              # resolution (#35); 5: images turned by their EXIF orientation, transparency over white
+                              # (fsl.data.base.open_rgb, #49)
 KINDS = ("train", "eval")
 
 

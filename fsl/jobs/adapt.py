@@ -36,7 +36,7 @@ from fsl.data.omniglot import resize_binary
 from fsl.device.distributed import resolve_device
 from fsl.device.precision import apply_precision, autocast
 from fsl.maml import InnerLoop, adapt
-from fsl.results.files import check_writable, write_atomic
+from fsl.results.files import check_writable, sha256_of, write_atomic
 from fsl.train.checkpoint import load_checkpoint_model
 
 
@@ -63,10 +63,14 @@ def read_images(paths: list[Path], image_size: int, reader: type[SplitDataset] =
 
 def support_set(folder: Path, ways: int) -> tuple[list[str], list[Path], list[int]]:
     """The support folder's classes, images and labels; refused, with the reason, if the head cannot take it."""
+    layout = f"SUPPORT_DIR/<class>/<image>, one folder per class ({ways} of them)"
+    if folder.is_file():
+        raise DatasetError(f"support folder {folder} is a file, not a folder\n  fix: {layout}")
     if not folder.is_dir():
-        raise DatasetError(f"support folder not found: {folder}\n  fix: SUPPORT_DIR/<class>/<image>, one folder "
-                           f"per class")
+        raise DatasetError(f"support folder not found: {folder}\n  fix: {layout}")
     classes, paths, labels = class_folder_images(folder)
+    if not classes:
+        raise DatasetError(f"{folder} holds no class folder of images\n  fix: {layout}")
     if len(classes) != ways:
         raise DatasetError(f"{folder} holds {len(classes)} class folder(s) {classes[:8]}, but the checkpoint's head "
                            f"classifies {ways} ways\n  fix: give exactly {ways} class folders (or use a checkpoint "
@@ -139,7 +143,10 @@ def run(checkpoint: str | Path, support_dir: str | Path, queries: list[str], out
     for path, p in zip(files, probabilities.tolist()):
         rows.append({"file": str(path), "predicted": classes[int(np.argmax(p))],
                      **{f"p_{name}": round(value, 6) for name, value in zip(classes, p)}, "batch_norm": batch_norm})
-    known = [(row, path.parent.name) for row, path in zip(rows, files) if path.parent.name in classes]
+    support = {sha256_of(path) for path in support_paths}  # a query that is a support image tests nothing
+    seen = [sha256_of(path) in support for path in files]
+    known = [(row, path.parent.name) for row, path, shown in zip(rows, files, seen)
+             if path.parent.name in classes and not shown]
     accuracy = 100 * np.mean([row["predicted"] == truth for row, truth in known]) if known else None
     if out is not None:
         def write(tmp: str) -> None:
@@ -155,6 +162,9 @@ def run(checkpoint: str | Path, support_dir: str | Path, queries: list[str], out
         print(f"  {Path(row['file']).name:40.40s} -> {row['predicted']} ({row['p_' + row['predicted']]:.2f})")
     if len(rows) > 10:
         print(f"  ... {len(rows) - 10} more" + (f" in {out}" if out else ""))
+    if any(seen):
+        print(f"{sum(seen)} of the {len(files)} queries are support images (the same file contents): left out of "
+              f"the accuracy, which would measure nothing on them")
     if accuracy is not None:
         print(f"accuracy on the {len(known)} queries in folders named like a support class: {accuracy:.2f} %")
     return {"predictions": rows, "accuracy": accuracy}

@@ -34,6 +34,7 @@ def run(args: argparse.Namespace) -> int:
             return 1
     counts, problems = check_dataset(args.dataset, root, decode=not args.no_decode, progress=not args.json,
                                      min_images=episode_sizes(args, cfg))
+    problems += form_problems(args.dataset, root, cfg)
     for problem in summarise(problems):
         print(f"error: {problem}", file=sys.stderr)
     if args.json:
@@ -51,6 +52,20 @@ def run(args: argparse.Namespace) -> int:
             print(f"{root} holds {form}")
         print(f"{root}: {'OK' if not problems else f'{len(problems)} problem(s)'}")
     return 1 if problems else 0
+
+
+def form_problems(dataset: str, root: Path, cfg: Config | None) -> list[str]:
+    """Where the --config cell reads one form of a dataset that has two (mini-ImageNet's full-size JPEGs or 84x84
+    release, Omniglot's binary or greyscale images: Config.images_form), whether `root` holds it, as `fsl train`
+    will ask (#49: the check said OK where training refused)."""
+    if cfg is None or not cfg.images_form:
+        return []
+    from fsl.data import load_split
+    try:
+        load_split(dataset, root, "test", images=cfg.images_form)
+    except DatasetError as error:
+        return [str(error)]
+    return []
 
 
 def episode_sizes(args: argparse.Namespace, cfg: Config | None) -> dict[str, int] | None:

@@ -110,6 +110,10 @@ SUMMARY = _schema(
     Column("test_tag", str, default=""),          # test settings other than the run's own ("test.episodes=100");
                                                   # empty (with train_tag): the run's own test, the row the tables
                                                   # use
+    Column("checkpoint_tag", str, default=""),   # '' for the run's own row; the first 12 hex digits of the tested
+                                                  # checkpoint's sha256 for a test of another checkpoint than the
+                                                  # one behind a finished or longer-trained row of the same run
+                                                  # (`place_row`): a row beside it, never in its place; in the key
     Column("episode_streams", str, default=SHARED_STREAMS),  # how the test episodes were drawn: per-split (seed, split,
                                                   # i), since #36; shared: (seed, i) for every split, the rows
                                                   # written before (fsl.data.episodes.EPISODE_STREAMS); in the key
@@ -127,6 +131,12 @@ SUMMARY = _schema(
     Column("mean_acc", float, required=True),     # mean per-episode query accuracy, %
     Column("ci95", float, required=True),         # 95% confidence half-width, % (MMFewShot's "std")
     Column("episodes", int, required=True),       # test episodes
+    Column("queries", int),                       # query images per class of each test episode (test.queries)
+    Column("test_seed", int),                     # the seed of the test episodes (test.seed)
+    Column("class_rotations", bool),              # every class turned by a random multiple of 90 degrees
+    Column("episodes_id", str, default=""),       # a hash of everything that picks the test episodes' images
+                                                  # (`episodes_identity`): two rows of one episodes_id were tested on
+                                                  # the same episodes (fsl compare); empty in rows of before #49
     Column("train_tasks", int),                   # tasks the run behind the checkpoint trained
     Column("planned_tasks", int),                 # train.tasks of its config (train.stop_at may stop it before)
     Column("best_val_tasks", int),                # task count of the validation-selected checkpoint
@@ -187,9 +197,11 @@ def _parse(text: str, kind: type) -> Any:
     return text
 
 
-def read_csv(path: str | Path, schema: dict[str, Column]) -> pd.DataFrame:
-    """Read a results CSV, checking it against `schema`. Missing optional columns get their defaults; every value is
-    converted to its column's type (nullable pandas dtypes: Int64, boolean, float64, object)."""
+def read_csv(path: str | Path, schema: dict[str, Column], current: str | None = None) -> pd.DataFrame:
+    """Read a results CSV, checking it against `schema`. Missing optional columns get their defaults (files written
+    before the column existed), except in a file that has the column `current` (the schema's newest): that file was
+    written by this fsl with every column, and one it lacks was cut or deleted by hand, so it is refused. Every value
+    is converted to its column's type (nullable pandas dtypes: Int64, boolean, float64, object)."""
     path = Path(path)
     if not path.exists():
         raise ResultsError(f"{path} not found")
@@ -204,6 +216,11 @@ def read_csv(path: str | Path, schema: dict[str, Column]) -> pd.DataFrame:
     if missing:
         raise ResultsError(f"{path}: missing column(s) {missing}; found {list(raw.columns)}\n  fix: this is not a "
                            f"file fsl wrote, or it was cut; rerun the command that writes it")
+    lost = [name for name in schema if name not in raw.columns] if current in raw.columns else []
+    if lost:  # a default would silently stand in for what the file said (a deleted `comparable` reads as False)
+        raise ResultsError(f"{path}: column(s) {lost} missing from a file this fsl wrote (it has '{current}'): cut or "
+                           f"edited by hand\n  fix: restore them (e.g. git checkout -- {path}), or delete the file "
+                           f"and rerun the tests that wrote its rows")
     frame = pd.DataFrame(index=raw.index)
     for column in schema.values():
         values = []
@@ -275,19 +292,64 @@ def read_summary(results_dir: str | Path, must_exist: bool = False) -> pd.DataFr
             raise ResultsError(f"{path} is missing or empty: no cell has been tested yet\n  fix: run "
                                f"`python -m fsl test <config>` (or `make <cell>`) first")
         return pd.DataFrame({c.name: pd.Series(dtype=PANDAS_TYPES[c.kind]) for c in SUMMARY.values()})
-    summary = read_csv(path, SUMMARY)
+    summary = read_csv(path, SUMMARY, current=CURRENT_SUMMARY)
     unnamed = summary["run"].isna()
     summary.loc[unnamed, "run"] = summary.loc[unnamed, "cell"] + np.where(summary.loc[unnamed, "quick"], "-quick", "")
+    check_unique_rows(path, summary)
     return summary
 
 
-ROW_KEY = ("run", "train_tag", "test_tag", "episode_streams")  # one row per run, training settings, test settings
-                                                               # and episode streams
+CURRENT_SUMMARY = "episodes_id"  # the newest SUMMARY column: a summary.csv that has it must have every column
+
+
+def check_unique_rows(path: Path, summary: pd.DataFrame) -> None:
+    """Refuse two rows of one key (ROW_KEY): a copied line would count as a second training seed, or stand for the
+    run in one table and not another."""
+    first: dict[tuple[str, ...], int] = {}
+    for line, row in enumerate(summary.astype(object).where(summary.notna(), None).to_dict("records"), start=2):
+        key = row_key(row)
+        if key in first:
+            raise ResultsError(f"{path}: line {line} has the key of line {first[key]} ({', '.join(ROW_KEY)} = "
+                               f"{', '.join(repr(k) for k in key)}): a copied or edited row\n  fix: delete one of "
+                               f"the two lines (the one fsl did not write; version control has the file as written)")
+        first[key] = line
+
+
+ROW_KEY = ("run", "train_tag", "test_tag", "episode_streams", "checkpoint_tag")  # one row per run, training
+# settings, test settings, episode streams, and (for a test of another checkpoint beside the run's row) checkpoint
 
 
 def row_key(row) -> tuple[str, ...]:
-    key = tuple("" if pd.isna(row.get(k)) or row.get(k) is None else str(row.get(k)) for k in ROW_KEY)
-    return key[:-1] + (key[-1] or SHARED_STREAMS,)
+    key = ["" if row.get(k) is None or pd.isna(row.get(k)) else str(row.get(k)) for k in ROW_KEY]
+    key[3] = key[3] or SHARED_STREAMS
+    return tuple(key)
+
+
+def _finished(row) -> bool:
+    tasks, planned = row.get("train_tasks"), row.get("planned_tasks")
+    return bool(row.get("comparable")) or (tasks is not None and planned is not None and not pd.isna(tasks)
+                                           and not pd.isna(planned) and tasks >= planned)
+
+
+def place_row(results_dir: str | Path, row: dict) -> dict:
+    """`row` (a test's, with its checkpoint_sha256) as it may enter summary.csv: in the place of the run's own row of
+    the same key when that row came from the same checkpoint, or from a run that had not finished and trained no more
+    tasks than this one (the run went on); otherwise beside it, under its checkpoint's tag (`checkpoint_tag`, its
+    own per-run files), not comparable: a finished result, its published checkpoint and its files are never replaced
+    by another checkpoint's test (a budget run's `train.stop_at`, a retrained or edited checkpoint)."""
+    own_key = row_key({**row, "checkpoint_tag": ""})
+    summary = read_summary(results_dir)
+    held = [r for r in summary.astype(object).where(summary.notna(), None).to_dict("records")
+            if row_key(r) == own_key]
+    if not held or held[0].get("checkpoint_sha256") == row["checkpoint_sha256"]:
+        return {**row, "checkpoint_tag": ""}
+    old = held[0]
+    if not _finished(old) and (old.get("train_tasks") or 0) <= (row.get("train_tasks") or 0):
+        return {**row, "checkpoint_tag": ""}
+    why = (f"another checkpoint than the one behind the run's {'finished' if _finished(old) else 'longer'} row "
+           f"({old.get('mean_acc')} %, checkpoint {str(old.get('checkpoint_sha256') or 'of unrecorded sha256')[:12]})")
+    return {**row, "checkpoint_tag": row["checkpoint_sha256"][:12], "comparable": False,
+            "not_comparable_why": "; ".join(filter(None, [row.get("not_comparable_why"), why]))}
 
 
 def upsert_summary(results_dir: str | Path, row: dict) -> Path:
@@ -319,11 +381,12 @@ def sha256_of(path: str | Path) -> str:
     return digest.hexdigest()
 
 
-def publish_checkpoint(results_dir: str | Path, row, checkpoint: str | Path) -> dict:
+def publish_checkpoint(results_dir: str | Path, row, checkpoint: str | Path, digest: str | None = None) -> dict:
     """Copy the tested `checkpoint` beside the row's files (results/<cell>/checkpoint<tag>.pth, the run's own file:
     `row_file`) when it is at most PUBLISH_LIMIT_MB, atomically and readable as the umask allows; returns the row's
-    checkpoint_sha256 and published_checkpoint (relative to `results_dir`, empty when not published)."""
-    checkpoint, digest = Path(checkpoint), sha256_of(checkpoint)
+    checkpoint_sha256 and published_checkpoint (relative to `results_dir`, empty when not published). `digest`: the
+    checkpoint's sha256, if known."""
+    checkpoint, digest = Path(checkpoint), digest or sha256_of(checkpoint)
     if checkpoint.stat().st_size > PUBLISH_LIMIT_MB * 2**20:
         return {"checkpoint_sha256": digest, "published_checkpoint": ""}
     target = row_file(results_dir, row, "checkpoint", test=False).with_suffix(".pth")
@@ -359,7 +422,7 @@ def summary_row(tested: Config, accuracies: np.ndarray, checkpoint: dict, checkp
         "image_size": tested.data.image_size,
         "train_batch": tested.train.ways * (tested.train.shots + tested.train.queries),
         "mean_acc": round(float(accuracies.mean()), 4), "ci95": round(ci95(accuracies), 4),
-        "episodes": len(accuracies),
+        "episodes": len(accuracies), **episodes_identity(tested, len(accuracies)),
         "train_tasks": train_tasks, "planned_tasks": trained.train.tasks,
         "best_val_tasks": checkpoint["best_val_tasks"], "quick": tested.quick,
         "comparable": comparable, "not_comparable_why": why, "seed": tested.seed,
@@ -377,11 +440,28 @@ def summary_row(tested: Config, accuracies: np.ndarray, checkpoint: dict, checkp
     }
 
 
+EPISODE_FIELDS = ("dataset", "data_root", "images", "split", "ways", "shots", "queries", "test_seed", "class_rotations",
+                  "image_size", "episode_streams", "episodes")  # what picks a test's episodes and their images
+
+
+def episodes_identity(tested: Config, episodes: int, split: str = "test") -> dict:
+    """The row's record of which episodes `tested` was tested on (`episodes` of them): queries, test_seed,
+    class_rotations, and episodes_id, a hash of EPISODE_FIELDS (the others are columns of the row already)."""
+    fields = {"dataset": tested.data.dataset, "data_root": tested.data_root.name, "images": tested.images_form,
+              "split": split, "ways": tested.test.ways, "shots": tested.test.shots, "queries": tested.test.queries,
+              "test_seed": tested.test.seed, "class_rotations": tested.data.class_rotations,
+              "image_size": tested.data.image_size, "episode_streams": EPISODE_STREAMS, "episodes": episodes}
+    return {"queries": tested.test.queries, "test_seed": tested.test.seed,
+            "class_rotations": tested.data.class_rotations,
+            "episodes_id": short_hash(" ".join(f"{k}={fields[k]}" for k in EPISODE_FIELDS))}
+
+
 def own_tests(summary: pd.DataFrame) -> pd.DataFrame:
     """The rows of each run's own test of its config file's settings (empty train_tag and test_tag): what the tables
     and plots show. A run tested on both episode streams shows its per-split row only (the shared-stream row stays
     in summary.csv)."""
-    own = summary[(summary["test_tag"].fillna("") == "") & (summary["train_tag"].fillna("") == "")]
+    own = summary[(summary["test_tag"].fillna("") == "") & (summary["train_tag"].fillna("") == "")
+                  & (summary["checkpoint_tag"].fillna("") == "")]
     streams = own["episode_streams"].fillna(SHARED_STREAMS)
     retested = set(own.loc[streams == EPISODE_STREAMS, "run"])
     return own[(streams == EPISODE_STREAMS) | ~own["run"].isin(retested)]
@@ -390,7 +470,7 @@ def own_tests(summary: pd.DataFrame) -> pd.DataFrame:
 def find_run(summary: pd.DataFrame, run: str, train_tag: str = "") -> pd.Series | None:
     """The row of `run`'s own test under training settings `train_tag`, or None."""
     match = summary[(summary["run"] == run) & (summary["train_tag"].fillna("") == train_tag)
-                    & (summary["test_tag"].fillna("") == "")
+                    & (summary["test_tag"].fillna("") == "") & (summary["checkpoint_tag"].fillna("") == "")
                     & (summary["episode_streams"].fillna(SHARED_STREAMS) == EPISODE_STREAMS)]
     return None if match.empty else match.iloc[0]
 
@@ -415,16 +495,18 @@ def short_hash(text: str) -> str:
 
 
 def run_file(results_dir: str | Path, cell: str, run: str, stem: str, test_tag: str = "", train_tag: str = "",
-             streams: str = EPISODE_STREAMS) -> Path:
+             streams: str = EPISODE_STREAMS, checkpoint_tag: str = "") -> Path:
     """results/<cell>/<stem><tag>.csv, where tag is what the run name adds to the cell, with '_' for '-'
     (run 'cub-conv4-1shot-quick': test_episodes_quick.csv), then '__train-<hash>' for a run with other training
     settings than its config file's (`train_tag`), '__test-<hash>' for a test with other settings than the run's
-    own (`test_tag`) and '__shared-streams' for a row of the episode streams before #36 (`streams`): so that no
-    other run or test ever replaces a run's own file."""
+    own (`test_tag`), '__shared-streams' for a row of the episode streams before #36 (`streams`) and
+    '__ckpt-<sha256 prefix>' for a test of another checkpoint beside the run's own row (`checkpoint_tag`): so that
+    no other run or test ever replaces a run's own file."""
     tag = run[len(cell):] if run.startswith(cell) else f"-{run}"
     other = (f"__train-{short_hash(train_tag)}" if train_tag else "") + (f"__test-{short_hash(test_tag)}"
                                                                          if test_tag else "")
     other += "__shared-streams" if streams == SHARED_STREAMS else ""
+    other += f"__ckpt-{checkpoint_tag}" if checkpoint_tag else ""
     return Path(results_dir) / cell / f"{stem}{tag.replace('-', '_')}{other}.csv"
 
 
@@ -434,9 +516,10 @@ def cell_file(cfg: Config, stem: str) -> Path:
 
 def row_file(results_dir: str | Path, row, stem: str, test: bool = True) -> Path:
     """The per-run file `stem` of a summary row (its test's when `test`, else its run's: the training log)."""
-    streams = row.get("episode_streams")
+    streams, beside = row.get("episode_streams"), row.get("checkpoint_tag")
     return run_file(results_dir, row["cell"], row["run"], stem, (row["test_tag"] or "") if test else "",
-                    row["train_tag"] or "", streams if isinstance(streams, str) and streams else SHARED_STREAMS)
+                    row["train_tag"] or "", streams if isinstance(streams, str) and streams else SHARED_STREAMS,
+                    beside if isinstance(beside, str) else "")
 
 
 def write_test_episodes(path: str | Path, accuracies: np.ndarray) -> Path:

@@ -95,7 +95,9 @@ def meta_test_config(trained: Config, requested: Config, checkpoint: str | Path)
         raise ConfigError(f"{checkpoint} was trained with other settings than this command asks for:\n"
                           f"{_listing(diffs, 'trained with', 'requested')}\n"
                           f"  only test-time settings (test.*, maml.test_inner_steps, precision) and run settings "
-                          f"({', '.join(RUN_KEYS)}) may differ at test.\n"
+                          f"({', '.join(k for k in RUN_KEYS if k in allowed)}) may differ at test"
+                          + (" (a folder dataset's data.root is its data)" if "data.root" not in allowed else "")
+                          + ".\n"
                           f"  fix: test with the config and overrides it was trained with (e.g. add `{overrides}`), "
                           f"or train a model with the new settings")
     effective = Config()

@@ -24,9 +24,10 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from fsl import results as results_io  # noqa: E402
-from fsl.data.episodes import EPISODE_STREAMS  # noqa: E402
+from fsl.data.episodes import EPISODE_STREAMS, SHARED_STREAMS  # noqa: E402
 from fsl.results.files import (
     ResultsError,  # noqa: E402, F401  (raised by the readers; re-exported for callers)
+    check_writable,  # noqa: E402
     write_text_atomic,  # noqa: E402
 )
 from fsl.results.reference import OMNIGLOT, OMNIGLOT_SOURCE, REFERENCE, reference  # noqa: E402
@@ -139,7 +140,7 @@ def longer_tests(others: pd.DataFrame) -> dict[tuple[str, str, str], pd.Series]:
     differ from its own only in test.episodes (#51: the protocol's 600 episodes, again on 6,000)."""
     found: dict[tuple[str, str, str], pd.Series] = {}
     for _, row in others.iterrows():
-        if RETEST.fullmatch(str(row["test_tag"])):
+        if RETEST.fullmatch(str(row["test_tag"])) and not row["checkpoint_tag"]:
             key = (row["run"], row["train_tag"], row["episode_streams"])
             if key not in found or row["episodes"] > found[key]["episodes"]:
                 found[key] = row
@@ -482,8 +483,12 @@ def other_tests_table(rows: pd.DataFrame, results_dir: Path | None = None) -> st
     for row in rows.itertuples():
         ckpt, log = artefacts(row._asdict(), results_dir)
         training = row.train_tag or "its config file"
-        if row.episode_streams != EPISODE_STREAMS:  # a run of before #36, retested since on the per-split streams
+        if row.checkpoint_tag:  # another checkpoint's test, beside the run's own row (fsl.results.files.place_row)
+            training += f"; checkpoint {row.checkpoint_tag}"
+        if row.episode_streams == SHARED_STREAMS:  # a run of before #36, retested since on the per-split streams
             training += f"; {row.episode_streams} episode streams (before #36)"
+        elif row.episode_streams != EPISODE_STREAMS:  # not a value this fsl writes
+            training += f"; episode streams {row.episode_streams!r} (unknown to this fsl: written by a newer one?)"
         lines.append(f"| {row.run} | {training} | {row.test_tag or 'its own'} | "
                      f"{fmt(row.mean_acc, row.ci95)} | {row.episodes} | {optional_int(row.train_tasks)} | {ckpt} | "
                      f"{log} |")
@@ -496,6 +501,7 @@ def run(results_dir: str | Path = "results") -> list[Path]:
     (another run of the cell, another test of a run) go to other_tests.md."""
     results = Path(results_dir)
     everything = read_summary(results)
+    check_writable(results / "tables", "--results")  # a read-only results folder: one line, not a traceback
     summary = results_io.own_tests(everything).reset_index(drop=True)
     written = []
     others = everything[~everything.index.isin(results_io.own_tests(everything).index)]

@@ -81,7 +81,9 @@ def meta_train(cfg: Config, device: torch.device) -> Path:
     learned_rates = list(rates.parameters()) if rates is not None else []
     optimizer = meta_optimizer(meta_parameters(model, cfg.maml.zero_head) + learned_rates, cfg.train.meta_lr)
     checkpoints = Checkpoints(cfg, model, rates, optimizer, device)
-    state = checkpoints.resume()
+    state = checkpoints.resume()  # refuses a checkpoint of another experiment (fsl.results.provenance.check_resume)
+    if main:
+        write_text_atomic(cfg.run_dir / "config.yaml", dump_yaml(cfg))
     if state.tasks_done >= cfg.train.tasks:
         return finish(state, checkpoints, "training already finished")
     if cfg.train.stop_at and state.tasks_done >= cfg.train.stop_at:
@@ -134,7 +136,8 @@ def start_run(cfg: Config, device: torch.device) -> None:
     """Before any long work: refuse a meta-batch torchrun cannot split evenly and data that cannot fill the cell's
     episodes (all three splits, from their labels); build the test
     split's image store (an unreadable test image is found now, not after training); set the numeric precision,
-    print and write the resolved config (<run_dir>/config.yaml), and seed every RNG with cfg.seed."""
+    print the resolved config, and seed every RNG with cfg.seed. The config is written into the run directory only
+    once `meta_train` has checked the checkpoint it resumes: a refused resume changes no file."""
     world = distributed.world_size()
     if world > 1 and cfg.train.tasks % cfg.train.meta_batch:
         raise ConfigError(f"train.tasks={cfg.train.tasks} is not a multiple of train.meta_batch="
@@ -148,7 +151,6 @@ def start_run(cfg: Config, device: torch.device) -> None:
         local_batch = distributed.tasks_per_rank(cfg.train.meta_batch)
         processes = f" x {world} processes ({local_batch} tasks of each meta-batch per process)" if world > 1 else ""
         print(f"cell {cfg.cell} on {device}{processes}; resolved config:\n{dump_yaml(cfg)}", flush=True)
-        write_text_atomic(cfg.run_dir / "config.yaml", dump_yaml(cfg))
     seed_everything(cfg.seed)
 
 
