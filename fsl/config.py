@@ -12,6 +12,7 @@ import hashlib
 import json
 import math
 import re
+import sys
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -349,13 +350,23 @@ def _read_yaml(path: Path) -> dict:
     return tree
 
 
+_SAID_TWICE: set[tuple[str, str, str]] = set()  # keys given twice that parse_overrides has named in this process
+
+
 def parse_overrides(overrides: list[str]) -> dict[str, str]:
+    """key=value overrides -> {key: value}, the last of a key given twice winning, as scripts and make's ARGS rely on
+    (a setting appended after a shared list); one given twice with different values is named on stderr, once."""
     parsed = {}
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override '{item}' is not key=value (e.g. train.tasks=1000)")
         key, value = item.split("=", 1)
-        parsed[key.strip()] = value
+        key = key.strip()
+        if key in parsed and parsed[key] != value and (key, parsed[key], value) not in _SAID_TWICE:
+            _SAID_TWICE.add((key, parsed[key], value))
+            print(f"fsl: {key} is given twice on the command line ({key}={parsed[key]}, then {key}={value}): the "
+                  f"last, {key}={value}, is used", file=sys.stderr, flush=True)
+        parsed[key] = value
     return parsed
 
 

@@ -141,3 +141,14 @@ def test_the_names_config_checks_are_the_readers_and_backbones():
     from fsl.models import BACKBONES
     assert set(DATASETS) == set(READERS) and set(ARCHS) == set(BACKBONES)
     assert set(GREYSCALE) == {name for name, reader in READERS.items() if reader.channels == 1}
+
+
+def test_a_key_given_twice_on_the_command_line_is_named_and_the_last_used(capsys):
+    """#49 UNCLEAR: `train.tasks=32 train.tasks=8` used the last without a word (YAML's key twice is refused)."""
+    from fsl.config import load_config, parse_overrides
+    assert parse_overrides(["train.tasks=32", "train.tasks=8"]) == {"train.tasks": "8"}
+    said = capsys.readouterr().err
+    assert said.strip() == ("fsl: train.tasks is given twice on the command line (train.tasks=32, then "
+                            "train.tasks=8): the last, train.tasks=8, is used")
+    assert load_config(REPO / "experiments/glyphs-conv4-1shot.yaml", ["seed=1", "seed=1"]).seed == 1
+    assert capsys.readouterr().err == ""  # the same value twice says nothing

@@ -156,3 +156,18 @@ def test_a_row_names_a_clean_commit_beside_uncommitted_results(tmp_path, monkeyp
     assert not git_commit().endswith("+dirty") and len(git_commit()) == 40
     (tmp_path / "code.py").write_text("x = 2\n")
     assert git_commit().endswith("+dirty")
+
+
+def test_a_folder_runs_other_data_root_is_refused_without_listing_data_root_as_free():
+    """#49 UNCLEAR: testing a folder-trained checkpoint with another data.root was refused, while the message listed
+    data.root among the settings that may differ at test."""
+    from fsl.config import ConfigError, load_config
+    from fsl.results.provenance import meta_test_config
+    folder = REPO / "experiments/folder-conv4-5shot.yaml"
+    trained, requested = (load_config(folder, [f"data.root=/data/{name}"]) for name in ("birds", "cars"))
+    with pytest.raises(ConfigError) as refused:
+        meta_test_config(trained, requested, "w/best.pth")
+    message = str(refused.value)
+    assert "data.root: trained with '/data/birds', requested '/data/cars'" in message
+    assert "(a folder dataset's data.root is its data)" in message
+    assert "data.root," not in message.split("may differ at test")[0].split("run settings")[1]
