@@ -1,4 +1,4 @@
-"""Command line: `fsl {train,test,adapt,data,tables,compare,demo,sweep,slurm,done} ...` (or `python -m fsl ...`). It only
+"""Command line: `fsl {train,test,adapt,data,tables,compare,demo,sweep,slurm,tune,done} ...` (or `python -m fsl ...`). It only
 parses the arguments and calls each job's run(): fsl.train.meta_train, fsl.train.meta_test, fsl.jobs.*,
 fsl.results.report."""
 from __future__ import annotations
@@ -43,6 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("run_a", help="a run name of results/summary.csv, e.g. glyphs-conv4-1shot-anil")
     compare.add_argument("run_b")
     compare.add_argument("--results", default="results")
+    add_tune_command(commands)
     done = commands.add_parser("done", help="exit 0 if summary.csv holds this run's comparable result for this config")
     done.add_argument("config")
     done.add_argument("overrides", nargs="*")
@@ -65,6 +66,22 @@ def add_data_command(commands) -> None:
     data.add_argument("--image-size", type=int, default=84, help="cache: the cell's data.image_size")
     data.add_argument("--cache-dir", default="data/cache", help="cache: where the stores go (data.cache_dir)")
     data.add_argument("--no-augment", action="store_true", help="cache: for data.train_augment=false")
+
+
+def add_tune_command(commands) -> None:
+    tune = commands.add_parser("tune", help="search a cell's settings with Optuna on validation only (docs/tuning.md)")
+    tune.add_argument("config", help="experiments/<cell>.yaml (its tune: section is the search space)")
+    tune.add_argument("overrides", nargs="*", help="key=value, for every trial")
+    tune.add_argument("--trials", type=int, default=30, help="finished (complete or pruned) trials to reach")
+    tune.add_argument("--budget", type=int, help="training tasks a trial (default: the cell's train.tasks)")
+    tune.add_argument("--reports", type=int, default=4, help="validations a trial reports to the pruner")
+    tune.add_argument("--study", help="the study's name (default: the run name); its folder: <work_dir>/tune/<name>")
+    tune.add_argument("--storage", help="sqlite (default: one process), journal (several on one machine) or a URL "
+                                        "(postgresql://...: several machines)")
+    tune.add_argument("--jobs", type=int, default=1, help="worker processes on this machine (journal storage)")
+    tune.add_argument("--seed", type=int, default=0, help="the TPE sampler's seed")
+    tune.add_argument("--best", action="store_true", help="then train and test the best settings at the cell's "
+                                                          "full budget, and compare them with the cell's own row")
 
 
 def add_cluster_commands(commands) -> None:
@@ -143,6 +160,10 @@ def run_command(args: argparse.Namespace) -> int:
     elif args.command == "compare":
         from fsl.results import compare
         compare.run(args.results, args.run_a, args.run_b)
+    elif args.command == "tune":
+        from fsl.jobs import tune
+        tune.run(args.config, args.overrides, args.trials, args.budget, args.reports, args.study, args.storage,
+                 args.jobs, args.seed, args.best)
     elif args.command == "done":
         from fsl.results import is_done
         return 0 if is_done(load_config(args.config, args.overrides), args.config) else 1

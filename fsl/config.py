@@ -375,6 +375,7 @@ def _read_chain(path: Path, depth: int = 0) -> dict[str, tuple[Any, int]]:
     file that set it (0: `path` itself): a cell names the shared base, a variant file may name a cell; no deeper."""
     tree = _read_yaml(path)
     base = tree.pop("base", None)
+    tree.pop("tune", None)  # fsl tune's search space, not a setting of the run (`read_tune_space`)
     values = {}
     if base is not None and not isinstance(base, str):
         raise ConfigError(f"{path}: base: {base!r} is not a file name; fix: `base: _base.yaml` (a YAML file, relative "
@@ -386,6 +387,20 @@ def _read_chain(path: Path, depth: int = 0) -> dict[str, tuple[Any, int]]:
         values.update(_read_chain(path.parent / base, depth + 1))
     values.update({key: (value, depth) for key, value in _flatten(tree, path=path).items()})
     return values
+
+
+def read_tune_space(path: str | Path) -> dict[str, dict]:
+    """The `tune:` section of a config file over its base's (a key's entry in the file replaces its base's): `fsl
+    tune`'s search space, {config key: {low, high[, log]} | {factor: [low, high][, log]} | {choices: [...]}}
+    (fsl.jobs.tune checks the entries)."""
+    path = Path(path)
+    tree = _read_yaml(path)
+    space = read_tune_space(path.parent / tree["base"]) if isinstance(tree.get("base"), str) else {}
+    own = tree.get("tune") or {}
+    if not isinstance(own, dict):
+        raise ConfigError(f"{path}: tune: is {own!r}, not a mapping of config keys to ranges; fix: e.g. `tune:` then "
+                          f"`  maml.inner_lr: {{factor: [0.5, 2.0], log: true}}` (docs/tuning.md)")
+    return {**space, **own}
 
 
 COMMAND_LINE = -1  # the depth of a command-line override: more specific than any file

@@ -99,12 +99,12 @@ def test_the_command_line_only_parses_and_dispatches():
     tree = ast.parse((REPO / "fsl/__main__.py").read_text())
     assert not [node for node in ast.walk(tree) if isinstance(node, ast.ClassDef)]
     functions = {node.name for node in tree.body if isinstance(node, ast.FunctionDef)}
-    assert functions <= {"build_parser", "add_data_command", "add_cluster_commands", "main", "split_checkpoint",
-                         "run_command"}
+    assert functions <= {"build_parser", "add_data_command", "add_cluster_commands", "add_tune_command", "main",
+                         "split_checkpoint", "run_command"}
     calls = {ast.unparse(node.func) for node in ast.walk(tree) if isinstance(node, ast.Call)}
     jobs = {call for call in calls if call.endswith(".run") or call.endswith(".run_command")}
     assert jobs == {"train.run", "meta_test.run_command", "data.run", "report.run", "adapt.run", "demo.run",
-                    "sweep.run", "slurm.run", "compare.run"}
+                    "sweep.run", "slurm.run", "compare.run", "tune.run"}
 
 
 def test_no_function_in_fsl_is_longer_than_60_lines():

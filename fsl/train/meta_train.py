@@ -60,8 +60,10 @@ class TrainingError(RuntimeError):
     """Training cannot go on (NaN loss, out of memory); the message says where and what to do."""
 
 
-def run(cfg: Config) -> Path:
+def run(cfg: Config, test_split: bool = True) -> Path:
     """Train `cfg`'s cell to cfg.train.tasks tasks (resuming if possible). Returns the best checkpoint's path.
+    `test_split`: build the test split's image store first, so that an unreadable test image is found before
+    training (fsl tune passes False: a study reads nothing of the test split but its labels).
 
     Under torchrun every rank runs this function; see fsl.device.distributed for who does what."""
     device = distributed.setup(cfg.device)
@@ -70,13 +72,13 @@ def run(cfg: Config) -> Path:
         check_writable(cfg.run_dir, "work_dir")
         check_writable(Path(cfg.results_dir), "results_dir")
     with RunDirLock(cfg.run_dir) if distributed.is_main() else nullcontext():
-        return meta_train(cfg, device)
+        return meta_train(cfg, device, test_split)
 
 
-def meta_train(cfg: Config, device: torch.device) -> Path:
+def meta_train(cfg: Config, device: torch.device, test_split: bool = True) -> Path:
     """`run` with the device set up and the run directory locked: the protocol's training loop."""
     main = distributed.is_main()
-    start_run(cfg, device)
+    start_run(cfg, device, test_split)
     model, rates = build_learner(cfg, device)
     learned_rates = list(rates.parameters()) if rates is not None else []
     optimizer = meta_optimizer(meta_parameters(model, cfg.maml.zero_head) + learned_rates, cfg.train.meta_lr)
@@ -132,7 +134,7 @@ def meta_train(cfg: Config, device: torch.device) -> Path:
     return finish(state, checkpoints, "finished")
 
 
-def start_run(cfg: Config, device: torch.device) -> None:
+def start_run(cfg: Config, device: torch.device, test_split: bool = True) -> None:
     """Before any long work: refuse a meta-batch torchrun cannot split evenly and data that cannot fill the cell's
     episodes (all three splits, from their labels); build the test
     split's image store (an unreadable test image is found now, not after training); set the numeric precision,
@@ -146,7 +148,8 @@ def start_run(cfg: Config, device: torch.device) -> None:
                           f"{cfg.train.tasks // cfg.train.meta_batch * cfg.train.meta_batch}")
     apply_precision(cfg.precision, device, cfg.cudnn_benchmark, cfg.deterministic)
     check_cell_data(cfg)
-    cell_store(cfg, cell_split(cfg, "test"), "test", "eval")
+    if test_split:
+        cell_store(cfg, cell_split(cfg, "test"), "test", "eval")
     if distributed.is_main():
         local_batch = distributed.tasks_per_rank(cfg.train.meta_batch)
         processes = f" x {world} processes ({local_batch} tasks of each meta-batch per process)" if world > 1 else ""
