@@ -143,6 +143,11 @@ def postgres(tmp_path: Path) -> tuple[list[str], Path]:
     pytest.importorskip("psycopg2", reason="no PostgreSQL driver (psycopg2-binary, requirements-dev.txt)")
     prefix = []
     if os.geteuid() == 0:
+        import pwd
+        try:
+            pwd.getpwnam("postgres")
+        except KeyError:
+            pytest.skip("running as root without a postgres user: PostgreSQL refuses to start as root")
         if shutil.which("runuser") is None:
             pytest.skip("running as root without runuser: PostgreSQL refuses to start as root")
         prefix = ["runuser", "-u", "postgres", "--"]
