@@ -104,6 +104,15 @@ def test_a_folder_cell_trains_tests_and_is_never_comparable(trained_folder_cell)
     assert not row["comparable"] and "no reference number" in row["not_comparable_why"]
 
 
+def support_set(root: Path, support: Path, per_class: int) -> Path:
+    """SUPPORT/<class>/<image>: the first `per_class` images of each test class of the folder cell."""
+    for folder in sorted((root / "test").iterdir()):
+        (support / folder.name).mkdir(parents=True)
+        for image in sorted(folder.iterdir())[:per_class]:
+            shutil.copy(image, support / folder.name / image.name)
+    return support
+
+
 def adapt(*args) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "fsl", "adapt", *map(str, args)], cwd=REPO, capture_output=True,
                           text=True, timeout=120)
@@ -142,11 +151,7 @@ def test_adapt_together_is_the_transductive_test_where_other_queries_change_a_la
     the same image gets other probabilities alone and among others (#38 item 4: the default no longer does)."""
     tmp, root = trained_folder_cell
     checkpoint = tmp / "work/folder-conv4-5shot/best_accuracy_mean.pth"
-    support = tmp_path / "support"
-    for folder in sorted((root / "test").iterdir()):
-        (support / folder.name).mkdir(parents=True)
-        for image in sorted(folder.iterdir())[:5]:
-            shutil.copy(image, support / folder.name / image.name)
+    support = support_set(root, tmp_path / "support", 5)
     others = [sorted(folder.iterdir())[5] for folder in sorted((root / "test").iterdir())]
     single = others[0]
     result = adapt(checkpoint, support, *others, *others, single, "--batch-norm", "together", "--out",
@@ -247,11 +252,7 @@ def test_adapt_leaves_support_images_out_of_its_accuracy_and_says_what_a_support
     empty support folder suggested train.ways=0; a support path that is a file said 'not found'."""
     tmp, root = trained_folder_cell
     checkpoint = tmp / "work/folder-conv4-5shot/best_accuracy_mean.pth"
-    support = tmp_path / "support"
-    for folder in sorted((root / "test").iterdir()):
-        (support / folder.name).mkdir(parents=True)
-        for image in sorted(folder.iterdir())[:2]:
-            shutil.copy(image, support / folder.name / image.name)
+    support = support_set(root, tmp_path / "support", 2)
     same = adapt(checkpoint, support, support)
     assert same.returncode == 0, same.stderr
     assert "10 of the 10 queries are support images (the same file contents): left out of the accuracy" in \
