@@ -222,7 +222,7 @@ def throughput_lines(args: argparse.Namespace, root: Path, work: Path, device: t
     lines: list[str] = []
     parts, v1_rates, fsl_rates = {}, [], []
     for workers in args.workers:
-        rate, nbytes = rate_v1(root, args.episodes, workers)
+        rate, v1_bytes = rate_v1(root, args.episodes, workers)
         v1_rates.append(rate)
     for workers in args.workers:
         rate, nbytes, parts = rate_fsl(root, work / "cache", args.episodes, workers, device)
@@ -233,8 +233,8 @@ def throughput_lines(args: argparse.Namespace, root: Path, work: Path, device: t
                  f"**{max(fsl_rates) / max(v1_rates):.2f}x** |")
     print("\n".join(lines[-len(args.workers) - 1:]), flush=True)
     describe = parts["describe 8 episodes (one process)"] / META_BATCH
-    lines += ["", "Bytes per meta-batch from the workers: v1 67.8 MB of float32 through shared memory; fsl "
-              f"{nbytes / 1024:.1f} KB of numpy through a pipe.", "",
+    lines += ["", f"Bytes per meta-batch from the workers: v1 {v1_bytes / 1e6:.1f} MB of float32 through shared "
+              f"memory; fsl {nbytes / 1024:.1f} KB of numpy through a pipe.", "",
               "Where the time goes (meta-batch of 8, one process):", ""]
     lines += [f"- {name}: {seconds * 1000:.1f} ms" for name, seconds in parts.items()]
     lines += ["", "Feeding a GPU: there the trainer augments on the GPU and the CPU work per episode is its "
@@ -277,14 +277,15 @@ def memory_lines(args: argparse.Namespace, work: Path) -> list[str]:
     return lines
 
 
+WINDOW = 1.0  # seconds: the consumer part's windows (alone, beside the thread, alone, beside the process), --rounds
+
+
 def host_work_child(queue, root: str, images: str, cache: str, cores: list[int], batches: int,
-                    consumer: float = 0.0) -> None:
+                    consumer: float = 0.0, rounds: int = 6) -> None:
     """In a process pinned to `cores`: the steady-state wall time per meta-batch of the trainer's host work, or (with
     `consumer`, an input rate in tasks/s) a consumer thread's rate of small torch ops alone and beside a producer
-    thread that gathers meta-batches at that rate (as a GPU's step consumes them; the queue of EpisodeStream holds
-    the producer back), on one gather thread."""
-    import threading
-
+    that gathers meta-batches at that rate (as a GPU's step consumes them; the queue of EpisodeStream holds the
+    producer back), on one gather thread: `consumer_rates`."""
     os.sched_setaffinity(0, cores)
     torch.set_num_threads(1)
     dataset = load_split("mini-imagenet", Path(root), "train", images=images)
@@ -300,9 +301,10 @@ def host_work_child(queue, root: str, images: str, cache: str, cores: list[int],
     # would time a path the product does not take on a GPU machine
     workers = 1 if consumer or len(cores) > 1 else 0
 
-    def produce(stop=None, interval: float = 0.0, core: int | None = None) -> tuple[float, int, int]:
+    def produce(stop=None, interval: float = 0.0, core: int | None = None, gate=None) -> tuple[float, int, int]:
         """Gather every meta-batch of the loader, the first two untimed, one every `interval` seconds at most, this
-        thread (and the loader worker it forks) on `core` if given; (seconds per meta-batch, bytes, count)."""
+        thread (and the loader worker it forks) on `core` if given, and only while `gate` (an Event) is set;
+        (seconds per meta-batch, bytes, count)."""
         if core is not None:
             os.sched_setaffinity(0, [core])  # 0: the calling thread
         loader = iter(episode_loader(episodes, META_BATCH, workers))
@@ -310,13 +312,19 @@ def host_work_child(queue, root: str, images: str, cache: str, cores: list[int],
             warm = make.gather(next(loader))
             make.free[tuple(warm.pixels.shape)] = warm.pixels
         start, count, nbytes = time.perf_counter(), 0, 0
+        due = start
         for specs in loader:
+            if gate is not None and not gate.is_set():
+                while not gate.wait(0.05):
+                    if stop.is_set():
+                        break
+                due = time.perf_counter()  # paced afresh: no burst to catch up after a pause
             gathered = make.gather(specs)
             make.free[tuple(gathered.pixels.shape)] = gathered.pixels  # consumed, as build would
-            nbytes, count = gathered.pixels.nbytes, count + 1
+            nbytes, count, due = gathered.pixels.nbytes, count + 1, due + interval
             if stop is not None and stop.is_set():
                 break
-            time.sleep(max(0.0, start + count * interval - time.perf_counter()))
+            time.sleep(max(0.0, due - time.perf_counter()))
         return (time.perf_counter() - start) / max(count, 1), nbytes, count
 
     if not consumer:
@@ -324,9 +332,20 @@ def host_work_child(queue, root: str, images: str, cache: str, cores: list[int],
         queue.put({"seconds": seconds, "bytes": nbytes, "whole": make.whole,
                    "native": __import__("fsl.data.native", fromlist=["load"]).load() is not None})
         return
-    x, w = torch.randn(8, 32, 10, 10), torch.randn(32, 32, 3, 3)
+    queue.put(consumer_rates(produce, META_BATCH / consumer, cores, rounds))
 
-    os.sched_setaffinity(0, [cores[0]])  # the consumer (this thread) keeps a core, as the launching thread would
+
+def consumer_rates(produce, interval: float, cores: list[int], rounds: int) -> dict:
+    """The consumer (this thread, on cores[0], as the launching thread keeps a core): its rate of small torch ops in
+    `rounds` rounds of four WINDOW-second windows, alone, beside `produce` in a thread of this process on cores[1]
+    (sharing the interpreter lock), alone, and, the control, beside the same producer in a process of its own (no
+    lock shared; the same core). The producers pause between their windows (a gate), so that each window's rate is
+    compared with the alone windows next to it in time: the machine's own drift (other tenants) falls on both."""
+    import multiprocessing
+    import threading
+
+    x, w = torch.randn(8, 32, 10, 10), torch.randn(32, 32, 3, 3)
+    os.sched_setaffinity(0, [cores[0]])
 
     def ops_per_second(seconds: float) -> float:
         count, start = 0, time.perf_counter()
@@ -334,27 +353,36 @@ def host_work_child(queue, root: str, images: str, cache: str, cores: list[int],
             torch.relu(torch.nn.functional.conv2d(x, w, padding=1)).sum()
             count += 1
         return count / (time.perf_counter() - start)
-    ops_per_second(0.5)
-    alone = ops_per_second(3.0)
-    stop, result = threading.Event(), {}
+    stop, beside_gate, result = threading.Event(), threading.Event(), {}
     producer = threading.Thread(target=lambda: result.update(zip(("seconds", "bytes", "count"),
-                                                                 produce(stop, META_BATCH / consumer, cores[1]))))
+                                                                 produce(stop, interval, cores[1], beside_gate))))
+    context = multiprocessing.get_context("fork")
+    apart_stop, apart_gate = context.Event(), context.Event()
+    other = context.Process(target=lambda: produce(apart_stop, interval, cores[1], apart_gate))
     producer.start()
-    time.sleep(0.5)
-    beside = ops_per_second(3.0)
-    stop.set()
-    producer.join()
-    # the control: the same producer in a process of its own (no interpreter lock shared), on the same core
-    import multiprocessing
-    gate = multiprocessing.get_context("fork").Event()
-    other = multiprocessing.get_context("fork").Process(target=lambda: produce(gate, META_BATCH / consumer, cores[1]))
     other.start()
-    time.sleep(0.5)
-    apart = ops_per_second(3.0)
-    gate.set()
+    ops_per_second(2.0)  # warm-up: both producers past their first batches, waiting at their gates
+    rates: dict[str, list[float]] = {"alone": [], "beside": [], "apart": []}
+    gated = 0.0  # seconds the thread producer was let run
+    for _ in range(rounds):
+        for name, gate in (("alone", None), ("beside", beside_gate), ("alone", None), ("apart", apart_gate)):
+            opened = time.perf_counter()
+            if gate is not None:
+                gate.set()
+                time.sleep(0.2)  # the producer at its pace
+            rates[name].append(ops_per_second(WINDOW))
+            if gate is not None:
+                gate.clear()
+                gated += (time.perf_counter() - opened) if name == "beside" else 0.0
+                time.sleep(0.1)  # its last batch done
+    stop.set()
+    apart_stop.set()
+    beside_gate.set()
+    apart_gate.set()
+    producer.join()
     other.join()
-    again = ops_per_second(3.0)
-    queue.put({"alone": (alone + again) / 2, "beside": beside, "apart": apart, "batches": result.get("count", 0)})
+    return {name: float(np.mean(values)) for name, values in rates.items()} | {
+        "input_rate": result.get("count", 0) * META_BATCH / gated}
 
 
 def in_child(*args) -> dict:
@@ -412,18 +440,21 @@ def host_work_lines(args: argparse.Namespace, root: Path, work: Path) -> list[st
                   "(with its loader worker; the gather on 1 thread); and, as the control, beside the same producer in "
                   "a process of its own (no interpreter lock shared, the same cores): the difference is what sharing "
                   "the interpreter lock costs, the rest is the machine's (its two cores share caches and memory, and "
-                  "may be one physical core's two threads):", "",
-                  f"| input rate, tasks/s | meta-batches gathered in 3 s | consumer alone, iterations/s | beside the "
+                  "may be one physical core's two threads). Each run interleaves the three: "
+                  f"{args.rounds} rounds of {WINDOW:.0f}-second windows alone, beside the thread, alone, beside the "
+                  "process (each producer paused at a gate outside its windows), so that the machine's drift falls on "
+                  "all three alike; a run's figure is the mean of its windows of each kind:", "",
+                  f"| input rate, tasks/s | the thread's, measured | consumer alone, iterations/s | beside the "
                   f"producer thread | slowdown, median (range) of {args.repeats} runs | beside the producer in a "
                   "process of its own | slowdown |",
                   "|---|---|---|---|---|---|---|"]
         for rate in args.consumer_rates:
-            runs = [in_child(str(photos), "full", str(work / "cache"), cores, 10**6, rate)
+            runs = [in_child(str(photos), "full", str(work / "cache"), cores, 10**6, rate, args.rounds)
                     for _ in range(args.repeats)]
             slowdowns = sorted(100 * (1 - r["beside"] / r["alone"]) for r in runs)
             aparts = sorted(100 * (1 - r["apart"] / r["alone"]) for r in runs)
             consumer = runs[0]
-            lines.append(f"| {rate:.0f} | {consumer['batches']} | {consumer['alone']:.0f} | "
+            lines.append(f"| {rate:.0f} | {consumer['input_rate']:.0f} | {consumer['alone']:.0f} | "
                          f"{consumer['beside']:.0f} | **{np.median(slowdowns):.1f} %** ({slowdowns[0]:.1f} to "
                          f"{slowdowns[-1]:.1f}) | {consumer['apart']:.0f} | {np.median(aparts):.1f} % "
                          f"({aparts[0]:.1f} to {aparts[-1]:.1f}) |")
@@ -450,6 +481,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="part 0: runs of each measurement (median, range)")
     parser.add_argument("--consumer-rates", type=float, nargs="+", default=[40, 100],
                         help="part 0: input rates (tasks/s) at which the producer feeds the consumer")
+    parser.add_argument("--rounds", type=int, default=6, help="part 0: interleaved rounds of the consumer's windows")
     parser.add_argument("--sizes-only", action="store_true", help="only the full-scale store sizes, computed: "
                         "written to <out>/store-sizes.md")
     parser.add_argument("--data-root",

@@ -36,16 +36,16 @@ export FSL_SHARED_DATA=$fixtures  # tests/conftest.py reads the fixtures from he
 if [ -n "${GPU_SESSION_DRY:-}" ]; then
   allowed_skips="needs a CUDA GPU|needs 2 CUDA GPUs|no bf16 on this GPU"
   bench=(--quick --rounds 1 --archs conv4 --meta-batch 1 --image-size 16) precision=(--tasks 8 --episodes 5 --val-episodes 2)
-  pipeline=(--episodes 16 --workers 0)
+  pipeline=(--episodes 16 --workers 0 --repeats 1 --rounds 1)
   train=(--archs conv4 --tasks 8 --timeout 240 data.image_size=28 train.meta_batch=2 train.queries=2 data.workers=0)
   budget=(240 240 240 240 240)
 else
   allowed_skips="needs 2 CUDA GPUs"  # this machine has one GPU
   bench=(--archs conv4 resnet12 --rounds 3) precision=(--tasks 2000 --episodes 500 --parallel-tasks 8 --parallel-episodes 16)
-  pipeline=(--episodes 400 --workers 4 8)
+  pipeline=(--episodes 400 --workers 4 8 --repeats 1 --rounds 2 --consumer-rates 100)
   train=(--archs conv4 resnet12 --tasks 400 96 --timeout 100)
   # seconds per step: test_gpu, the two fsl train runs | meta_train_speed, episode_pipeline, precision_check
-  budget=(60 220 170 50 70)
+  budget=(60 220 170 70 70)
 fi
 failed=()
 # step NAME CODE BEFORE: a step failed if it exited non-zero or wrote no new file into $out
