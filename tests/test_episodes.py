@@ -3,9 +3,12 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from multiprocessing.reduction import ForkingPickler
+from pathlib import Path
 
 import learn2learn as l2l
 import numpy as np
@@ -317,6 +320,44 @@ def test_workers_send_no_tensor_through_shared_memory(mini_train, monkeypatch):
     batches = list(episode_loader(episodes, 2, workers=2))
     assert len(batches) == 2 and all(isinstance(f, np.ndarray) for batch in batches for f in batch)
     assert sum(f.nbytes for f in batches[0]) < 30_000  # a meta-batch of 2 is a few KB, not 2 x 2.2 MB of pixels
+
+
+ORPHAN = """
+import sys, time
+from pathlib import Path
+from fsl.data import load_split, store
+from fsl.data.episodes import EpisodeDataset, episode_loader
+dataset = load_split("mini-imagenet", Path(sys.argv[1]), "train")
+images = store.open_store(dataset, "mini-imagenet", "train", "train", 84, Path(sys.argv[2]), progress=False)
+loader = iter(episode_loader(EpisodeDataset(dataset, 5, 5, 16, seed=0, count=400, image_sizes=images.sizes), 8, 1))
+next(loader)
+print(loader._workers[0].pid, flush=True)
+time.sleep(600)
+"""
+
+
+def test_a_loader_worker_exits_when_its_trainer_is_killed_outright(tmp_path):
+    """A trainer killed by SIGKILL (the OOM killer, Slurm past its grace time) leaves no loader worker behind, even
+    with the worker's result pipe full (4 prefetched meta-batches of ~92 KB): torch's watchdog alone ends the worker's
+    loop, then the worker waits forever for its queue's feeder thread (fsl.data.episodes.exit_with_parent)."""
+    trainer = subprocess.Popen([sys.executable, "-c", ORPHAN, str(fixture_root("mini-imagenet")), str(tmp_path)],
+                               stdout=subprocess.PIPE, text=True, cwd=REPO)
+    worker = int(trainer.stdout.readline())
+    time.sleep(2)  # the worker fills its pipe
+    trainer.kill()
+    trainer.wait()
+
+    def alive() -> bool:
+        try:
+            return Path(f"/proc/{worker}/stat").read_text().split(") ")[1][0] != "Z"  # a zombie has exited
+        except FileNotFoundError:
+            return False
+    deadline = time.monotonic() + 20
+    while alive() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    if alive():
+        os.kill(worker, signal.SIGKILL)
+        pytest.fail(f"loader worker {worker} outlived its killed trainer by 20 s")
 
 
 def test_data_cache_cli_builds_every_store(tmp_path):

@@ -262,10 +262,27 @@ def _loader_worker_init(_: int) -> None:
     """DataLoader workers: one thread (they run Python task sampling; intra-op threads would only fight the
     trainer), and deaf to SIGINT/SIGTERM: Ctrl-C and Slurm signal the whole process group, and the trainer owns
     those signals (it finishes its step and writes latest.pth; a worker killed first would abort that step).
-    Workers still end with their trainer: they watch it and exit when it is gone."""
+    Workers still end with their trainer: they watch it and exit when it is gone (`exit_with_parent`)."""
     torch.set_num_threads(1)
     for stop_signal in (signal.SIGINT, signal.SIGTERM):
         signal.signal(stop_signal, signal.SIG_IGN)
+    exit_with_parent()
+
+
+def exit_with_parent(interval: float = 1.0) -> None:
+    """Exit this process (os._exit) within `interval` seconds of its parent's death, from a daemon thread.
+
+    torch's own watchdog is not enough for a trainer killed outright (SIGKILL: the OOM killer, Slurm past its grace
+    time): it ends the worker's loop, but the worker then waits forever at exit for its result queue's feeder thread,
+    blocked on a full pipe that nobody reads (seen here: an orphaned worker deaf to SIGTERM, idle, holding the
+    store's pages)."""
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(interval)
+        os._exit(0)
+    threading.Thread(target=watch, daemon=True, name="fsl-exit-with-parent").start()
 
 
 def default_workers() -> int:
