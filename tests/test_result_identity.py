@@ -13,7 +13,7 @@ import pytest
 from test_report import write_results
 
 from fsl.results import ResultsError, compare, read_summary, row_file, upsert_summary
-from fsl.results.files import place_row
+from fsl.results.files import place_row, record_row
 
 RUN = "mini-imagenet-conv4-1shot"
 
@@ -54,6 +54,32 @@ def test_another_checkpoints_test_goes_beside_a_finished_row_with_files_of_its_o
     assert sorted(rows.loc[rows["run"] == RUN, "checkpoint_tag"]) == ["", "b" * 12, "c" * 12]
     from fsl.results import own_tests
     assert list(own_tests(rows).set_index("run").loc[[RUN], "mean_acc"]) == [47.10]
+
+
+def test_two_concurrent_tests_of_one_run_keep_both_rows(tmp_path):
+    """Two tests of one run, each of another checkpoint, at once (two shells, a job array): the second waits for the
+    first's row, then goes beside it; neither replaces the other's row (record_row holds the summary's lock from
+    placing the row to writing it; before, both took the run's place and the later replaced the earlier)."""
+    import threading
+    import time
+    results = write_results(tmp_path / "results")
+    template = {**own(results), "run": "race-conv4-1shot"}
+    started = threading.Event()
+
+    def write_files(row: dict) -> dict:
+        started.set()
+        time.sleep(0.3)  # the test's files: the other test is placing its row meanwhile
+        return {}
+    first = threading.Thread(target=record_row, args=(results, {**template, "checkpoint_sha256": "a" * 64},
+                                                      write_files))
+    first.start()
+    started.wait(5)
+    record_row(results, {**template, "checkpoint_sha256": "b" * 64, "mean_acc": 12.0}, lambda row: {})
+    first.join()
+    rows = read_summary(results)
+    race = rows[rows["run"] == "race-conv4-1shot"].set_index("checkpoint_tag")
+    assert sorted(race.index) == ["", "b" * 12]
+    assert race.loc["", "checkpoint_sha256"] == "a" * 64 and race.loc["b" * 12, "mean_acc"] == 12.0
 
 
 def test_a_retest_of_the_same_checkpoint_or_a_longer_run_takes_the_runs_place(tmp_path):

@@ -18,10 +18,12 @@ import os
 import shutil
 import subprocess
 import tempfile
+import threading
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import pandas as pd
@@ -352,15 +354,47 @@ def place_row(results_dir: str | Path, row: dict) -> dict:
             "not_comparable_why": "; ".join(filter(None, [row.get("not_comparable_why"), why]))}
 
 
+_HELD = threading.local()  # the summary locks this thread holds (`summary_lock`), by lock file
+
+
+@contextmanager
+def summary_lock(results_dir: str | Path) -> Iterator[None]:
+    """Hold summary.csv.lock (flock, exclusive) inside the block: one test at a time reads and writes the summary,
+    across processes and threads (fsl sweep, job arrays). Re-entrant within a thread."""
+    path = summary_path(results_dir).with_name("summary.csv.lock")
+    held = _HELD.__dict__.setdefault("paths", set())
+    if str(path) in held:
+        yield
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        held.add(str(path))
+        try:
+            yield
+        finally:
+            held.discard(str(path))
+
+
+def record_row(results_dir: str | Path, row: dict, write_files: Callable[[dict], dict]) -> dict:
+    """A test's `row` into summary.csv, under the summary's lock from start to end: placed (`place_row`), its files
+    written by `write_files(row)` (which returns fields to add to the row), then upserted. Two concurrent tests of one
+    run (another checkpoint each) thus see each other's row: neither replaces the other's (before, both could take
+    the run's place, and the later replaced the earlier's row and files). Returns the row as written."""
+    with summary_lock(results_dir):
+        row = place_row(results_dir, row)
+        row.update(write_files(row))
+        upsert_summary(results_dir, row)
+    return row
+
+
 def upsert_summary(results_dir: str | Path, row: dict) -> Path:
     """Add `row` to summary.csv, replacing only the row of the same run, training settings and test settings
     (ROW_KEY): another run of the cell (train_tag) or another test (test_tag) adds a row beside the run's own;
-    rows sorted by quick flag, then the key. Holds a lock on summary.csv.lock while reading and writing, so
+    rows sorted by quick flag, then the key. Holds the summary's lock (`summary_lock`) while reading and writing, so
     concurrent tests (fsl sweep, job arrays) lose no row."""
     path = summary_path(results_dir)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path.with_name("summary.csv.lock"), "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    with summary_lock(results_dir):
         summary = read_summary(results_dir)
         rows = [r for r in summary.astype(object).where(summary.notna(), None).to_dict("records")
                 if row_key(r) != row_key(row)] + [row]

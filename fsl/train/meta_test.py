@@ -13,8 +13,8 @@ from fsl.config import Config, load_config
 from fsl.device import distributed
 from fsl.device.precision import apply_precision
 from fsl.maml import InnerLoop
-from fsl.results import ci95, read_summary, row_file, summary_row, upsert_summary, write_test_episodes
-from fsl.results.files import check_writable, place_row, publish_checkpoint, sha256_of, write_atomic
+from fsl.results import ci95, read_summary, row_file, summary_row, write_test_episodes
+from fsl.results.files import check_writable, publish_checkpoint, record_row, sha256_of, write_atomic
 from fsl.train.accuracy import evaluate_fitting, parallel_episodes
 from fsl.train.cell import FixedEpisodes, check_test_episodes
 from fsl.train.checkpoint import load_checkpoint_model, tested_checkpoint, trained_tasks
@@ -53,14 +53,17 @@ def run(requested: Config, checkpoint_path: str | Path, config_path: str | Path 
     if not distributed.is_main():
         return row
     digest = sha256_of(checkpoint_path)
-    row = place_row(cfg.results_dir, {**row, "checkpoint_sha256": digest})  # beside a finished row, never over it
-    episodes_csv = write_test_episodes(row_file(cfg.results_dir, row, "test_episodes"), accuracies)
-    log = checkpoint_path.parent / "log.csv"
-    if log.exists():  # the run's learning curve, tracked beside its test (training never writes into results/)
-        write_atomic(row_file(cfg.results_dir, row, "train_log", test=False),
-                     lambda tmp: shutil.copyfile(log, tmp))
-    row.update(publish_checkpoint(cfg.results_dir, row, checkpoint_path, digest))  # small ones beside the row (its ckpt)
-    upsert_summary(cfg.results_dir, row)
+
+    def write_files(placed: dict) -> dict:
+        write_test_episodes(row_file(cfg.results_dir, placed, "test_episodes"), accuracies)
+        log = checkpoint_path.parent / "log.csv"
+        if log.exists():  # the run's learning curve, tracked beside its test (training never writes into results/)
+            write_atomic(row_file(cfg.results_dir, placed, "train_log", test=False),
+                         lambda tmp: shutil.copyfile(log, tmp))
+        return publish_checkpoint(cfg.results_dir, placed, checkpoint_path, digest)  # small ones beside the row
+    # beside a finished row, never over it, under the summary's lock throughout
+    row = record_row(cfg.results_dir, {**row, "checkpoint_sha256": digest}, write_files)
+    episodes_csv = row_file(cfg.results_dir, row, "test_episodes")
     tag = "".join(f" ({row[key]})" for key in ("train_tag", "test_tag") if row[key])
     tag += f" (checkpoint {row['checkpoint_tag']}, beside the run's own row)" if row["checkpoint_tag"] else ""
     caveat = "" if row["comparable"] else f" (not comparable to the reference: {row['not_comparable_why']})"
