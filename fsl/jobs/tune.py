@@ -136,7 +136,8 @@ def storage_for(folder: Path, storage: str | None, jobs: int):
         from optuna.storages.journal import JournalFileBackend
         return optuna.storages.JournalStorage(JournalFileBackend(str(folder / "journal.log")))
     return optuna.storages.RDBStorage(storage, heartbeat_interval=60, grace_period=600,
-                                      failed_trial_callback=optuna.storages.RetryFailedTrialCallback(max_retry=2))
+                                      heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(
+                                          max_retry=2))
 
 
 @contextlib.contextmanager
