@@ -465,6 +465,12 @@ def test_the_native_gather_reads_the_bytes_numpy_reads(tmp_path):
         out = np.zeros_like(expected)
         made.patches(indices, rows, cols, out=out, threads=threads)
         assert np.array_equal(out, expected)
+    height, width = made.sizes[2]  # a crop wider than patches.c's FSL_MAX_TAPS columns: numpy reads it
+    few, wide = np.sort(rng.integers(0, height, (2, 3))), np.sort(rng.integers(0, width, (2, native.load().max_taps + 1)))
+    out = np.zeros((2, 3, wide.shape[1], 3), np.uint8)
+    assert not native.patches(made.pixels, made.offsets[[2, 2]], made.sizes[[2, 2], 1], few, wide, out)
+    made.patches(np.array([2, 2]), few, wide, out=out)
+    assert np.array_equal(out, numpy_patches(made, np.array([2, 2]), few, wide)) and out.any()
 
 
 def test_84x84_sources_travel_whole_and_give_the_same_episodes(mini_train):

@@ -27,7 +27,6 @@ from pathlib import Path
 import numpy as np
 
 SOURCE = Path(__file__).with_name("patches.c")
-MAX_TAPS = 4096  # patches.c's FSL_MAX_TAPS
 _LIBRARY: ctypes.CDLL | None | bool = False  # False: not tried yet
 _POOL: ThreadPoolExecutor | None = None
 
@@ -67,6 +66,7 @@ def load() -> ctypes.CDLL | None:
             library = ctypes.CDLL(str(target))
             library.fsl_patches.restype = None
             library.fsl_patches.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 3 + [ctypes.c_void_p]
+            library.max_taps = ctypes.c_int64.in_dll(library, "fsl_max_taps").value  # a crop's columns, at most
             _LIBRARY = library
         except (OSError, subprocess.CalledProcessError) as error:
             detail = getattr(error, "stderr", "") or str(error)
@@ -81,13 +81,13 @@ def patches(pixels: np.ndarray, offsets: np.ndarray, widths: np.ndarray, rows: n
             out: np.ndarray, threads: int = 1) -> bool:
     """out (n, R, C, 3) uint8 <- the pixels at rows (n, R) x cols (n, C) of images at byte `offsets` (n,) of width
     `widths` (n,) in the flat uint8 `pixels`; the crops split across `threads` threads. False (nothing written)
-    where the kernel is not available."""
+    where the kernel is not available, or a crop has more columns than its `fsl_max_taps`."""
     global _POOL
     library = load()
     if library is None:
         return False
     n, R, C = len(offsets), rows.shape[1], cols.shape[1]
-    if C > MAX_TAPS:  # patches.c's FSL_MAX_TAPS: a crop's columns (2 x image_size)
+    if C > library.max_taps:  # patches.c's FSL_MAX_TAPS: a crop's columns (2 x image_size); numpy reads wider ones
         return False
     assert out.shape == (n, R, C, 3) and out.dtype == np.uint8 and out.flags.c_contiguous, (out.shape, out.dtype)
     offsets, widths = (np.ascontiguousarray(a, dtype=np.int64) for a in (offsets, widths))

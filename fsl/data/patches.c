@@ -13,9 +13,12 @@
 
 #define FSL_MAX_TAPS 4096
 
+/* the limit, for native.py to read (ctypes in_dll): a wider crop is gathered by numpy instead */
+const int64_t fsl_max_taps = FSL_MAX_TAPS;
+
 void fsl_patches(const uint8_t *pixels, const int64_t *offsets, const int64_t *widths, const int64_t *rows,
                  const int64_t *cols, int64_t n, int64_t R, int64_t C, uint8_t *out) {
-    int64_t col3[FSL_MAX_TAPS];  /* a crop's column offsets in bytes; C <= FSL_MAX_TAPS (native.py checks) */
+    int64_t col3[FSL_MAX_TAPS];  /* a crop's column offsets in bytes; C <= FSL_MAX_TAPS (native.py checks fsl_max_taps) */
     for (int64_t b = 0; b < n; b++) {
         const uint8_t *image = pixels + offsets[b];
         const int64_t *row = rows + b * R, *col = cols + b * C, stride = widths[b] * 3;
