@@ -142,8 +142,9 @@ def test_every_cuda_only_line_runs_in_the_rehearsal_or_says_why_not(tmp_path):
 
 
 def test_the_cuda_only_lines_are_found_in_the_source(tmp_path):
-    """The finder: a cuda test's branch (either sense, and the statements after a `!= "cuda"` that returns), a
-    `# cuda-only` line, a torch.cuda call, a stream method; not the branch that runs on a CPU."""
+    """The finder: a cuda test's branch (either sense, and the statements after a `!= "cuda"` that returns; a test over
+    two lines), a `# cuda-only` line, a torch.cuda call (after a non-ASCII character too), a stream method; not the
+    branch that runs on a CPU."""
     import sys
     sys.path.insert(0, str(REPO / "benchmarks"))
     from cuda_rehearsal import cuda_only_lines
@@ -161,8 +162,38 @@ def test_the_cuda_only_lines_are_found_in_the_source(tmp_path):
         "        c = 4\n"                                 # 10
         "    x.record_stream(side)\n"                     # 11
         "    torch.cuda.synchronize()\n"                  # 12
-        "    return x\n")                                 # 13
-    assert sorted(cuda_only_lines(source)) == [3, 8, 9, 10, 11, 12, 13]
+        "    return x\n"                                  # 13
+        "def g(device, x):\n"                             # 14
+        "    y = ('é', torch.cuda.current_device())\n"    # 15: columns are UTF-8 bytes
+        "    if (device.type\n"                           # 16
+        "            == 'cuda'):\n"                       # 17: a test over two lines
+        "        return y\n"                              # 18
+        "    return x\n")                                 # 19
+    assert sorted(cuda_only_lines(source)) == [3, 8, 9, 10, 11, 12, 13, 15, 18]
+
+
+def test_the_tracer_follows_only_the_functions_that_hold_a_cuda_only_line(tmp_path):
+    """The rehearsal's line tracer records the lines of a function holding a CUDA-only line; a function without one
+    (the store's decoding, the model) runs untraced: tracing every line of fsl/ cost 25 of the rehearsal's 182 s."""
+    import sys
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from cuda_rehearsal import LineTracer
+    source = tmp_path / "example.py"
+    source.write_text("def plain(x):\n"        # 1
+                      "    return x + 1\n"     # 2
+                      "def on_gpu(x):\n"       # 3
+                      "    y = plain(x)\n"     # 4
+                      "    return y\n")        # 5
+    namespace: dict = {}
+    exec(compile(source.read_text(), str(source), "exec"), namespace)
+    tracer = LineTracer({source: {5: "return y"}})
+    sys.settrace(tracer)
+    try:
+        assert namespace["on_gpu"](1) == 2
+    finally:
+        sys.settrace(None)
+    assert tracer.executed == {(str(source), 4), (str(source), 5)}
+    assert tracer.traced[namespace["plain"].__code__] is False
 
 
 def test_step_memory_counts_the_step_on_the_meta_device():

@@ -31,8 +31,9 @@ class LiveTensors(TorchDispatchMode):
         self.limit = limit
         self.lock = threading.Lock()
         self.storages: dict[int, tuple[StorageWeakRef, int]] = {}  # storage address -> (weak ref, bytes)
-        self.allocated = 0
+        self.allocated = 0  # bytes; until freed storages are forgotten (_purge), an upper bound
         self.peak = 0
+        self.purge_at = 1024  # storages held past which freed ones are forgotten
 
     def count(self, tensors: Iterable) -> None:
         """Count `tensors` (any nesting of them) as allocated, e.g. a model's parameters made before the mode."""
@@ -51,6 +52,12 @@ class LiveTensors(TorchDispatchMode):
             return self.allocated
 
     def _add_all(self, tensors) -> None:
+        """Count the storages of `tensors` not counted yet, then the peak.
+
+        Freed storages are forgotten lazily, since forgetting walks every storage counted: until then `allocated` is
+        an upper bound, so they need forgetting only where it would set a new peak or pass the limit, or where the
+        storages held have doubled. The peak and the refusals are those of forgetting before every operator (a
+        storage's address is not reused while its weak reference is held), at a fraction of the cost."""
         for leaf in tree_leaves(tensors):
             if isinstance(leaf, torch.Tensor):
                 storage = leaf.untyped_storage()
@@ -58,6 +65,9 @@ class LiveTensors(TorchDispatchMode):
                 if key not in self.storages:
                     self.storages[key] = (StorageWeakRef(storage), storage.nbytes())
                     self.allocated += storage.nbytes()
+        if self.allocated > self.peak or (self.limit is not None and self.allocated > self.limit) \
+                or len(self.storages) > self.purge_at:
+            self._purge()
         self.peak = max(self.peak, self.allocated)
 
     def _purge(self) -> None:
@@ -65,10 +75,9 @@ class LiveTensors(TorchDispatchMode):
         dead = [key for key, (ref, _) in self.storages.items() if ref.expired()]
         for key in dead:
             self.allocated -= self.storages.pop(key)[1]
+        self.purge_at = 2 * len(self.storages) + 1024
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        with self.lock:
-            self._purge()  # what the operator's inputs left behind is free before its outputs are allocated
         out = func(*args, **(kwargs or {}))
         with self.lock:
             self._add_all(out)
