@@ -83,8 +83,9 @@ def test_slurm_time_limit_checkpoints_requeues_and_resumes(tmp_path):
     stub.mkdir()
     (stub / "scontrol").write_text(f"#!/usr/bin/env bash\necho \"$@\" > {tmp_path / 'scontrol.args'}\n")
     (stub / "scontrol").chmod(0o755)
-    script = write_array(tmp_path, [str(REPO / "experiments/mini-imagenet-conv4-1shot.yaml")], 60,
-                         "train.val_every=60", "train.checkpoint_every=2")
+    tasks = 60
+    script = write_array(tmp_path, [str(REPO / "experiments/mini-imagenet-conv4-1shot.yaml")], tasks,
+                         f"train.val_every={tasks}", "train.checkpoint_every=2")
     env = {**os.environ, "SLURM_ARRAY_TASK_ID": "0", "SLURM_ARRAY_JOB_ID": "77", "PATH": f"{stub}:{os.environ['PATH']}"}
     job = subprocess.Popen(["bash", str(script)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     latest = tmp_path / "work/mini-imagenet-conv4-1shot/latest.pth"
@@ -96,10 +97,10 @@ def test_slurm_time_limit_checkpoints_requeues_and_resumes(tmp_path):
     assert job.returncode == 0, output
     assert "time limit near" in output and (tmp_path / "scontrol.args").read_text().strip() == "requeue 77_0"
     stopped = torch.load(latest, weights_only=False)["tasks_done"]
-    assert 0 < stopped < 60
+    assert 0 < stopped < tasks
     resumed = subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0 and f"resuming from {latest} at task {stopped}" in resumed.stdout
-    assert torch.load(latest, weights_only=False)["tasks_done"] == 60
+    assert torch.load(latest, weights_only=False)["tasks_done"] == tasks
 
 
 def test_sigterm_to_the_process_group_loses_no_completed_step(tmp_path):

@@ -66,10 +66,10 @@ def test_requeue_mid_training_resumes_to_the_weights_of_an_uninterrupted_run(tmp
     """`scontrol requeue <array job>_<task>` (what preemption does): Slurm sends SIGTERM to the task's processes, the
     trainer stops after its step with latest.pth, the task runs again and resumes; the final weights equal those of
     the same run never interrupted."""
-    config = str(REPO / "experiments/mini-imagenet-conv4-1shot.yaml")
+    config, tasks = str(REPO / "experiments/mini-imagenet-conv4-1shot.yaml"), 48
     settings = [f"data.root={fixture_root('mini-imagenet')}", MINI_84, "data.image_size=28", "data.workers=1",
                 f"data.cache_dir={STORE_CACHE}", "train.meta_batch=2", "train.queries=2", "train.val_episodes=2",
-                "train.log_every=2", "train.tasks=48", "train.val_every=48", "train.checkpoint_every=1000",
+                "train.log_every=2", f"train.tasks={tasks}", f"train.val_every={tasks}", "train.checkpoint_every=1000",
                 "test.episodes=3", "train.tensorboard=false",
                 "train.parallel_tasks=2"]  # not auto: a CPU times the groups, and the straight run may choose another
     job = submit(tmp_path, [config], settings)
@@ -89,6 +89,6 @@ def test_requeue_mid_training_resumes_to_the_weights_of_an_uninterrupted_run(tmp
     assert straight.returncode == 0, straight.stderr
     a = torch.load(tmp_path / "work/mini-imagenet-conv4-1shot/latest.pth", weights_only=False)
     b = torch.load(tmp_path / "straight/mini-imagenet-conv4-1shot/latest.pth", weights_only=False)
-    assert a["tasks_done"] == b["tasks_done"] == 48
+    assert a["tasks_done"] == b["tasks_done"] == tasks
     assert all(torch.equal(value, b["model"][name]) for name, value in a["model"].items())
     assert pd.read_csv(tmp_path / "results/summary.csv").run.tolist() == ["mini-imagenet-conv4-1shot"]
