@@ -35,9 +35,10 @@ fi
 export FSL_SHARED_DATA=$fixtures  # tests/conftest.py reads the fixtures from here
 if [ -n "${GPU_SESSION_DRY:-}" ]; then
   allowed_skips="needs a CUDA GPU|needs 2 CUDA GPUs|no bf16 on this GPU"
-  bench=(--quick --rounds 1 --archs conv4 --meta-batch 1 --image-size 16) precision=(--tasks 8 --episodes 5 --val-episodes 2)
-  pipeline=(--episodes 16 --workers 0 --repeats 1 --rounds 1)
-  train=(--archs conv4 --tasks 8 --timeout 240 data.image_size=28 train.meta_batch=2 train.queries=2 data.workers=0)
+  bench=(--quick --rounds 1 --archs conv4 --meta-batch 1 --image-size 16) precision=(--tasks 4 --episodes 5 --val-episodes 2)
+  pipeline=(--episodes 16 --workers 0 --repeats 1 --rounds 1 --host-batches 2 --photo-classes 5 --consumer-rates 100)
+  train=(--archs conv4 --tasks 8 --timeout 240 data.image_size=28 train.meta_batch=2 train.queries=2 data.workers=0
+         train.val_episodes=4)
   budget=(240 240 240 240 240)
 else
   allowed_skips="needs 2 CUDA GPUs"  # this machine has one GPU
@@ -48,10 +49,12 @@ else
   budget=(60 220 170 70 70)
 fi
 failed=()
-# step NAME CODE BEFORE: a step failed if it exited non-zero or wrote no new file into $out
+# step NAME CODE BEFORE: a step failed if it exited non-zero or wrote no new file into $out; its seconds since its
+# mark (BEFORE's time) are printed, so a CI log shows where the dry session's minutes go
 step() {
   local files
   files=$(find "$out" -maxdepth 1 -type f -newer "$3" | wc -l)
+  echo "gpu_session: $1 took $(( $(date +%s) - $(stat -c %Y "$3") )) s"
   if [ "$2" != 0 ] || [ "$files" = 0 ]; then
     echo "gpu_session: $1 failed (exit $2, $files new files in $out)"
     failed+=("$1")
